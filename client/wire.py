@@ -1,0 +1,353 @@
+"""The wire codec: named tensors as ``application/x-safetensors`` or ``application/json``.
+
+Four verbs and a dtype table, like ``safetensors.numpy``:
+
+- :func:`encode` / :func:`decode` for the safetensors format: an 8-byte little-endian header length, a JSON header
+  ``{name: {"dtype", "shape", "data_offsets"}, "__metadata__": {str: str}}`` and the raw little-endian data. Bodies
+  written by the ``safetensors`` package decode here and the reverse, and nothing is ever unpickled.
+- :func:`encode_json` / :func:`decode_json` for ``{name: {"dtype": "float32", "shape": [2, 3], "data": [...]}}``
+  with the same optional ``"__metadata__"`` object, for curl and small models.
+
+For speed, :func:`parse` validates a safetensors body and returns a :class:`Safetensors` view whose tensors are
+numpy views into the body, with no per-tensor copy; :func:`encode_parts` returns the header and the tensors' own
+buffers so a large body can be sent without being joined into one ``bytes``.
+
+Every malformed body raises :class:`WireError` (a ``ValueError``) with a message meant for the sender.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "SAFETENSORS",
+    "JSON",
+    "WireError",
+    "TensorEntry",
+    "Safetensors",
+    "encode",
+    "encode_parts",
+    "decode",
+    "parse",
+    "encode_json",
+    "decode_json",
+    "to_bfloat16",
+    "from_bfloat16",
+]
+
+SAFETENSORS = "application/x-safetensors"
+JSON = "application/json"
+
+DEFAULT_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors package's own limit
+
+# safetensors dtype -> (item size, numpy dtype or None when numpy has no such type); BF16 travels as raw uint16.
+_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+_NUMPY = {
+    "BOOL": np.dtype(np.bool_), "U8": np.dtype("u1"), "I8": np.dtype("i1"),
+    "I16": np.dtype("<i2"), "U16": np.dtype("<u2"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+    "I32": np.dtype("<i4"), "U32": np.dtype("<u4"), "F32": np.dtype("<f4"),
+    "I64": np.dtype("<i8"), "U64": np.dtype("<u8"), "F64": np.dtype("<f8"),
+}  # fmt: skip
+# JSON / user-facing names of the float types the service works in.
+DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+_NAME_OF = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+class WireError(ValueError):
+    """A body that is not a valid encoding of named tensors."""
+
+
+def to_bfloat16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounding to nearest even; NaN stays NaN."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+    out = rounded.astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = (bits[nan] >> np.uint32(16)).astype(np.uint16) | np.uint16(0x40)
+    return out
+
+
+def from_bfloat16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32, exactly."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def _as_wire_array(array: Any, dtype: str | None) -> tuple[str, np.ndarray]:
+    """(safetensors dtype, contiguous little-endian array of its bits) for one tensor."""
+    a = np.asarray(array)
+    if dtype is None:
+        for code, nd in _NUMPY.items():
+            if code != "BF16" and nd == a.dtype.newbyteorder("<"):
+                dtype = code
+                break
+        else:
+            raise WireError(f"cannot encode numpy dtype {a.dtype}")
+    dtype = DTYPE_NAMES.get(dtype, dtype)
+    if dtype == "BF16":
+        return dtype, to_bfloat16(a.astype(np.float32, copy=False))
+    if dtype not in _NUMPY:
+        raise WireError(f"cannot encode dtype {dtype!r}")
+    return dtype, np.ascontiguousarray(a, dtype=_NUMPY[dtype])
+
+
+def encode_parts(
+    tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, dtype: str | None = None
+) -> list[bytes | memoryview]:
+    """The safetensors body as a list of buffers: the header, then each tensor's data (no copy where possible).
+
+    Tensors are written in the mapping's order. ``dtype`` (``"float32"``, ``"float16"``, ``"bfloat16"`` or a
+    safetensors code such as ``"F16"``) converts every tensor; by default each keeps its numpy dtype.
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    buffers: list[memoryview] = []
+    offset = 0
+    for name, value in tensors.items():
+        code, arr = _as_wire_array(value, dtype)
+        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        buffers.append(memoryview(arr.reshape(-1)).cast("B") if arr.size else memoryview(b""))
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)  # pad so the data starts 8-byte aligned, as the safetensors package does
+    return [struct.pack("<Q", len(raw)) + raw, *buffers]
+
+
+def encode(
+    tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, dtype: str | None = None
+) -> bytes:
+    """The safetensors body as one ``bytes`` (see :func:`encode_parts`)."""
+    return b"".join(encode_parts(tensors, metadata, dtype))
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a parsed body: its dtype code, shape and byte range within the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Safetensors:
+    """A validated safetensors body: entries in header order, metadata, and the data section (not copied)."""
+
+    entries: tuple[TensorEntry, ...]
+    metadata: dict[str, str]
+    data: memoryview
+
+    def raw(self, entry: TensorEntry) -> np.ndarray:
+        """The tensor as stored (BF16 as uint16 bits): a read-only view into the body, no copy."""
+        a = np.frombuffer(self.data, dtype=_numpy_dtype(entry), count=entry.size, offset=entry.start)
+        return a.reshape(entry.shape)
+
+    def array(self, entry: TensorEntry) -> np.ndarray:
+        """The tensor as numpy: a view for native dtypes, a float32 copy for BF16."""
+        a = self.raw(entry)
+        return from_bfloat16(a) if entry.dtype == "BF16" else a
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {e.name: self.array(e) for e in self.entries}
+
+
+def _numpy_dtype(entry: TensorEntry) -> np.dtype[Any]:
+    nd = _NUMPY.get(entry.dtype)
+    if nd is None:
+        raise WireError(f"tensor {entry.name!r}: dtype {entry.dtype} has no numpy equivalent")
+    return nd
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise WireError(f"duplicate key {key!r} in header")
+        out[key] = value
+    return out
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse(body: bytes | bytearray | memoryview, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> Safetensors:
+    """Validate a safetensors body and return a zero-copy view of it.
+
+    Checks what the format requires: the header length fits the body and the limit, the header is a JSON object,
+    every dtype is known, shapes are lists of non-negative integers, each tensor's byte range matches its shape and
+    dtype, and the ranges tile the data section exactly (no overlap, no hole, nothing after the last tensor).
+    """
+    view = memoryview(body).cast("B")
+    if len(view) < 8:
+        raise WireError(f"safetensors body too short: {len(view)} bytes, the header length alone takes 8")
+    (n,) = struct.unpack("<Q", view[:8])
+    if n > max_header_bytes:
+        raise WireError(f"safetensors header of {n} bytes exceeds the limit of {max_header_bytes}")
+    if 8 + n > len(view):
+        raise WireError(f"safetensors header length {n} runs past the end of the {len(view)}-byte body")
+    try:
+        text = bytes(view[8 : 8 + n]).decode("utf-8")
+        if not text.startswith("{"):
+            raise WireError("safetensors header is not a JSON object")
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError as e:
+        raise WireError(f"safetensors header is not UTF-8: {e}") from None
+    except json.JSONDecodeError as e:
+        raise WireError(f"safetensors header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise WireError("safetensors header is not a JSON object")
+
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WireError("__metadata__ must be an object of string values")
+
+    entries = [_entry(name, info) for name, info in header.items()]
+    data = view[8 + n :]
+    end = 0
+    for e in sorted(entries, key=lambda e: (e.start, e.stop)):
+        if e.start != end:
+            what = "overlaps the previous tensor" if e.start < end else f"leaves a gap after byte {end}"
+            raise WireError(f"tensor {e.name!r}: data_offsets [{e.start}, {e.stop}] {what}")
+        end = e.stop
+    if end != len(data):
+        raise WireError(f"tensors cover {end} bytes of data but the body carries {len(data)}")
+    return Safetensors(tuple(entries), metadata, data)
+
+
+def _entry(name: str, info: Any) -> TensorEntry:
+    if not isinstance(info, dict):
+        raise WireError(f"tensor {name!r}: header entry is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _ITEMSIZE:
+        raise WireError(f"tensor {name!r}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_int(d) and d >= 0 for d in shape):
+        raise WireError(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_int(o) and o >= 0 for o in offsets)):
+        raise WireError(f"tensor {name!r}: data_offsets must be [begin, end], got {offsets!r}")
+    start, stop = offsets
+    if stop < start:
+        raise WireError(f"tensor {name!r}: data_offsets [{start}, {stop}] end before they begin")
+    nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+    if stop - start != nbytes:
+        raise WireError(
+            f"tensor {name!r}: shape {shape} of {dtype} needs {nbytes} bytes, data_offsets give {stop - start}"
+        )
+    return TensorEntry(name, dtype, tuple(shape), start, stop)
+
+
+def decode(
+    body: bytes | bytearray | memoryview, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Decode a safetensors body into ``({name: array}, metadata)``; arrays are read-only views where possible."""
+    st = parse(body, max_header_bytes)
+    return st.tensors(), st.metadata
+
+
+# --- JSON ----------------------------------------------------------------------------------------------------------
+
+
+def _json_numbers(a: np.ndarray) -> str:
+    """A flat JSON array of the shortest decimal forms that round-trip the values' own precision."""
+    flat = a.reshape(-1)
+    if flat.dtype.kind == "f":
+        text = flat.astype(str)
+        if not np.isfinite(flat).all():  # Python's json reads these back; strict parsers refuse non-finite values
+            text = np.where(np.isnan(flat), "NaN", np.where(flat > 0, "Infinity", "-Infinity"))
+            text = np.where(np.isfinite(flat), flat.astype(str), text)
+        return "[" + ",".join(text.tolist()) + "]"
+    return json.dumps(flat.tolist())
+
+
+def encode_json(
+    tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, dtype: str | None = None
+) -> bytes:
+    """``{"__metadata__": {...}, name: {"dtype", "shape", "data"}}`` with flat data lists."""
+    parts = []
+    if metadata:
+        parts.append('"__metadata__":' + json.dumps({str(k): str(v) for k, v in metadata.items()}))
+    for name, value in tensors.items():
+        code, arr = _as_wire_array(value, dtype)
+        shown = from_bfloat16(arr) if code == "BF16" else arr
+        type_name = _NAME_OF.get(code, code)
+        parts.append(
+            f'{json.dumps(name)}:{{"dtype":"{type_name}","shape":{json.dumps(list(arr.shape))},'
+            f'"data":{_json_numbers(shown)}}}'
+        )
+    return ("{" + ",".join(parts) + "}").encode()
+
+
+def _json_tensor(name: str, info: Any) -> np.ndarray:
+    if not isinstance(info, dict):
+        raise WireError(f"tensor {name!r}: expected an object with dtype, shape and data")
+    unknown = set(info) - {"dtype", "shape", "data"}
+    if unknown:
+        raise WireError(f"tensor {name!r}: unknown field(s) {sorted(unknown)}")
+    dtype = info.get("dtype", "float32")
+    code = DTYPE_NAMES.get(dtype) if isinstance(dtype, str) else None
+    if code is None:
+        raise WireError(f"tensor {name!r}: dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    data = info.get("data")
+    if not isinstance(data, list):
+        raise WireError(f"tensor {name!r}: data must be a list of numbers")
+    try:
+        values = np.array(data)
+    except ValueError as e:  # ragged nesting
+        raise WireError(f"tensor {name!r}: data is not a rectangular list of numbers ({e})") from None
+    if values.dtype.kind not in "fi" or (values.dtype.kind == "i" and any(isinstance(x, bool) for x in data)):
+        if values.size:  # np.array([]) is float64; anything else that is not numeric is refused
+            raise WireError(f"tensor {name!r}: data must contain only numbers")
+    shape = info.get("shape", list(values.shape))
+    if not isinstance(shape, list) or not all(_int(d) and d >= 0 for d in shape):
+        raise WireError(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+    if values.size != math.prod(shape):
+        raise WireError(f"tensor {name!r}: shape {shape} needs {math.prod(shape)} values, data has {values.size}")
+    if values.ndim > 1 and list(values.shape) != shape:
+        raise WireError(f"tensor {name!r}: nested data of shape {list(values.shape)} does not match shape {shape}")
+    with np.errstate(over="ignore"):
+        out = values.astype(np.float32 if code == "BF16" else _NUMPY[code]).reshape(shape)
+    return from_bfloat16(to_bfloat16(out)) if code == "BF16" else out
+
+
+def decode_json(body: bytes | str | Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Decode a JSON tensor body (or an already-parsed object) into ``({name: array}, metadata)``."""
+    if isinstance(body, Mapping):
+        obj: Any = dict(body)
+    else:
+        try:
+            obj = json.loads(body, object_pairs_hook=_no_duplicates)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise WireError(f"body is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise WireError("body must be a JSON object of named tensors")
+    metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WireError("__metadata__ must be an object of string values")
+    return {name: _json_tensor(name, info) for name, info in obj.items()}, metadata
+
+
+def iter_chunks(parts: Iterable[bytes | memoryview], size: int = 1 << 20) -> Iterable[bytes | memoryview]:
+    """Split buffers into pieces of at most ``size`` bytes, for streaming a large body (no copies)."""
+    for part in parts:
+        view = memoryview(part).cast("B")
+        for i in range(0, len(view), size):
+            yield view[i : i + size]
