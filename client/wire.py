@@ -284,7 +284,7 @@ def encode_json(
     """``{"__metadata__": {...}, name: {"dtype", "shape", "data"}}`` with flat data lists."""
     parts = []
     if metadata:
-        parts.append('"__metadata__":' + json.dumps({str(k): str(v) for k, v in metadata.items()}))
+        parts.append('"__metadata__":' + json.dumps({str(k): str(v) for k, v in metadata.items()}, separators=(",", ":")))
     for name, value in tensors.items():
         code, arr = _as_wire_array(value, dtype)
         shown = from_bfloat16(arr) if code == "BF16" else arr

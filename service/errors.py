@@ -1,0 +1,91 @@
+"""Domain errors of the service, each knowing its HTTP status and problem type.
+
+The HTTP layer turns every :class:`ServiceError` into an ``application/problem+json`` answer (RFC 9457) with
+``type``, ``title``, ``status``, ``detail`` and the error's extra members; the domain raises them without knowing
+about HTTP beyond the status number.
+
+    ServiceError
+    +-- BadRequest               400  malformed body or header (bad safetensors, not JSON, bad If-Match)
+    +-- Unauthorized / Forbidden 401 / 403  (reserved for auth)
+    +-- SessionNotFound          404
+    +-- NotAcceptable            406
+    +-- Conflict                 409  session id taken; StepConflict: idempotency key applied at an older step
+    +-- PreconditionFailed       412  If-Match names another step
+    +-- PayloadTooLarge          413
+    +-- UnsupportedMediaType     415
+    +-- InvalidInput             422  wrong tensor names/shapes/dtypes, invalid hyperparameters, non-finite values
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """Base of the domain errors; ``extra`` members are added to the problem document."""
+
+    status = 500
+    slug = "internal-error"
+    title = "Internal server error"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+    def problem(self) -> dict[str, Any]:
+        return {
+            "type": f"urn:optserve:problem:{self.slug}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            **self.extra,
+        }
+
+
+class BadRequest(ServiceError):
+    status, slug, title = 400, "malformed-request", "Malformed request"
+
+
+class Unauthorized(ServiceError):
+    status, slug, title = 401, "unauthorized", "Authentication required"
+
+
+class Forbidden(ServiceError):
+    status, slug, title = 403, "forbidden", "Not allowed"
+
+
+class SessionNotFound(ServiceError):
+    status, slug, title = 404, "session-not-found", "Session not found"
+
+
+class NotAcceptable(ServiceError):
+    status, slug, title = 406, "not-acceptable", "No acceptable representation"
+
+
+class Conflict(ServiceError):
+    status, slug, title = 409, "conflict", "Conflict"
+
+
+class StepConflict(Conflict):
+    slug, title = "idempotency-key-reused", "Idempotency key already applied at an earlier step"
+
+
+class PreconditionFailed(ServiceError):
+    status, slug, title = 412, "step-precondition-failed", "Session is not at the step named by If-Match"
+
+
+class PayloadTooLarge(ServiceError):
+    status, slug, title = 413, "payload-too-large", "Request body too large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, slug, title = 415, "unsupported-media-type", "Unsupported media type"
+
+
+class InvalidInput(ServiceError):
+    status, slug, title = 422, "invalid-input", "Invalid input"
+
+
+class NonFiniteGradient(InvalidInput):
+    slug, title = "non-finite-gradient", "Gradient contains NaN or infinity"

@@ -1,0 +1,379 @@
+"""Optimizer math: torch parity, fused == reference bit for bit, read-only gradients, defaults and validation.
+
+Three implementations of every configuration are run on the same random problem (several tensor shapes, two
+parameter groups with different ``lr`` and ``weight_decay``, gradients depending on the parameters):
+
+- ``torch.optim`` (the specification),
+- :mod:`optserve.service.reference` (one tensor at a time),
+- :mod:`optserve.service.fused` (one flat float32 buffer per state, one ``step_range`` call per group).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from optserve.service import fused, reference
+from optserve.service.hyperparams import HyperparamError, make_hyperparams
+
+TORCH_CLASSES = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    "rmsprop": torch.optim.RMSprop,
+}
+
+# Learning rates of group 0 and group 1, per optimizer.
+GROUP_LRS = {"adam": (1e-2, 3e-3), "adamw": (1e-2, 3e-3), "sgd": (5e-2, 2e-2), "rmsprop": (1e-2, 3e-3)}
+
+# (optimizer, values shared by both groups). When weight_decay is given, group 1 uses three times that value.
+CONFIGS = [
+    pytest.param("adam", {}, id="adam"),
+    pytest.param("adam", {"weight_decay": 0.05}, id="adam-l2"),
+    pytest.param("adam", {"amsgrad": True, "betas": [0.8, 0.99]}, id="adam-amsgrad"),
+    pytest.param("adam", {"maximize": True}, id="adam-maximize"),
+    pytest.param("adamw", {"weight_decay": 0.05}, id="adamw"),
+    pytest.param("adamw", {"weight_decay": 0.05, "amsgrad": True}, id="adamw-amsgrad"),
+    pytest.param("sgd", {}, id="sgd"),
+    pytest.param("sgd", {"momentum": 0.9, "dampening": 0.3}, id="sgd-momentum-dampening"),
+    pytest.param("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.05}, id="sgd-nesterov-l2"),
+    pytest.param("sgd", {"maximize": True}, id="sgd-maximize"),
+    pytest.param("rmsprop", {}, id="rmsprop"),
+    pytest.param("rmsprop", {"momentum": 0.9}, id="rmsprop-momentum"),
+    pytest.param(
+        "rmsprop", {"centered": True, "momentum": 0.9, "weight_decay": 0.05}, id="rmsprop-centered-momentum-l2"
+    ),
+    pytest.param("rmsprop", {"maximize": True}, id="rmsprop-maximize"),
+]
+
+EPS_ROOT_CONFIGS = [
+    pytest.param("adam", {"eps_root": 1e-3}, id="adam-eps_root"),
+    pytest.param("adamw", {"eps_root": 1e-3, "weight_decay": 0.05, "amsgrad": True}, id="adamw-amsgrad-eps_root"),
+]
+
+SMALL_SHAPES = [(7, 5), (13,), (3, 4, 2), ()]
+SMALL_GROUPS = [[0, 1], [2, 3]]  # tensor indices of each parameter group, in flat-buffer order
+
+
+def group_values(optimizer: str, values: dict) -> list[dict]:
+    """Per-group hyperparameter values: different lr always, different weight_decay when there is any."""
+    groups = []
+    for gi, lr in enumerate(GROUP_LRS[optimizer]):
+        v = {**values, "lr": lr}
+        if "weight_decay" in v:
+            v["weight_decay"] = values["weight_decay"] * (1 + 2 * gi)
+        groups.append(v)
+    return groups
+
+
+def make_problem(shapes, steps: int, seed: int):
+    rng = np.random.default_rng(seed)
+    params = [np.asarray(rng.standard_normal(s), dtype=np.float32) for s in shapes]
+    noise = [[np.asarray(rng.standard_normal(s), dtype=np.float32) for s in shapes] for _ in range(steps)]
+    return params, noise
+
+
+def gradient(p: np.ndarray, noise: np.ndarray, maximize: bool) -> np.ndarray:
+    """A float32 gradient that depends on p; the p term has the sign that keeps the trajectory bounded."""
+    coef = np.float32(-0.1 if maximize else 0.1)
+    return np.asarray(p * coef + noise, dtype=np.float32)
+
+
+def tensor_hps(optimizer, groups, gvalues):
+    hps = [make_hyperparams(optimizer, v) for v in gvalues]
+    return {i: hps[gi] for gi, grp in enumerate(groups) for i in grp}
+
+
+def run_reference(optimizer, groups, gvalues, params, noise):
+    hp_of = tensor_hps(optimizer, groups, gvalues)
+    ps = [p.copy() for p in params]
+    states = [{name: np.zeros_like(p) for name in hp_of[i].state_names()} for i, p in enumerate(ps)]
+    for t, step_noise in enumerate(noise, start=1):
+        for i in range(len(ps)):
+            g = gradient(ps[i], step_noise[i], hp_of[i].maximize)
+            new_p, new_state = reference.step(optimizer, ps[i], g, states[i], t, hp_of[i])
+            ps[i] = np.asarray(new_p, dtype=np.float32)
+            states[i] = {k: np.asarray(v, dtype=np.float32) for k, v in new_state.items()}
+    return ps, states
+
+
+def run_fused(optimizer, groups, gvalues, params, noise):
+    """Lay the tensors out group by group in flat buffers; one read-only gradient and one step_range per group."""
+    hps = [make_hyperparams(optimizer, v) for v in gvalues]
+    order = [i for grp in groups for i in grp]
+    offsets, ranges, pos = {}, [], 0
+    for grp in groups:
+        start = pos
+        for i in grp:
+            offsets[i] = pos
+            pos += params[i].size
+        ranges.append((start, pos))
+    flat_p = np.concatenate([params[i].ravel() for i in order]).astype(np.float32)
+    names = sorted({name for hp in hps for name in hp.state_names()})
+    state = {name: np.zeros(pos, dtype=np.float32) for name in names}
+    maximize = np.zeros(pos, dtype=bool)
+    for hp, (start, stop) in zip(hps, ranges):
+        maximize[start:stop] = hp.maximize
+    for t, step_noise in enumerate(noise, start=1):
+        flat_noise = np.concatenate([step_noise[i].ravel() for i in order])
+        flat_g = np.where(
+            maximize, gradient(flat_p, flat_noise, True), gradient(flat_p, flat_noise, False)
+        ).astype(np.float32)
+        flat_g.setflags(write=False)
+        for hp, (start, stop) in zip(hps, ranges):
+            fused.step_range(optimizer, flat_p, flat_g, state, start, stop, t, hp)
+
+    def unflat(buf, i):
+        return buf[offsets[i] : offsets[i] + params[i].size].reshape(params[i].shape).copy()
+
+    ps = [unflat(flat_p, i) for i in range(len(params))]
+    hp_of = tensor_hps(optimizer, groups, gvalues)
+    states = [{name: unflat(state[name], i) for name in hp_of[i].state_names()} for i in range(len(params))]
+    return ps, states
+
+
+def run_torch(optimizer, groups, gvalues, params, noise):
+    tparams = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in params]
+    param_groups = []
+    for grp, v in zip(groups, gvalues):
+        kw = {k: tuple(x) if k == "betas" else x for k, x in v.items()}
+        param_groups.append({"params": [tparams[i] for i in grp], **kw})
+    opt = TORCH_CLASSES[optimizer](param_groups)
+    maximize = {i: bool(v.get("maximize", False)) for grp, v in zip(groups, gvalues) for i in grp}
+    for step_noise in noise:
+        for i, tp in enumerate(tparams):
+            tp.grad = torch.from_numpy(gradient(tp.detach().numpy(), step_noise[i], maximize[i]))
+        opt.step()
+    ps = [tp.detach().numpy().copy() for tp in tparams]
+    states = [
+        {k: v.detach().numpy().copy() for k, v in opt.state[tp].items() if k != "step" and v is not None}
+        for tp in tparams
+    ]
+    return ps, states
+
+
+def assert_close_to_torch(label, ours, theirs):
+    (ps, states), (tps, tstates) = ours, theirs
+    for i, (p, tp) in enumerate(zip(ps, tps)):
+        np.testing.assert_allclose(p, tp, rtol=1e-5, atol=1e-6, err_msg=f"{label}: param {i}")
+    for i, (s, ts) in enumerate(zip(states, tstates)):
+        assert set(s) == set(ts), f"{label}: state names of tensor {i}: {sorted(s)} vs torch {sorted(ts)}"
+        for name in s:
+            np.testing.assert_allclose(s[name], ts[name], rtol=1e-5, atol=1e-6, err_msg=f"{label}: {name} of {i}")
+
+
+def assert_bitwise_equal(ours, theirs):
+    (ps, states), (rps, rstates) = ours, theirs
+    for i, (p, rp) in enumerate(zip(ps, rps)):
+        assert p.dtype == rp.dtype == np.float32
+        assert np.array_equal(p, rp), f"param {i}: max abs diff {np.max(np.abs(p - rp))}"
+    for i, (s, rs) in enumerate(zip(states, rstates)):
+        assert set(s) == set(rs)
+        for name in s:
+            assert np.array_equal(s[name], rs[name]), f"{name} of tensor {i}: max diff {np.max(np.abs(s[name] - rs[name]))}"
+
+
+# 1. torch parity -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("optimizer", "values"), CONFIGS)
+def test_reference_and_fused_match_torch(optimizer, values):
+    gvalues = group_values(optimizer, values)
+    assert gvalues[0]["lr"] != gvalues[1]["lr"]
+    params, noise = make_problem(SMALL_SHAPES, steps=200, seed=0)
+    theirs = run_torch(optimizer, SMALL_GROUPS, gvalues, params, noise)
+    # The problem actually moved (so a no-op optimizer could not pass).
+    assert max(np.max(np.abs(p - p0)) for p, p0 in zip(theirs[0], params)) > 1e-2
+    assert_close_to_torch("reference", run_reference(optimizer, SMALL_GROUPS, gvalues, params, noise), theirs)
+    assert_close_to_torch("fused", run_fused(optimizer, SMALL_GROUPS, gvalues, params, noise), theirs)
+
+
+# 2. fused == reference, bit for bit ------------------------------------------------------------------------------
+
+BIG_SHAPES = [(7, 5), (3 * fused.CHUNK + 5,), (13,), ()]
+BIG_GROUPS = [[0], [1, 2, 3]]  # group 1 starts at offset 35 and spans more than three chunks
+
+
+@pytest.mark.parametrize(("optimizer", "values"), CONFIGS + EPS_ROOT_CONFIGS)
+@pytest.mark.parametrize(("shapes", "groups"), [(SMALL_SHAPES, SMALL_GROUPS), (BIG_SHAPES, BIG_GROUPS)], ids=["small", "multi-chunk"])
+def test_fused_matches_reference_bitwise(optimizer, values, shapes, groups):
+    gvalues = group_values(optimizer, values)
+    steps = 50 if shapes is SMALL_SHAPES else 8
+    params, noise = make_problem(shapes, steps=steps, seed=1)
+    assert_bitwise_equal(
+        run_fused(optimizer, groups, gvalues, params, noise),
+        run_reference(optimizer, groups, gvalues, params, noise),
+    )
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_eps_root_one_step_formula(optimizer):
+    lr, eps, eps_root, wd, (b1, b2) = 0.1, 1e-8, 0.25, 0.1, (0.9, 0.999)
+    values = {"lr": lr, "eps": eps, "eps_root": eps_root, "weight_decay": wd, "betas": [b1, b2]}
+    params, noise = make_problem([(50,)], steps=1, seed=2)
+    groups = [[0]]
+    ref = run_reference(optimizer, groups, [values], params, noise)[0][0]
+    fus = run_fused(optimizer, groups, [values], params, noise)[0][0]
+    assert np.array_equal(ref, fus)
+
+    p = params[0].astype(np.float64)
+    g = gradient(params[0], noise[0][0], False).astype(np.float64)
+    if optimizer == "adamw":
+        p = p * (1 - lr * wd)
+    else:
+        g = g + wd * p
+    m, v = (1 - b1) * g, (1 - b2) * g * g
+    bc1, bc2 = 1 - b1, 1 - b2
+    expected = p - lr / bc1 * m / (np.sqrt(v / bc2 + eps_root) + eps)
+    np.testing.assert_allclose(ref, expected, rtol=1e-5)
+    np.testing.assert_allclose(fus, expected, rtol=1e-5)
+    # eps_root matters here: without it the result is clearly different.
+    no_root = run_reference(optimizer, groups, [{**values, "eps_root": 0.0}], params, noise)[0][0]
+    assert not np.allclose(no_root, expected, rtol=1e-3)
+
+
+# 3. the gradient is only read ------------------------------------------------------------------------------------
+
+READ_ONLY_CONFIGS = [
+    ("adam", {}),
+    ("adam", {"amsgrad": True}),
+    ("adamw", {}),
+    ("sgd", {}),
+    ("sgd", {"momentum": 0.9, "dampening": 0.1}),
+    ("sgd", {"momentum": 0.9, "nesterov": True}),
+    ("rmsprop", {}),
+    ("rmsprop", {"momentum": 0.9, "centered": True}),
+]
+
+
+@pytest.mark.parametrize("maximize_and_decay", [True, False], ids=["maximize-wd", "plain"])
+@pytest.mark.parametrize(("optimizer", "values"), READ_ONLY_CONFIGS, ids=lambda x: x if isinstance(x, str) else "-".join(x) or "-")
+def test_fused_never_writes_the_gradient(optimizer, values, maximize_and_decay):
+    if maximize_and_decay:
+        values = {**values, "maximize": True, "weight_decay": 0.1}
+    elif optimizer == "adamw":
+        values = {**values, "weight_decay": 0.0}
+    hp = make_hyperparams(optimizer, values)
+    n = fused.CHUNK + 7
+    rng = np.random.default_rng(3)
+    p = rng.standard_normal(n).astype(np.float32)
+    state = {name: np.zeros(n, dtype=np.float32) for name in hp.state_names()}
+    ref_p, ref_state = p.copy(), {k: v.copy() for k, v in state.items()}
+    for t in (1, 2, 3):
+        g = rng.standard_normal(n).astype(np.float32)
+        g_copy = g.copy()
+        g.setflags(write=False)
+        fused.step_range(optimizer, p, g, state, 0, n, t, hp)  # raises if it writes into g
+        assert np.array_equal(g, g_copy)
+        ref_p, ref_state = reference.step(optimizer, ref_p, g_copy, ref_state, t, hp)
+    assert np.array_equal(p, ref_p)
+    for name in state:
+        assert np.array_equal(state[name], ref_state[name])
+
+
+# 4. defaults ---------------------------------------------------------------------------------------------------
+
+DEFAULT_KEYS = {"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "momentum", "dampening", "nesterov",
+                "alpha", "centered"}
+
+
+@pytest.mark.parametrize("optimizer", sorted(TORCH_CLASSES))
+def test_defaults_equal_torch(optimizer):
+    torch_defaults = TORCH_CLASSES[optimizer]([torch.nn.Parameter(torch.zeros(1))]).defaults
+    ours = dataclasses.asdict(make_hyperparams(optimizer))
+    # Every hyperparameter we serve exists in torch (except eps_root, ours) and vice versa, among DEFAULT_KEYS.
+    assert set(ours) - {"eps_root"} == set(torch_defaults) & DEFAULT_KEYS
+    for key in set(ours) - {"eps_root"}:
+        theirs = torch_defaults[key]
+        if key == "betas":
+            theirs = tuple(theirs)
+        assert ours[key] == theirs, f"{optimizer}.{key}: ours {ours[key]!r}, torch {theirs!r}"
+        assert type(ours[key]) is type(theirs) or not isinstance(theirs, bool), key
+    if "eps_root" in ours:
+        assert ours["eps_root"] == 0.0
+
+
+# 5. validation -------------------------------------------------------------------------------------------------
+
+INVALID = [
+    ("adam", {"lr": -0.1}, r"learning rate \(lr\).*-0\.1"),
+    ("sgd", {"lr": -1}, r"learning rate \(lr\)"),
+    ("rmsprop", {"lr": -1e-3}, r"learning rate \(lr\)"),
+    ("adam", {"betas": [1.0, 0.999]}, r"betas\[0\].*\[0, 1\)"),
+    ("adamw", {"betas": [-0.1, 0.9]}, r"betas\[0\].*\[0, 1\)"),
+    ("adam", {"betas": [0.9, 1.0]}, r"betas\[1\].*\[0, 1\)"),
+    ("adam", {"betas": [0.9]}, r"betas must be a pair"),
+    ("adam", {"betas": [0.9, 0.99, 0.999]}, r"betas must be a pair"),
+    ("adam", {"betas": 0.9}, r"betas must be a pair"),
+    ("adam", {"eps": -1e-8}, r"epsilon \(eps\)"),
+    ("rmsprop", {"eps": -1.0}, r"epsilon \(eps\)"),
+    ("adam", {"eps_root": -1e-8}, r"eps_root"),
+    ("adam", {"weight_decay": -0.01}, r"weight_decay.*>= 0"),
+    ("adamw", {"weight_decay": -0.01}, r"weight_decay.*>= 0"),
+    ("sgd", {"weight_decay": -0.01}, r"weight_decay.*>= 0"),
+    ("rmsprop", {"weight_decay": -0.01}, r"weight_decay.*>= 0"),
+    ("sgd", {"momentum": -0.5}, r"momentum"),
+    ("rmsprop", {"alpha": -0.5}, r"alpha"),
+    ("adam", {"lr": float("nan")}, r"learning rate \(lr\) must be finite"),
+    ("sgd", {"lr": float("inf")}, r"must be finite"),
+    ("adam", {"betas": [float("nan"), 0.9]}, r"must be finite"),
+    ("adam", {"lrr": 1}, r"unknown hyperparameter.*lrr.*known:.*\blr\b"),
+    ("sgd", {"betas": [0.9, 0.999]}, r"unknown hyperparameter.*betas"),
+    ("rmsprop", {"eps_root": 0.0}, r"unknown hyperparameter.*eps_root"),
+    ("adam", {"lr": True}, r"lr must be a number"),
+    ("sgd", {"momentum": False}, r"momentum must be a number"),
+    ("adam", {"betas": [True, 0.9]}, r"betas must be a number"),
+    ("adam", {"lr": "0.1"}, r"lr must be a number.*'0\.1'"),
+    ("adam", {"amsgrad": 1}, r"amsgrad must be true or false"),
+    ("sgd", {"nesterov": "yes"}, r"nesterov must be true or false"),
+    ("sgd", {"nesterov": True}, r"Nesterov momentum requires a momentum > 0"),
+    ("sgd", {"nesterov": True, "momentum": 0.0}, r"Nesterov momentum requires a momentum > 0"),
+    ("sgd", {"nesterov": True, "momentum": 0.9, "dampening": 0.1}, r"zero dampening"),
+]
+
+
+@pytest.mark.parametrize(("optimizer", "values", "match"), INVALID)
+def test_invalid_hyperparameters_rejected(optimizer, values, match):
+    with pytest.raises(HyperparamError, match=match):
+        make_hyperparams(optimizer, values)
+
+
+def test_unknown_optimizer_rejected():
+    with pytest.raises(HyperparamError, match=r"unknown optimizer 'adagrad'.*adam, adamw, sgd, rmsprop"):
+        make_hyperparams("adagrad")
+    assert issubclass(HyperparamError, ValueError)
+
+
+def test_optimizer_name_is_case_insensitive():
+    assert make_hyperparams("AdamW") == make_hyperparams("adamw")
+
+
+def test_base_inheritance():
+    base = make_hyperparams("adam", {"lr": 0.1, "betas": [0.8, 0.9], "weight_decay": 0.01, "amsgrad": True})
+    group = make_hyperparams("adam", {"lr": 0.5, "eps": 1e-6}, base=base)
+    assert group.lr == 0.5 and group.eps == 1e-6  # overridden
+    assert group.betas == (0.8, 0.9) and group.weight_decay == 0.01 and group.amsgrad is True  # inherited
+    assert base.lr == 0.1 and base.eps == 1e-8  # the base is untouched
+    assert make_hyperparams("adam", {}, base=base) == base
+    assert make_hyperparams("adam", None, base=base) == base
+    # adamw's default weight_decay applies without a base, but a base's explicit value wins.
+    assert make_hyperparams("adamw").weight_decay == 1e-2
+    assert make_hyperparams("adamw", {"lr": 0.2}, base=make_hyperparams("adamw", {"weight_decay": 0})).weight_decay == 0
+    # Overrides on top of a base are still validated.
+    with pytest.raises(HyperparamError, match=r"learning rate"):
+        make_hyperparams("adam", {"lr": -1.0}, base=base)
+    with pytest.raises(HyperparamError, match=r"unknown hyperparameter.*lrr"):
+        make_hyperparams("adam", {"lrr": 1.0}, base=base)
+    sgd_base = make_hyperparams("sgd", {"momentum": 0.9, "nesterov": True})
+    with pytest.raises(HyperparamError, match=r"Nesterov"):
+        make_hyperparams("sgd", {"momentum": 0.0}, base=sgd_base)
+    assert make_hyperparams("sgd", {"lr": 0.3}, base=sgd_base).nesterov is True
+
+
+def test_betas_list_becomes_tuple():
+    assert make_hyperparams("adam", {"betas": [0.5, 0.6]}).betas == (0.5, 0.6)
+    assert make_hyperparams("adam", {"lr": 1}).lr == 1.0 and isinstance(make_hyperparams("adam", {"lr": 1}).lr, float)
