@@ -1,0 +1,101 @@
+"""``RemoteOptimizer``: a numpy training loop's optimizer, with the state on an optserve server.
+
+    params = {"W": np.zeros((784, 10), np.float32), "b": np.zeros(10, np.float32)}
+    opt = RemoteOptimizer(params, url="http://127.0.0.1:8000", optimizer="adamw", lr=1e-3)
+    for batch in data:
+        opt.step(grads(params, batch))      # params is updated in place
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .http import DEFAULT_URL, Client
+from .protocol import Retry
+
+
+class RemoteOptimizer:
+    """Steps ``params`` (a dict of numpy arrays) on a server-side optimizer session.
+
+    A new session is created from ``params`` unless ``session_id`` names an existing one, in which case the
+    server's parameters are copied into ``params``. Each :meth:`step` sends the gradients in the session's tensor
+    order with ``If-Match`` (the step this optimizer last saw) and a fresh ``Idempotency-Key``; transport errors
+    and 5xx answers are retried with the same key, so a step is applied exactly once or raises.
+    """
+
+    def __init__(
+        self,
+        params: MutableMapping[str, np.ndarray],
+        url: str = DEFAULT_URL,
+        optimizer: str = "adamw",
+        *,
+        client: Client | None = None,
+        session_id: str | None = None,
+        param_groups: Sequence[Mapping[str, Any]] | None = None,
+        nonfinite: str | None = None,
+        timeout: float = 60.0,
+        retry: Retry | None = None,
+        **hyperparams: Any,
+    ) -> None:
+        self.params = params
+        self._owns_client = client is None
+        self.client = client if client is not None else Client(url, timeout=timeout, retry=retry)
+        self.retry = retry
+        if session_id is None:
+            info = self.client.create_session(params, optimizer, hyperparams=hyperparams, param_groups=param_groups,
+                                              nonfinite=nonfinite)
+        else:
+            info = self.client.session(session_id)
+        self.session_id: str = info["id"]
+        self.info = info
+        self.names: list[str] = list(info["tensors"])
+        self.step_count: int = info["step"]
+        if session_id is not None:
+            self.pull()
+
+    def pull(self) -> MutableMapping[str, np.ndarray]:
+        """Copy the server's current parameters into ``params`` (and adopt its step counter)."""
+        self.step_count, tensors = self.client.params(self.session_id)
+        self._assign(tensors)
+        return self.params
+
+    def _assign(self, tensors: Mapping[str, np.ndarray]) -> None:
+        for name, value in tensors.items():
+            target = self.params.get(name)
+            if isinstance(target, np.ndarray) and target.shape == value.shape and target.flags.writeable:
+                target[...] = value
+            else:
+                self.params[name] = np.array(value)
+
+    def step(self, grads: Mapping[str, np.ndarray]) -> MutableMapping[str, np.ndarray]:
+        """Apply one step with ``grads`` (same names and shapes as the params); returns the updated ``params``."""
+        ordered = {name: np.asarray(grads[name], dtype=np.float32) for name in self.names if name in grads}
+        extra = set(grads) - set(ordered)
+        ordered.update({name: np.asarray(grads[name]) for name in extra})  # the server names them in its refusal
+        result = self.client.step(self.session_id, ordered, if_match=self.step_count,
+                                   idempotency_key=uuid.uuid4().hex, retry=self.retry)
+        self.step_count = result.step
+        if result.params is not None:
+            self._assign(result.params)
+        return self.params
+
+    def set_hyperparams(self, group: int | None = None, **hyperparams: Any) -> None:
+        """Change hyperparameters on the server (e.g. ``lr=1e-4``), for every group or for ``group``."""
+        self.info = self.client.update_hyperparams(self.session_id, group, **hyperparams)
+
+    def close(self, delete: bool = False) -> None:
+        """Release the connection (and delete the session on the server when ``delete``)."""
+        if delete:
+            self.client.delete_session(self.session_id)
+        if self._owns_client:
+            self.client.close()
+
+    def __enter__(self) -> RemoteOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
