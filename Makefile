@@ -1,0 +1,37 @@
+# optserve: `make serve` starts the server, `make test` runs the test suite. Both create .venv when missing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch 2.13.0 is looked up in a local wheel folder first when the machine has one.
+WHEELS ?= /opt/wheels
+PIP    := $(BIN)/python -m pip
+PIP_FLAGS := --disable-pip-version-check $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
+
+.PHONY: serve test install install-test lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(PIP) install -q $(PIP_FLAGS) -e .
+
+install-test: $(BIN)/python
+	$(PIP) install -q $(PIP_FLAGS) -e '.[test,dev]'
+
+serve: install
+	$(BIN)/optserve serve
+
+test: install-test
+	$(BIN)/python -m pytest
+
+lint: install-test
+	$(BIN)/ruff check service client tests
+	$(BIN)/ruff format --check service client tests
+	$(BIN)/mypy service client
+
+format: install-test
+	$(BIN)/ruff format service client tests
+	$(BIN)/ruff check --fix service client tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
