@@ -1,8 +1,8 @@
 """optserve client: the wire codec, an HTTP client of the API and a numpy optimizer whose state is remote.
 
-    from optserve.client import RemoteOptimizer
-    opt = RemoteOptimizer(params, url="http://127.0.0.1:8000", optimizer="adamw", lr=1e-3)
-    opt.step(grads)   # params updated in place
+from optserve.client import RemoteOptimizer
+opt = RemoteOptimizer(params, url="http://127.0.0.1:8000", optimizer="adamw", lr=1e-3)
+opt.step(grads)   # params updated in place
 """
 
 from .errors import (

@@ -1,23 +1,23 @@
 """The client's exceptions: one tree, each API error carrying the server's problem details.
 
-    OptserveError
-    +-- TransportError            the request may not have reached the server, or its answer was lost
-    |                             (connection refused or reset, timeout); steps retry these safely
-    +-- APIError                  the server answered with an error status; .status, .problem, .detail
-        +-- BadRequest            400  malformed body or header
-        +-- AuthenticationError   401
-        +-- PermissionDenied      403
-        +-- NotFound              404  unknown session
-        +-- NotAcceptable         406
-        +-- Conflict              409  session id taken
-        |   +-- StepConflict      409  the idempotency key was applied at an earlier step (.applied_at_step)
-        +-- PreconditionFailed    412  the session is not at the step sent in If-Match (.current_step)
-        +-- PayloadTooLarge       413
-        +-- UnsupportedMediaType  415
-        +-- InvalidInput          422  wrong tensors, invalid hyperparameters
-        |   +-- NonFiniteGradient 422  NaN or infinity in the gradients
-        +-- LimitExceeded         429 / 507  too many sessions, memory budget
-        +-- ServerError           5xx  steps retry these safely
+OptserveError
++-- TransportError            the request may not have reached the server, or its answer was lost
+|                             (connection refused or reset, timeout); steps retry these safely
++-- APIError                  the server answered with an error status; .status, .problem, .detail
+    +-- BadRequest            400  malformed body or header
+    +-- AuthenticationError   401
+    +-- PermissionDenied      403
+    +-- NotFound              404  unknown session
+    +-- NotAcceptable         406
+    +-- Conflict              409  session id taken
+    |   +-- StepConflict      409  the idempotency key was applied at an earlier step (.applied_at_step)
+    +-- PreconditionFailed    412  the session is not at the step sent in If-Match (.current_step)
+    +-- PayloadTooLarge       413
+    +-- UnsupportedMediaType  415
+    +-- InvalidInput          422  wrong tensors, invalid hyperparameters
+    |   +-- NonFiniteGradient 422  NaN or infinity in the gradients
+    +-- LimitExceeded         429 / 507  too many sessions, memory budget
+    +-- ServerError           5xx  steps retry these safely
 """
 
 from __future__ import annotations

@@ -34,8 +34,7 @@ class Client:
     ) -> None:
         self.url = url.rstrip("/")
         self.retry = retry or Retry()
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=dict(headers or {}),
-                                  transport=transport)
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=dict(headers or {}), transport=transport)
 
     def __enter__(self) -> Client:
         return self
@@ -48,8 +47,9 @@ class Client:
 
     def _send(self, call: Call) -> httpx.Response:
         try:
-            return self._http.request(call.method, call.path, headers=call.headers, content=call.content,
-                                      json=call.json)
+            return self._http.request(
+                call.method, call.path, headers=call.headers, content=call.content, json=call.json
+            )
         except httpx.TransportError as e:
             raise TransportError(f"{call.method} {self.url}{call.path}: {e!r}") from e
 

@@ -1,9 +1,9 @@
 """``RemoteOptimizer``: a numpy training loop's optimizer, with the state on an optserve server.
 
-    params = {"W": np.zeros((784, 10), np.float32), "b": np.zeros(10, np.float32)}
-    opt = RemoteOptimizer(params, url="http://127.0.0.1:8000", optimizer="adamw", lr=1e-3)
-    for batch in data:
-        opt.step(grads(params, batch))      # params is updated in place
+params = {"W": np.zeros((784, 10), np.float32), "b": np.zeros(10, np.float32)}
+opt = RemoteOptimizer(params, url="http://127.0.0.1:8000", optimizer="adamw", lr=1e-3)
+for batch in data:
+    opt.step(grads(params, batch))      # params is updated in place
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ class RemoteOptimizer:
         self.client = client if client is not None else Client(url, timeout=timeout, retry=retry)
         self.retry = retry
         if session_id is None:
-            info = self.client.create_session(params, optimizer, hyperparams=hyperparams, param_groups=param_groups,
-                                              nonfinite=nonfinite)
+            info = self.client.create_session(
+                params, optimizer, hyperparams=hyperparams, param_groups=param_groups, nonfinite=nonfinite
+            )
         else:
             info = self.client.session(session_id)
         self.session_id: str = info["id"]
@@ -76,8 +77,13 @@ class RemoteOptimizer:
         ordered = {name: np.asarray(grads[name], dtype=np.float32) for name in self.names if name in grads}
         extra = set(grads) - set(ordered)
         ordered.update({name: np.asarray(grads[name]) for name in extra})  # the server names them in its refusal
-        result = self.client.step(self.session_id, ordered, if_match=self.step_count,
-                                   idempotency_key=uuid.uuid4().hex, retry=self.retry)
+        result = self.client.step(
+            self.session_id,
+            ordered,
+            if_match=self.step_count,
+            idempotency_key=uuid.uuid4().hex,
+            retry=self.retry,
+        )
         self.step_count = result.step
         if result.params is not None:
             self._assign(result.params)

@@ -118,17 +118,19 @@ def encode_parts(
     offset = 0
     for name, value in tensors.items():
         code, arr = _as_wire_array(value, dtype)
-        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        header[name] = {
+            "dtype": code,
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
         offset += arr.nbytes
-        buffers.append(memoryview(arr.reshape(-1)).cast("B") if arr.size else memoryview(b""))
+        buffers.append(memoryview(arr.reshape(-1)).cast("B") if arr.size else memoryview(b""))  # type: ignore[arg-type]
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(len(raw) + 8) % 8)  # pad so the data starts 8-byte aligned, as the safetensors package does
     return [struct.pack("<Q", len(raw)) + raw, *buffers]
 
 
-def encode(
-    tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, dtype: str | None = None
-) -> bytes:
+def encode(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, dtype: str | None = None) -> bytes:
     """The safetensors body as one ``bytes`` (see :func:`encode_parts`)."""
     return b"".join(encode_parts(tensors, metadata, dtype))
 
@@ -224,11 +226,11 @@ def parse(body: bytes | bytearray | memoryview, max_header_bytes: int = DEFAULT_
     entries = [_entry(name, info) for name, info in header.items()]
     data = view[8 + n :]
     end = 0
-    for e in sorted(entries, key=lambda e: (e.start, e.stop)):
-        if e.start != end:
-            what = "overlaps the previous tensor" if e.start < end else f"leaves a gap after byte {end}"
-            raise WireError(f"tensor {e.name!r}: data_offsets [{e.start}, {e.stop}] {what}")
-        end = e.stop
+    for entry in sorted(entries, key=lambda x: (x.start, x.stop)):
+        if entry.start != end:
+            what = "overlaps the previous tensor" if entry.start < end else f"leaves a gap after byte {end}"
+            raise WireError(f"tensor {entry.name!r}: data_offsets [{entry.start}, {entry.stop}] {what}")
+        end = entry.stop
     if end != len(data):
         raise WireError(f"tensors cover {end} bytes of data but the body carries {len(data)}")
     return Safetensors(tuple(entries), metadata, data)
@@ -284,16 +286,22 @@ def encode_json(
     """``{"__metadata__": {...}, name: {"dtype", "shape", "data"}}`` with flat data lists."""
     parts = []
     if metadata:
-        parts.append('"__metadata__":' + json.dumps({str(k): str(v) for k, v in metadata.items()}, separators=(",", ":")))
+        parts.append(
+            '"__metadata__":' + json.dumps({str(k): str(v) for k, v in metadata.items()}, separators=(",", ":"))
+        )
     for name, value in tensors.items():
         code, arr = _as_wire_array(value, dtype)
         shown = from_bfloat16(arr) if code == "BF16" else arr
         type_name = _NAME_OF.get(code, code)
         parts.append(
-            f'{json.dumps(name)}:{{"dtype":"{type_name}","shape":{json.dumps(list(arr.shape))},'
+            f'{json.dumps(name)}:{{"dtype":"{type_name}","shape":{json.dumps(list(arr.shape), separators=(",", ":"))},'
             f'"data":{_json_numbers(shown)}}}'
         )
     return ("{" + ",".join(parts) + "}").encode()
+
+
+def _has_bool(data: list[Any]) -> bool:
+    return any(isinstance(x, bool) or (isinstance(x, list) and _has_bool(x)) for x in data)
 
 
 def _json_tensor(name: str, info: Any) -> np.ndarray:
@@ -313,9 +321,9 @@ def _json_tensor(name: str, info: Any) -> np.ndarray:
         values = np.array(data)
     except ValueError as e:  # ragged nesting
         raise WireError(f"tensor {name!r}: data is not a rectangular list of numbers ({e})") from None
-    if values.dtype.kind not in "fi" or (values.dtype.kind == "i" and any(isinstance(x, bool) for x in data)):
-        if values.size:  # np.array([]) is float64; anything else that is not numeric is refused
-            raise WireError(f"tensor {name!r}: data must contain only numbers")
+    # numpy turns [1, true] into integers, so integer data is checked for booleans one by one
+    if values.dtype.kind not in "fi" or (values.dtype.kind == "i" and _has_bool(data)):
+        raise WireError(f"tensor {name!r}: data must contain only numbers")
     shape = info.get("shape", list(values.shape))
     if not isinstance(shape, list) or not all(_int(d) and d >= 0 for d in shape):
         raise WireError(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")

@@ -36,9 +36,16 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
     __version__ = "0.0.0"
 
 
-def problem_response(status: int, title: str, detail: str, slug: str, headers: dict[str, str] | None = None,
-                     **extra: Any) -> JSONResponse:
-    body = {"type": f"urn:optserve:problem:{slug}", "title": title, "status": status, "detail": detail, **extra}
+def problem_response(
+    status: int, title: str, detail: str, slug: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    body = {
+        "type": f"urn:optserve:problem:{slug}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        **extra,
+    }
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
@@ -73,20 +80,21 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = json.loads(json.dumps(exc.errors(), default=str))
-        return problem_response(422, "Invalid request", "the request does not match the API", "invalid-request",
-                                errors=errors)
+        return problem_response(
+            422, "Invalid request", "the request does not match the API", "invalid-request", errors=errors
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
         title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
-        return problem_response(exc.status_code, title, str(exc.detail), slug,
-                                headers=getattr(exc, "headers", None))
+        return problem_response(exc.status_code, title, str(exc.detail), slug, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(500, "Internal server error", "an unexpected error occurred; see the server log",
-                                "internal-error")
+        return problem_response(
+            500, "Internal server error", "an unexpected error occurred; see the server log", "internal-error"
+        )
 
     return app

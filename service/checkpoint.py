@@ -59,15 +59,17 @@ def load(body: bytes | memoryview, session_id: str) -> Session:
     st = wire.parse(body)
     meta = st.metadata
     if meta.get("format") != FORMAT:
-        raise InvalidInput(f"not an optserve checkpoint: metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
+        raise InvalidInput(
+            f"not an optserve checkpoint: metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r}"
+        )
     try:
         config = SessionConfig.model_validate_json(meta.get("config", ""))
     except ValidationError as e:
         raise InvalidInput(f"checkpoint config is invalid: {e}") from None
-    tensors = {e.name: e for e in st.entries}
-    for e in st.entries:
-        if e.dtype != "F32":
-            raise InvalidInput(f"checkpoint tensor {e.name!r} has dtype {e.dtype}, expected F32")
+    tensors = {entry.name: entry for entry in st.entries}
+    for entry in st.entries:
+        if entry.dtype != "F32":
+            raise InvalidInput(f"checkpoint tensor {entry.name!r} has dtype {entry.dtype}, expected F32")
     # The groups list every tensor in layout order; follow them, whatever order the header has.
     order = [n for g in config.param_groups for n in g.params]
     missing = [n for n in order if f"params/{n}" not in tensors]
@@ -86,8 +88,11 @@ def load(body: bytes | memoryview, session_id: str) -> Session:
     step, steps = _meta_json(meta, "step"), _meta_json(meta, "tensor_steps")
     if not isinstance(step, int) or step < 0:
         raise InvalidInput(f"checkpoint step must be a non-negative integer, got {step!r}")
-    if not (isinstance(steps, list) and len(steps) == len(session.layout.slots)
-            and all(isinstance(s, int) and 0 <= s <= step for s in steps)):
+    if not (
+        isinstance(steps, list)
+        and len(steps) == len(session.layout.slots)
+        and all(isinstance(s, int) and 0 <= s <= step for s in steps)
+    ):
         raise InvalidInput("checkpoint tensor_steps must list one step number per tensor, none above the step")
     session.step_count = step
     session.tensor_steps[:] = steps

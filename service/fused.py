@@ -50,8 +50,14 @@ def _prepare_grad(
 
 
 def _adam_chunk(
-    p: np.ndarray, g: np.ndarray, s: Mapping[str, np.ndarray], t: int, hp: AdamHyperparams, decoupled: bool,
-    gbuf: np.ndarray, tmp: np.ndarray,
+    p: np.ndarray,
+    g: np.ndarray,
+    s: Mapping[str, np.ndarray],
+    t: int,
+    hp: AdamHyperparams,
+    decoupled: bool,
+    gbuf: np.ndarray,
+    tmp: np.ndarray,
 ) -> None:
     beta1, beta2 = hp.betas
     if hp.weight_decay != 0 and decoupled:
@@ -82,8 +88,13 @@ def _adam_chunk(
 
 
 def _sgd_chunk(
-    p: np.ndarray, g: np.ndarray, s: Mapping[str, np.ndarray], t: int, hp: SGDHyperparams,
-    gbuf: np.ndarray, tmp: np.ndarray,
+    p: np.ndarray,
+    g: np.ndarray,
+    s: Mapping[str, np.ndarray],
+    t: int,
+    hp: SGDHyperparams,
+    gbuf: np.ndarray,
+    tmp: np.ndarray,
 ) -> None:
     g = _prepare_grad(p, g, hp.maximize, hp.weight_decay, gbuf, tmp)
     if hp.momentum != 0:
@@ -105,8 +116,13 @@ def _sgd_chunk(
 
 
 def _rmsprop_chunk(
-    p: np.ndarray, g: np.ndarray, s: Mapping[str, np.ndarray], t: int, hp: RMSpropHyperparams,
-    gbuf: np.ndarray, tmp: np.ndarray,
+    p: np.ndarray,
+    g: np.ndarray,
+    s: Mapping[str, np.ndarray],
+    t: int,
+    hp: RMSpropHyperparams,
+    gbuf: np.ndarray,
+    tmp: np.ndarray,
 ) -> None:
     g = _prepare_grad(p, g, hp.maximize, hp.weight_decay, gbuf, tmp)
     v = s["square_avg"]

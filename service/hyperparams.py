@@ -14,7 +14,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 
 class HyperparamError(ValueError):
@@ -115,7 +115,7 @@ class RMSpropHyperparams:
         return tuple(names)
 
 
-Hyperparams = Union[AdamHyperparams, SGDHyperparams, RMSpropHyperparams]
+Hyperparams = AdamHyperparams | SGDHyperparams | RMSpropHyperparams
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,9 @@ def _coerce_number(name: str, value: Any) -> float:
     return float(value)
 
 
-def make_hyperparams(optimizer: str, values: Mapping[str, Any] | None = None, base: Hyperparams | None = None) -> Hyperparams:
+def make_hyperparams(
+    optimizer: str, values: Mapping[str, Any] | None = None, base: Hyperparams | None = None
+) -> Hyperparams:
     """Build validated hyperparameters for ``optimizer`` from ``values``.
 
     Missing values come from ``base`` when given (a parameter group inherits the session's values), else from the

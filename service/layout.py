@@ -53,7 +53,10 @@ class FlatLayout:
         self.size = offset
         groups = sorted({s.group for s in self.slots})
         self.group_ranges: dict[int, tuple[int, int]] = {
-            g: (min(s.offset for s in self.slots if s.group == g), max(s.stop for s in self.slots if s.group == g))
+            g: (
+                min(s.offset for s in self.slots if s.group == g),
+                max(s.stop for s in self.slots if s.group == g),
+            )
             for g in groups
         }
 
@@ -83,8 +86,11 @@ class FlatLayout:
                 parts.append(f"missing tensor(s): {', '.join(missing)}")
             if unknown:
                 parts.append(f"unknown tensor(s): {', '.join(unknown)}")
-            raise InvalidInput("; ".join(parts) + f" (the session holds: {', '.join(self.names)})",
-                               missing=missing, unknown=unknown)
+            raise InvalidInput(
+                "; ".join(parts) + f" (the session holds: {', '.join(self.names)})",
+                missing=missing,
+                unknown=unknown,
+            )
 
     def _check_entry(self, name: str, shape: tuple[int, ...], dtype: str) -> Slot:
         slot = self.slots[self.index[name]]

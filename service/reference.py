@@ -89,10 +89,7 @@ def sgd(
         g = g + hp.weight_decay * p
     new_state: dict[str, np.ndarray] = {}
     if hp.momentum != 0:
-        if t == 1:
-            buf = g.copy()
-        else:
-            buf = state["momentum_buffer"] * hp.momentum + (1 - hp.dampening) * g
+        buf = g.copy() if t == 1 else state["momentum_buffer"] * hp.momentum + (1 - hp.dampening) * g
         new_state["momentum_buffer"] = buf
         g = g + hp.momentum * buf if hp.nesterov else buf
     return p - hp.lr * g, new_state

@@ -77,8 +77,9 @@ def negotiate(request: Request, default: str) -> str:
             return default
         if rng in TENSOR_TYPES:
             return rng
-    raise NotAcceptable(f"cannot answer with {accept!r}; available: {', '.join(TENSOR_TYPES)}",
-                        available=list(TENSOR_TYPES))
+    raise NotAcceptable(
+        f"cannot answer with {accept!r}; available: {', '.join(TENSOR_TYPES)}", available=list(TENSOR_TYPES)
+    )
 
 
 def parse_if_match(request: Request) -> frozenset[int] | None:
@@ -114,7 +115,12 @@ def decode_tensors(body: bytes, ctype: str) -> wire.Safetensors | tuple[dict[str
 
 
 def tensor_response(
-    layout: FlatLayout, flat: np.ndarray, step: int, encoding: str, headers: dict[str, str], status: int = 200,
+    layout: FlatLayout,
+    flat: np.ndarray,
+    step: int,
+    encoding: str,
+    headers: dict[str, str],
+    status: int = 200,
     metadata: dict[str, str] | None = None,
 ) -> Response:
     meta = {"step": str(step), **(metadata or {})}
@@ -154,7 +160,7 @@ def _create(body: bytes, ctype: str) -> tuple[str | None, SessionConfig, dict[st
     else:
         config_obj = json_object(body)
         if "params" not in config_obj:
-            raise InvalidInput("the body needs \"params\": the initial tensors {name: {dtype, shape, data}}")
+            raise InvalidInput('the body needs "params": the initial tensors {name: {dtype, shape, data}}')
         params, _ = wire.decode_json(config_obj.pop("params"))
     session_id = config_obj.pop("id", None)
     if session_id is not None and not isinstance(session_id, str):
@@ -173,7 +179,8 @@ async def create_session(request: Request, store: StoreDep) -> JSONResponse:
     session = await run_in_threadpool(Session, session_id, config, params)
     store.add(session)
     return JSONResponse(
-        session.info(), status_code=201,
+        session.info(),
+        status_code=201,
         headers={"Location": f"/v1/sessions/{session.id}", "ETag": etag(session.step_count)},
     )
 
@@ -183,8 +190,14 @@ async def list_sessions(store: StoreDep) -> dict[str, Any]:
     """Every session: id, optimizer, step and size."""
     return {
         "sessions": [
-            {"id": s.id, "optimizer": s.optimizer, "step": s.step_count, "num_params": s.layout.size,
-             "created_at": s.created_at, "updated_at": s.updated_at}
+            {
+                "id": s.id,
+                "optimizer": s.optimizer,
+                "step": s.step_count,
+                "num_params": s.layout.size,
+                "created_at": s.created_at,
+                "updated_at": s.updated_at,
+            }
             for s in store.list()
         ]
     }
@@ -250,8 +263,9 @@ async def step(session_id: str, request: Request, store: StoreDep) -> Response:
     if result.params is None:
         return Response(status_code=204, headers=headers)
     meta = {"skipped": "non-finite-gradient"} if result.skipped else None
-    return await run_in_threadpool(tensor_response, session.layout, result.params, result.step, encoding, headers,
-                                   200, meta)
+    return await run_in_threadpool(
+        tensor_response, session.layout, result.params, result.step, encoding, headers, 200, meta
+    )
 
 
 @router.get("/v1/sessions/{session_id}/params", tags=["steps"])
@@ -268,10 +282,14 @@ async def get_checkpoint(session_id: str, store: StoreDep) -> Response:
     """Everything needed to resume the session, as one safetensors file."""
     session = store.get(session_id)
     body = await run_in_threadpool(checkpoint.dump, session)
-    return Response(body, media_type=wire.SAFETENSORS, headers={
-        "ETag": etag(session.step_count),
-        "Content-Disposition": f'attachment; filename="{session.id}.safetensors"',
-    })
+    return Response(
+        body,
+        media_type=wire.SAFETENSORS,
+        headers={
+            "ETag": etag(session.step_count),
+            "Content-Disposition": f'attachment; filename="{session.id}.safetensors"',
+        },
+    )
 
 
 @router.put("/v1/sessions/{session_id}/checkpoint", tags=["checkpoints"])
@@ -283,8 +301,11 @@ async def put_checkpoint(session_id: str, request: Request, store: StoreDep) -> 
     body = await request.body()
     session = await run_in_threadpool(checkpoint.load, body, session_id)
     replaced = store.replace(session)
-    return JSONResponse(session.info(), status_code=200 if replaced else 201,
-                        headers={"ETag": etag(session.step_count), "Location": f"/v1/sessions/{session.id}"})
+    return JSONResponse(
+        session.info(),
+        status_code=200 if replaced else 201,
+        headers={"ETag": etag(session.step_count), "Location": f"/v1/sessions/{session.id}"},
+    )
 
 
 # --- health --------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from .errors import (
     SessionNotFound,
     StepConflict,
 )
-from .hyperparams import Hyperparams, HyperparamError, make_hyperparams, optimizer_kind, to_json
+from .hyperparams import HyperparamError, Hyperparams, make_hyperparams, optimizer_kind, to_json
 from .layout import FlatLayout
 
 MAX_IDEMPOTENCY_KEYS = 1024  # per session; older keys are forgotten first
@@ -126,7 +126,7 @@ def build_groups(config: SessionConfig, names: list[str]) -> tuple[Hyperparams, 
     try:
         optimizer_kind(config.optimizer)
         base = make_hyperparams(config.optimizer, config.hyperparams)
-        known, seen = set(names), {}
+        known, seen = set(names), dict[str, int]()
         groups: list[ParamGroup] = []
         for i, spec in enumerate(config.param_groups):
             for n in spec.params:
@@ -207,7 +207,7 @@ class Session:
                 if not finite and self.config.nonfinite == "error":
                     raise NonFiniteGradient(
                         "the gradients contain NaN or infinity; nothing was applied "
-                        "(create the session with \"nonfinite\": \"skip\" to skip such steps instead)"
+                        '(create the session with "nonfinite": "skip" to skip such steps instead)'
                     )
             except InvalidInput:
                 self.counters.steps_rejected += 1
@@ -234,8 +234,14 @@ class Session:
                 j += 1
             group = self.groups[slots[i].group]
             fused.step_range(
-                self.optimizer, self.params, grads, self.state, slots[i].offset, slots[j - 1].stop,
-                int(steps[i]) + 1, group.hp,
+                self.optimizer,
+                self.params,
+                grads,
+                self.state,
+                slots[i].offset,
+                slots[j - 1].stop,
+                int(steps[i]) + 1,
+                group.hp,
             )
             i = j
         steps += 1
@@ -291,9 +297,7 @@ class Session:
             "id": self.id,
             "optimizer": self.optimizer,
             "hyperparams": to_json(self.base_hp),
-            "param_groups": [
-                {"index": g.index, "params": g.names, "hyperparams": to_json(g.hp)} for g in self.groups
-            ],
+            "param_groups": [{"index": g.index, "params": g.names, "hyperparams": to_json(g.hp)} for g in self.groups],
             "nonfinite": self.config.nonfinite,
             "step": self.step_count,
             "tensors": {
@@ -310,7 +314,8 @@ class Session:
         """The config with every change made since creation folded in (what a checkpoint stores)."""
         groups = [ParamGroupSpec(params=g.names, **to_json(g.hp)) for g in self.groups]
         return SessionConfig(
-            optimizer=self.optimizer, hyperparams=to_json(self.base_hp), param_groups=groups,
+            optimizer=self.optimizer,
+            hyperparams=to_json(self.base_hp),
+            param_groups=groups,
             nonfinite=self.config.nonfinite,
         )
-

@@ -28,7 +28,10 @@ def small_params() -> dict[str, np.ndarray]:
 
 def grads_for(step: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(step)
-    return {"w": rng.standard_normal((2, 3)).astype(np.float32), "b": rng.standard_normal(3).astype(np.float32)}
+    return {
+        "w": rng.standard_normal((2, 3)).astype(np.float32),
+        "b": rng.standard_normal(3).astype(np.float32),
+    }
 
 
 class FaultyTransport(httpx.BaseTransport):
@@ -52,7 +55,9 @@ class FaultyTransport(httpx.BaseTransport):
         if fault == "refuse":
             raise httpx.ConnectError("injected: connection refused", request=request)
         if fault == "503":
-            return httpx.Response(503, json={"title": "Service Unavailable", "detail": "injected"}, request=request)
+            return httpx.Response(
+                503, json={"title": "Service Unavailable", "detail": "injected"}, request=request
+            )
         response = self.inner.handle_request(request)
         if fault == "lose":
             response.read()
@@ -87,13 +92,18 @@ def test_errors_are_typed_and_carry_the_problem(server) -> None:
         assert client.session(sid)["step"] == 2
 
 
-@pytest.mark.parametrize("faults", [["refuse", "refuse"], ["lose"], ["503", "lose", "refuse"], ["lose", "lose"]])
+@pytest.mark.parametrize(
+    "faults", [["refuse", "refuse"], ["lose"], ["503", "lose", "refuse"], ["lose", "lose"]]
+)
 def test_retried_steps_are_applied_exactly_once(server, faults: list[str | None]) -> None:
     transport = FaultyTransport([None, *faults, None, "lose"])
     faulty = Client(server.url, transport=transport, retry=NO_WAIT)
     params, clean = small_params(), small_params()
-    with faulty, RemoteOptimizer(params, client=faulty, optimizer="adam", lr=0.01) as opt, \
-            RemoteOptimizer(clean, url=server.url, optimizer="adam", lr=0.01) as reference:
+    with (
+        faulty,
+        RemoteOptimizer(params, client=faulty, optimizer="adam", lr=0.01) as opt,
+        RemoteOptimizer(clean, url=server.url, optimizer="adam", lr=0.01) as reference,
+    ):
         for step in range(5):
             opt.step(grads_for(step))
             reference.step(grads_for(step))

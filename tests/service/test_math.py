@@ -45,14 +45,18 @@ CONFIGS = [
     pytest.param("rmsprop", {}, id="rmsprop"),
     pytest.param("rmsprop", {"momentum": 0.9}, id="rmsprop-momentum"),
     pytest.param(
-        "rmsprop", {"centered": True, "momentum": 0.9, "weight_decay": 0.05}, id="rmsprop-centered-momentum-l2"
+        "rmsprop",
+        {"centered": True, "momentum": 0.9, "weight_decay": 0.05},
+        id="rmsprop-centered-momentum-l2",
     ),
     pytest.param("rmsprop", {"maximize": True}, id="rmsprop-maximize"),
 ]
 
 EPS_ROOT_CONFIGS = [
     pytest.param("adam", {"eps_root": 1e-3}, id="adam-eps_root"),
-    pytest.param("adamw", {"eps_root": 1e-3, "weight_decay": 0.05, "amsgrad": True}, id="adamw-amsgrad-eps_root"),
+    pytest.param(
+        "adamw", {"eps_root": 1e-3, "weight_decay": 0.05, "amsgrad": True}, id="adamw-amsgrad-eps_root"
+    ),
 ]
 
 SMALL_SHAPES = [(7, 5), (13,), (3, 4, 2), ()]
@@ -163,7 +167,9 @@ def assert_close_to_torch(label, ours, theirs):
     for i, (s, ts) in enumerate(zip(states, tstates)):
         assert set(s) == set(ts), f"{label}: state names of tensor {i}: {sorted(s)} vs torch {sorted(ts)}"
         for name in s:
-            np.testing.assert_allclose(s[name], ts[name], rtol=1e-5, atol=1e-6, err_msg=f"{label}: {name} of {i}")
+            np.testing.assert_allclose(
+                s[name], ts[name], rtol=1e-5, atol=1e-6, err_msg=f"{label}: {name} of {i}"
+            )
 
 
 def assert_bitwise_equal(ours, theirs):
@@ -174,7 +180,9 @@ def assert_bitwise_equal(ours, theirs):
     for i, (s, rs) in enumerate(zip(states, rstates)):
         assert set(s) == set(rs)
         for name in s:
-            assert np.array_equal(s[name], rs[name]), f"{name} of tensor {i}: max diff {np.max(np.abs(s[name] - rs[name]))}"
+            assert np.array_equal(s[name], rs[name]), (
+                f"{name} of tensor {i}: max diff {np.max(np.abs(s[name] - rs[name]))}"
+            )
 
 
 # 1. torch parity -------------------------------------------------------------------------------------------------
@@ -199,7 +207,11 @@ BIG_GROUPS = [[0], [1, 2, 3]]  # group 1 starts at offset 35 and spans more than
 
 
 @pytest.mark.parametrize(("optimizer", "values"), CONFIGS + EPS_ROOT_CONFIGS)
-@pytest.mark.parametrize(("shapes", "groups"), [(SMALL_SHAPES, SMALL_GROUPS), (BIG_SHAPES, BIG_GROUPS)], ids=["small", "multi-chunk"])
+@pytest.mark.parametrize(
+    ("shapes", "groups"),
+    [(SMALL_SHAPES, SMALL_GROUPS), (BIG_SHAPES, BIG_GROUPS)],
+    ids=["small", "multi-chunk"],
+)
 def test_fused_matches_reference_bitwise(optimizer, values, shapes, groups):
     gvalues = group_values(optimizer, values)
     steps = 50 if shapes is SMALL_SHAPES else 8
@@ -251,7 +263,9 @@ READ_ONLY_CONFIGS = [
 
 
 @pytest.mark.parametrize("maximize_and_decay", [True, False], ids=["maximize-wd", "plain"])
-@pytest.mark.parametrize(("optimizer", "values"), READ_ONLY_CONFIGS, ids=lambda x: x if isinstance(x, str) else "-".join(x) or "-")
+@pytest.mark.parametrize(
+    ("optimizer", "values"), READ_ONLY_CONFIGS, ids=lambda x: x if isinstance(x, str) else "-".join(x) or "-"
+)
 def test_fused_never_writes_the_gradient(optimizer, values, maximize_and_decay):
     if maximize_and_decay:
         values = {**values, "maximize": True, "weight_decay": 0.1}
@@ -277,8 +291,19 @@ def test_fused_never_writes_the_gradient(optimizer, values, maximize_and_decay):
 
 # 4. defaults ---------------------------------------------------------------------------------------------------
 
-DEFAULT_KEYS = {"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "momentum", "dampening", "nesterov",
-                "alpha", "centered"}
+DEFAULT_KEYS = {
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "amsgrad",
+    "maximize",
+    "momentum",
+    "dampening",
+    "nesterov",
+    "alpha",
+    "centered",
+}
 
 
 @pytest.mark.parametrize("optimizer", sorted(TORCH_CLASSES))
@@ -362,7 +387,12 @@ def test_base_inheritance():
     assert make_hyperparams("adam", None, base=base) == base
     # adamw's default weight_decay applies without a base, but a base's explicit value wins.
     assert make_hyperparams("adamw").weight_decay == 1e-2
-    assert make_hyperparams("adamw", {"lr": 0.2}, base=make_hyperparams("adamw", {"weight_decay": 0})).weight_decay == 0
+    assert (
+        make_hyperparams(
+            "adamw", {"lr": 0.2}, base=make_hyperparams("adamw", {"weight_decay": 0})
+        ).weight_decay
+        == 0
+    )
     # Overrides on top of a base are still validated.
     with pytest.raises(HyperparamError, match=r"learning rate"):
         make_hyperparams("adam", {"lr": -1.0}, base=base)
@@ -376,4 +406,6 @@ def test_base_inheritance():
 
 def test_betas_list_becomes_tuple():
     assert make_hyperparams("adam", {"betas": [0.5, 0.6]}).betas == (0.5, 0.6)
-    assert make_hyperparams("adam", {"lr": 1}).lr == 1.0 and isinstance(make_hyperparams("adam", {"lr": 1}).lr, float)
+    assert make_hyperparams("adam", {"lr": 1}).lr == 1.0 and isinstance(
+        make_hyperparams("adam", {"lr": 1}).lr, float
+    )
