@@ -71,7 +71,7 @@ class WireError(ValueError):
 
 def to_bfloat16(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bits (uint16), rounding to nearest even; NaN stays NaN."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    bits = np.require(x, dtype=np.float32, requirements="C").view(np.uint32)
     rounded = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
     out = rounded.astype(np.uint16)
     nan = np.isnan(x)
@@ -100,7 +100,7 @@ def _as_wire_array(array: Any, dtype: str | None) -> tuple[str, np.ndarray]:
         return dtype, to_bfloat16(a.astype(np.float32, copy=False))
     if dtype not in _NUMPY:
         raise WireError(f"cannot encode dtype {dtype!r}")
-    return dtype, np.ascontiguousarray(a, dtype=_NUMPY[dtype])
+    return dtype, np.require(a, dtype=_NUMPY[dtype], requirements="C")  # keeps 0-d shapes
 
 
 def encode_parts(

@@ -50,10 +50,7 @@ def make_grads(params: Mapping[str, np.ndarray], seed: int) -> dict[str, np.ndar
 
 
 def json_tensors(tensors: Mapping[str, np.ndarray], dtype: str = "float32") -> dict[str, Any]:
-    return {
-        n: {"dtype": dtype, "shape": list(a.shape), "data": a.reshape(-1).tolist()}
-        for n, a in tensors.items()
-    }
+    return {n: {"dtype": dtype, "shape": list(a.shape), "data": a.reshape(-1).tolist()} for n, a in tensors.items()}
 
 
 def new_id(prefix: str = "t") -> str:
@@ -162,9 +159,7 @@ class Expected:
             hp = make_hyperparams(optimizer, {k: v for k, v in spec.items() if k != "params"}, base=base)
             self.hp.update(dict.fromkeys(spec["params"], hp))
         self.params = {n: np.array(p, dtype=np.float32) for n, p in params.items()}
-        self.state = {
-            n: {s: np.zeros_like(p) for s in self.hp[n].state_names()} for n, p in self.params.items()
-        }
+        self.state = {n: {s: np.zeros_like(p) for s in self.hp[n].state_names()} for n, p in self.params.items()}
         self.t = 0
 
     def set_hp(self, names: list[str], values: Mapping[str, Any]) -> None:
@@ -285,20 +280,52 @@ def test_create_duplicate_id_conflicts_and_keeps_original(http):
         pytest.param({"hyperparams": {"lrr": 0.1}}, 422, id="unknown-hyperparam"),
         pytest.param({"hyperparams": {"lr": -1}}, 422, id="negative-lr"),
         pytest.param({"param_groups": [{"params": ["nope"]}]}, 422, id="group-names-unknown-tensor"),
-        pytest.param(
-            {"param_groups": [{"params": ["w"]}, {"params": ["w"]}]}, 422, id="tensor-in-two-groups"
-        ),
+        pytest.param({"param_groups": [{"params": ["w"]}, {"params": ["w"]}]}, 422, id="tensor-in-two-groups"),
         pytest.param({"nonfinite": "ignore"}, 422, id="unknown-policy"),
         pytest.param({"id": "bad id!"}, 422, id="invalid-id"),
+        pytest.param({"id": 5}, 422, id="id-not-a-string"),
+        pytest.param({"params": {}}, 422, id="no-tensors"),
+        pytest.param({"params": [1, 2]}, 400, id="params-not-an-object"),
+        pytest.param(
+            {"params": {"p": {"dtype": "float32", "shape": [3], "data": [1, 2]}}}, 400, id="params-shape-mismatch"
+        ),
+        pytest.param(
+            {"params": {"p": {"dtype": "float32", "shape": [2], "data": [1, float("nan")]}}},
+            422,
+            id="params-not-finite",
+        ),
+        pytest.param({"params": {"p": {"dtype": "int32", "shape": [2], "data": [1, 2]}}}, 400, id="params-int"),
     ],
 )
 def test_create_invalid_config_is_refused(http, body, status):
-    sid = body.get("id", new_id("bad"))
-    r = http.post(
-        "/v1/sessions", json={"optimizer": "adam", **body, "id": sid, "params": json_tensors(make_params())}
-    )
+    sid = body["id"] if isinstance(body.get("id"), str) else new_id("bad")
+    full = {"optimizer": "adam", "id": sid, "params": json_tensors(make_params()), **body}
+    r = http.post("/v1/sessions", content=json.dumps(full), headers={"Content-Type": JSON})
     assert_problem(r, status)
     assert http.get(f"/v1/sessions/{sid}").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        pytest.param(wire.encode(make_params(), {"config": "not json"}), 400, id="config-not-json"),
+        pytest.param(
+            wire.encode(make_params(), {"config": json.dumps({"optimizer": "lion"})}), 422, id="unknown-optimizer"
+        ),
+        pytest.param(wire.encode({"p": np.ones(2, np.int32)}), 422, id="int-params"),
+        pytest.param(struct.pack("<Q", 2) + b"{}" + b"x", 400, id="malformed"),
+    ],
+)
+def test_create_invalid_safetensors_is_refused(http, body, status):
+    count = len(http.get("/v1/sessions").json()["sessions"])
+    assert_problem(http.post("/v1/sessions", content=body, headers={"Content-Type": ST}), status)
+    assert len(http.get("/v1/sessions").json()["sessions"]) == count
+
+
+@pytest.mark.parametrize("headers", [{"Content-Type": "text/plain"}, {}], ids=["text-plain", "none"])
+def test_create_with_wrong_media_type_is_415(http, headers):
+    r = http.post("/v1/sessions", content=json.dumps({"params": json_tensors(make_params())}), headers=headers)
+    assert_problem(r, 415)
 
 
 def test_list_and_info(http):
@@ -407,9 +434,7 @@ def test_step_json_in_json_out(http):
     exp = Expected(params, "adam", {"lr": 0.1})
     for t in range(1, 3):
         grads = make_grads(params, t)
-        r = http.post(
-            f"/v1/sessions/{sid}/step", content=wire.encode_json(grads), headers={"Content-Type": JSON}
-        )
+        r = http.post(f"/v1/sessions/{sid}/step", content=wire.encode_json(grads), headers={"Content-Type": JSON})
         assert r.status_code == 200, r.text
         assert r.headers["etag"] == f'"{t}"'
         assert_tensors_equal(load_json(r), exp.step(grads))
@@ -504,6 +529,34 @@ def test_idempotency_key_replay_and_conflict(http):
     assert_tensors_equal(safetensors.numpy.load(before), want)
 
 
+def test_retry_with_if_match_and_key_replays_instead_of_412(http):
+    """What the client library does: both headers on every step; a retry after a lost answer is a replay."""
+    params = make_params(seed=15)
+    sid = create(http, params, optimizer="adam")
+    exp = Expected(params, "adam")
+    g = make_grads(params, 0)
+    headers = {"If-Match": '"0"', "Idempotency-Key": "step-0"}
+    first = step(http, sid, g, headers=headers)
+    assert first.status_code == 200 and first.headers["etag"] == '"1"'
+    retry = step(http, sid, g, headers=headers)
+    assert retry.status_code == 200, retry.text
+    assert retry.headers["idempotent-replayed"] == "true" and retry.headers["etag"] == '"1"'
+    assert_tensors_equal(load_st(retry), exp.step(g))
+    assert info(http, sid)["step"] == 1
+
+
+def test_refused_step_does_not_consume_its_key(http):
+    params = make_params(seed=16)
+    sid = create(http, params, optimizer="adam")
+    exp = Expected(params, "adam")
+    g = make_grads(params, 0)
+    assert_problem(step(http, sid, {**g, "b": np.zeros(5, np.float32)}, headers={"Idempotency-Key": "k"}), 422)
+    assert_problem(step(http, sid, g, headers={"Idempotency-Key": "k", "If-Match": '"3"'}), 412)
+    r = step(http, sid, g, headers={"Idempotency-Key": "k"})
+    assert r.status_code == 200 and "idempotent-replayed" not in r.headers and r.headers["etag"] == '"1"'
+    assert_tensors_equal(load_st(r), exp.step(g))
+
+
 def test_prefer_return_minimal(http):
     params = make_params(seed=8)
     sid = create(http, params, optimizer="adam")
@@ -580,16 +633,10 @@ BAD_CASES: list[Any] = [
     pytest.param(lambda: st_request({"w": GOOD["w"], "c": GOOD["b"]}), 422, None, id="wrong-tensor-name"),
     pytest.param(lambda: st_request({"w": GOOD["w"]}), 422, None, id="missing-tensor"),
     pytest.param(lambda: st_request({**GOOD, "x": GOOD["b"]}), 422, None, id="extra-tensor"),
-    pytest.param(
-        lambda: st_request({"w": GOOD["w"].reshape(3, 2), "b": GOOD["b"]}), 422, None, id="wrong-shape"
-    ),
+    pytest.param(lambda: st_request({"w": GOOD["w"].reshape(3, 2), "b": GOOD["b"]}), 422, None, id="wrong-shape"),
     pytest.param(lambda: st_request({"w": GOOD["w"], "b": GOOD["b"][:2]}), 422, None, id="wrong-shape-1d"),
-    pytest.param(
-        lambda: st_request({"w": GOOD["w"].astype(np.int32), "b": GOOD["b"]}), 422, None, id="int32"
-    ),
-    pytest.param(
-        lambda: st_request({n: g.astype(np.float64) for n, g in GOOD.items()}), 422, None, id="float64"
-    ),
+    pytest.param(lambda: st_request({"w": GOOD["w"].astype(np.int32), "b": GOOD["b"]}), 422, None, id="int32"),
+    pytest.param(lambda: st_request({n: g.astype(np.float64) for n, g in GOOD.items()}), 422, None, id="float64"),
     pytest.param(
         lambda: (json.dumps(json_tensors(GOOD, "float64")).encode(), {"Content-Type": JSON}),
         422,
@@ -636,17 +683,13 @@ BAD_CASES: list[Any] = [
         None,
         id="overlapping-offsets",
     ),
-    pytest.param(
-        lambda: raw_request(raw_safetensors(b"this is not json", DATA_36)), 400, None, id="header-not-json"
-    ),
+    pytest.param(lambda: raw_request(raw_safetensors(b"this is not json", DATA_36)), 400, None, id="header-not-json"),
     pytest.param(lambda: raw_request(raw_safetensors(b"[1, 2, 3]", b"")), 400, None, id="header-not-object"),
     pytest.param(lambda: raw_request(raw_safetensors(b"\xff\xfe{}", b"")), 400, None, id="header-not-utf8"),
     pytest.param(lambda: raw_request(wire.encode(GOOD)[:-4]), 400, None, id="truncated-body"),
     pytest.param(lambda: raw_request(wire.encode(GOOD)[:5]), 400, None, id="truncated-in-length"),
     pytest.param(lambda: raw_request(b""), 400, None, id="empty-body"),
-    pytest.param(
-        lambda: (b'{"w": {"dtype": "float32", ', {"Content-Type": JSON}), 400, None, id="json-not-json"
-    ),
+    pytest.param(lambda: (b'{"w": {"dtype": "float32", ', {"Content-Type": JSON}), 400, None, id="json-not-json"),
     pytest.param(lambda: (b"", {"Content-Type": JSON}), 400, None, id="json-empty"),
     pytest.param(lambda: (b"[1, 2]", {"Content-Type": JSON}), 400, None, id="json-not-object"),
     pytest.param(
@@ -673,13 +716,9 @@ BAD_CASES: list[Any] = [
         "non-finite-gradient",
         id="inf-float16",
     ),
-    pytest.param(
-        lambda: (wire.encode_json(GOOD), {"Content-Type": "text/plain"}), 415, None, id="text-plain"
-    ),
+    pytest.param(lambda: (wire.encode_json(GOOD), {"Content-Type": "text/plain"}), 415, None, id="text-plain"),
     pytest.param(lambda: (wire.encode(GOOD), {}), 415, None, id="no-content-type"),
-    pytest.param(
-        lambda: st_request(GOOD, **{"Idempotency-Key": "k" * 256}), 400, None, id="idempotency-key-long"
-    ),
+    pytest.param(lambda: st_request(GOOD, **{"Idempotency-Key": "k" * 256}), 400, None, id="idempotency-key-long"),
     pytest.param(lambda: st_request(GOOD, **{"Idempotency-Key": ""}), 400, None, id="idempotency-key-empty"),
     pytest.param(lambda: "unknown-session", 404, "session-not-found", id="unknown-session"),
 ]
@@ -813,6 +852,52 @@ def test_checkpoint_roundtrip_resumes_bit_for_bit(http, optimizer, hyperparams, 
         assert np.array_equal(loaded[restored][n], loaded[control][n])
 
 
+def test_checkpoint_keeps_patched_hyperparams(http):
+    params = make_params(seed=17)
+    groups = [{"params": ["w"], "lr": 0.01}]
+    sid = create(http, params, optimizer="adamw", hyperparams={"lr": 0.02}, param_groups=groups)
+    exp = Expected(params, "adamw", {"lr": 0.02}, groups)
+    exp.step(make_grads(params, 0))
+    assert step(http, sid, make_grads(params, 0)).status_code == 200
+    assert http.patch(f"/v1/sessions/{sid}", json={"hyperparams": {"lr": 0.3}, "group": 1}).status_code == 200
+    exp.set_hp(["b", "a"], {"lr": 0.3})
+    restored = new_id("patched")
+    ckpt = http.get(f"/v1/sessions/{sid}/checkpoint").content
+    r = http.put(f"/v1/sessions/{restored}/checkpoint", content=ckpt, headers={"Content-Type": ST})
+    assert r.status_code == 201, r.text
+    assert r.json()["param_groups"] == info(http, sid)["param_groups"]
+    g = make_grads(params, 1)
+    assert_tensors_equal(load_st(step(http, restored, g)), exp.step(g))
+
+
+def test_scalar_and_empty_tensors_keep_their_shapes(http):
+    """A 0-d parameter (e.g. CLIP's logit_scale) and an empty one travel with their own shapes, both ways."""
+    params = {"scale": np.array(2.5, np.float32), "empty": np.zeros((0, 3), np.float32), "w": np.ones(3, np.float32)}
+    config = {"optimizer": "adam", "hyperparams": {"lr": 0.1}}
+    r = http.post(
+        "/v1/sessions",
+        content=safetensors.numpy.save(params, metadata={"config": json.dumps(config)}),
+        headers={"Content-Type": ST},
+    )
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    assert r.json()["tensors"]["scale"]["shape"] == []
+    exp = Expected(params, "adam", {"lr": 0.1})
+    grads = {n: np.full(p.shape, 0.5, np.float32) for n, p in params.items()}
+    r = http.post(f"/v1/sessions/{sid}/step", content=safetensors.numpy.save(grads), headers={"Content-Type": ST})
+    assert r.status_code == 200, r.text
+    want = exp.step(grads)
+    assert_tensors_equal(load_st(r), want)  # checks shapes too: "scale" must come back 0-d
+    assert_tensors_equal(get_params(http, sid), want)
+    assert_tensors_equal(load_json(http.get(f"/v1/sessions/{sid}/params", headers={"Accept": JSON})), want)
+    ckpt = http.get(f"/v1/sessions/{sid}/checkpoint").content
+    assert safetensors.numpy.load(ckpt)["params/scale"].shape == ()
+    restored = new_id("scalar")
+    r = http.put(f"/v1/sessions/{restored}/checkpoint", content=ckpt, headers={"Content-Type": ST})
+    assert r.status_code == 201, r.text
+    assert r.json()["tensors"]["scale"]["shape"] == []
+
+
 def test_checkpoint_keeps_idempotency_keys(http):
     params = make_params(seed=14)
     sid = create(http, params, optimizer="adam")
@@ -821,10 +906,7 @@ def test_checkpoint_keeps_idempotency_keys(http):
     restored = new_id("restored")
     ckpt = http.get(f"/v1/sessions/{sid}/checkpoint").content
     assert (
-        http.put(
-            f"/v1/sessions/{restored}/checkpoint", content=ckpt, headers={"Content-Type": ST}
-        ).status_code
-        == 201
+        http.put(f"/v1/sessions/{restored}/checkpoint", content=ckpt, headers={"Content-Type": ST}).status_code == 201
     )
     r = step(http, restored, make_grads(params, 0), headers={"Idempotency-Key": "ck-1"})
     assert r.status_code == 200 and r.headers["idempotent-replayed"] == "true" and r.headers["etag"] == '"1"'
@@ -856,9 +938,7 @@ def test_put_invalid_checkpoint_keeps_existing_session(http):
     sid = create(http, BAD_PARAMS, optimizer="adam")
     assert step(http, sid, GOOD).status_code == 200
     before = params_raw(http, sid)
-    r = http.put(
-        f"/v1/sessions/{sid}/checkpoint", content=safetensors.numpy.save(GOOD), headers={"Content-Type": ST}
-    )
+    r = http.put(f"/v1/sessions/{sid}/checkpoint", content=safetensors.numpy.save(GOOD), headers={"Content-Type": ST})
     assert_problem(r, 422)
     assert params_raw(http, sid) == before
 
