@@ -192,6 +192,26 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+MAX_DIMS = 32
+MAX_ELEMENTS = 1 << 48  # counting zero dimensions as 1: numpy refuses shapes beyond this even when empty
+
+
+def _check_shape(name: str, shape: Any) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(_int(d) and d >= 0 for d in shape):
+        raise WireError(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+    if len(shape) > MAX_DIMS or math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise WireError(f"tensor {name!r}: shape {shape} is beyond what any tensor can hold")
+    return tuple(shape)
+
+
+def _metadata(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise WireError("__metadata__ must be an object of string values")
+    return value
+
+
 def parse(body: bytes | bytearray | memoryview, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> Safetensors:
     """Validate a safetensors body and return a zero-copy view of it.
 
@@ -214,15 +234,12 @@ def parse(body: bytes | bytearray | memoryview, max_header_bytes: int = DEFAULT_
         header = json.loads(text, object_pairs_hook=_no_duplicates)
     except UnicodeDecodeError as e:
         raise WireError(f"safetensors header is not UTF-8: {e}") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, and Python's limit on the digits of an integer
         raise WireError(f"safetensors header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise WireError("safetensors header is not a JSON object")
 
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise WireError("__metadata__ must be an object of string values")
-
+    metadata = _metadata(header.pop("__metadata__", None))
     entries = [_entry(name, info) for name, info in header.items()]
     data = view[8 + n :]
     end = 0
@@ -240,10 +257,9 @@ def _entry(name: str, info: Any) -> TensorEntry:
     if not isinstance(info, dict):
         raise WireError(f"tensor {name!r}: header entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in _ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
         raise WireError(f"tensor {name!r}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(_int(d) and d >= 0 for d in shape):
-        raise WireError(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+    shape = _check_shape(name, shape)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_int(o) and o >= 0 for o in offsets)):
         raise WireError(f"tensor {name!r}: data_offsets must be [begin, end], got {offsets!r}")
     start, stop = offsets
@@ -252,9 +268,9 @@ def _entry(name: str, info: Any) -> TensorEntry:
     nbytes = math.prod(shape) * _ITEMSIZE[dtype]
     if stop - start != nbytes:
         raise WireError(
-            f"tensor {name!r}: shape {shape} of {dtype} needs {nbytes} bytes, data_offsets give {stop - start}"
+            f"tensor {name!r}: shape {list(shape)} of {dtype} needs {nbytes} bytes, data_offsets give {stop - start}"
         )
-    return TensorEntry(name, dtype, tuple(shape), start, stop)
+    return TensorEntry(name, dtype, shape, start, stop)
 
 
 def decode(
@@ -291,8 +307,10 @@ def encode_json(
         )
     for name, value in tensors.items():
         code, arr = _as_wire_array(value, dtype)
+        if code not in _NAME_OF:
+            raise WireError(f"tensor {name!r}: JSON tensors are {', '.join(DTYPE_NAMES)}, not {code}")
         shown = from_bfloat16(arr) if code == "BF16" else arr
-        type_name = _NAME_OF.get(code, code)
+        type_name = _NAME_OF[code]
         parts.append(
             f'{json.dumps(name)}:{{"dtype":"{type_name}","shape":{json.dumps(list(arr.shape), separators=(",", ":"))},'
             f'"data":{_json_numbers(shown)}}}'
@@ -321,12 +339,10 @@ def _json_tensor(name: str, info: Any) -> np.ndarray:
         values = np.array(data)
     except ValueError as e:  # ragged nesting
         raise WireError(f"tensor {name!r}: data is not a rectangular list of numbers ({e})") from None
-    # numpy turns [1, true] into integers, so integer data is checked for booleans one by one
-    if values.dtype.kind not in "fi" or (values.dtype.kind == "i" and _has_bool(data)):
+    # numpy turns [1.5, true] into numbers, so the data is checked for booleans one by one
+    if values.dtype.kind not in "fi" or _has_bool(data):
         raise WireError(f"tensor {name!r}: data must contain only numbers")
-    shape = info.get("shape", list(values.shape))
-    if not isinstance(shape, list) or not all(_int(d) and d >= 0 for d in shape):
-        raise WireError(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+    shape = list(_check_shape(name, info.get("shape", list(values.shape))))
     if values.size != math.prod(shape):
         raise WireError(f"tensor {name!r}: shape {shape} needs {math.prod(shape)} values, data has {values.size}")
     if values.ndim > 1 and list(values.shape) != shape:
@@ -340,16 +356,16 @@ def decode_json(body: bytes | str | Mapping[str, Any]) -> tuple[dict[str, np.nda
     """Decode a JSON tensor body (or an already-parsed object) into ``({name: array}, metadata)``."""
     if isinstance(body, Mapping):
         obj: Any = dict(body)
+    elif not isinstance(body, (bytes, bytearray, str)):
+        raise WireError(f"tensors must be a JSON object of named tensors, got {type(body).__name__}")
     else:
         try:
             obj = json.loads(body, object_pairs_hook=_no_duplicates)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, too many digits in an integer
             raise WireError(f"body is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise WireError("body must be a JSON object of named tensors")
-    metadata = obj.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise WireError("__metadata__ must be an object of string values")
+    metadata = _metadata(obj.pop("__metadata__", None))
     return {name: _json_tensor(name, info) for name, info in obj.items()}, metadata
 
 

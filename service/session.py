@@ -153,8 +153,8 @@ class Session:
         _check_tensors(params)
         self.id = session_id
         self.config = config
-        self.optimizer = optimizer_kind(config.optimizer).name
         self.base_hp, self.groups = build_groups(config, list(params))
+        self.optimizer = optimizer_kind(config.optimizer).name
         group_of = {n: g.index for g in self.groups for n in g.names}
         self.layout = FlatLayout([(n, tuple(a.shape), group_of[n]) for n, a in params.items()])
         self.params = self.layout.flatten(params)
@@ -196,9 +196,9 @@ class Session:
                 self.counters.replays += 1
                 return StepResult("replayed", self.step_count, self._params_copy(want_params), record.skipped)
             if if_match is not None and self.step_count not in if_match:
+                named = ", ".join(map(str, sorted(if_match))) or "no step number"
                 raise PreconditionFailed(
-                    f"If-Match names step {', '.join(map(str, sorted(if_match)))}, "
-                    f"the session is at step {self.step_count}",
+                    f"If-Match names {named}; the session is at step {self.step_count}",
                     current_step=self.step_count,
                 )
             try:

@@ -20,9 +20,7 @@ def make_data(n: int = 256, d: int = 8, seed: int = 0) -> tuple[np.ndarray, np.n
     return x, y
 
 
-def loss_and_grads(
-    params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray
-) -> tuple[float, dict[str, np.ndarray]]:
+def loss_and_grads(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
     """Binary cross-entropy of a logistic regression and its gradients."""
     logits = x @ params["W1"][:, 0] + params["b1"][0]
     prob = 1.0 / (1.0 + np.exp(-logits))

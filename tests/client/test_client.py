@@ -55,9 +55,7 @@ class FaultyTransport(httpx.BaseTransport):
         if fault == "refuse":
             raise httpx.ConnectError("injected: connection refused", request=request)
         if fault == "503":
-            return httpx.Response(
-                503, json={"title": "Service Unavailable", "detail": "injected"}, request=request
-            )
+            return httpx.Response(503, json={"title": "Service Unavailable", "detail": "injected"}, request=request)
         response = self.inner.handle_request(request)
         if fault == "lose":
             response.read()
@@ -92,9 +90,7 @@ def test_errors_are_typed_and_carry_the_problem(server) -> None:
         assert client.session(sid)["step"] == 2
 
 
-@pytest.mark.parametrize(
-    "faults", [["refuse", "refuse"], ["lose"], ["503", "lose", "refuse"], ["lose", "lose"]]
-)
+@pytest.mark.parametrize("faults", [["refuse", "refuse"], ["lose"], ["503", "lose", "refuse"], ["lose", "lose"]])
 def test_retried_steps_are_applied_exactly_once(server, faults: list[str | None]) -> None:
     transport = FaultyTransport([None, *faults, None, "lose"])
     faulty = Client(server.url, transport=transport, retry=NO_WAIT)

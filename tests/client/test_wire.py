@@ -28,7 +28,7 @@ from optserve.client.wire import WireError
 try:  # optional: only used for cross-checks
     import torch
 except ImportError:  # pragma: no cover - depends on the environment
-    torch = None
+    torch = None  # type: ignore[assignment]
 
 needs_torch = pytest.mark.skipif(torch is None, reason="torch not importable")
 
@@ -132,10 +132,10 @@ BF16_EDGE = np.concatenate(
 # --- 1. interop with the safetensors package -----------------------------------------------------------------------
 
 
-def sample_tensors(scalars: bool = True) -> dict[str, np.ndarray]:
-    """One tensor of each interesting kind. ``scalars=False`` leaves out the shape-() tensors (see the xfail below)."""
+def sample_tensors() -> dict[str, np.ndarray]:
+    """One tensor of each interesting kind, including shape-() and zero-size ones."""
     rng = np.random.default_rng(1234)
-    out = {
+    out: dict[str, np.ndarray] = {
         "f32": rng.standard_normal((3, 4)).astype(np.float32),
         "f16": rng.standard_normal((5,)).astype(np.float16),
         "f64": rng.standard_normal((2, 2, 2)),
@@ -148,7 +148,7 @@ def sample_tensors(scalars: bool = True) -> dict[str, np.ndarray]:
         "empty2": np.zeros((3, 0, 2), dtype=np.int64),
         "special": np.array([np.nan, np.inf, -np.inf, -0.0], dtype=np.float32),
     }
-    return out if scalars else {k: v for k, v in out.items() if v.ndim}
+    return out
 
 
 def test_decode_reads_safetensors_numpy_save():
@@ -179,7 +179,7 @@ def test_decode_reads_safetensors_file_bytes(tmp_path):
 
 
 def test_safetensors_loads_what_encode_writes(tmp_path):
-    tensors = sample_tensors(scalars=False)
+    tensors = sample_tensors()
     meta = {"format": "np", "step": "12", "note": "ünïcödé ✓"}
     body = wire.encode(tensors, metadata=meta)
     loaded = stn.load(body)
@@ -214,7 +214,7 @@ def test_encode_empty_mapping_is_valid_for_both():
 
 
 def test_encode_header_dtype_codes_and_offsets():
-    tensors = sample_tensors(scalars=False)
+    tensors = sample_tensors()
     h = header_of(wire.encode(tensors))
     expected = {"f32": "F32", "f16": "F16", "f64": "F64", "i64": "I64", "u8": "U8", "bool": "BOOL"}
     for name, code in expected.items():
@@ -262,7 +262,6 @@ def test_encode_rejects_unencodable():
         wire.encode({"x": np.ones(2)}, dtype="float128")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: encode/encode_json write a shape-() tensor as shape [1]")
 @pytest.mark.parametrize("how", ["encode", "encode-bf16", "encode_json", "to_bfloat16"])
 def test_encode_keeps_scalar_shape(how):
     x = np.array(2.5, dtype=np.float32)
@@ -609,38 +608,33 @@ def test_null_metadata_and_header_padding_accepted():
     assert meta == {} and got["a"].shape == () and got["a"] == 5
 
 
-# Bugs found while writing these tests: strict xfails, so they turn into failures (XPASS) once fixed.
+# Regressions: inputs that once escaped as TypeError or ValueError instead of WireError.
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="BUG: non-string dtype (list/object) in header -> TypeError")
 @pytest.mark.parametrize("dtype", [["F32"], {"F32": 1}])
 def test_unhashable_dtype_raises_wire_error(dtype):
     with pytest.raises(WireError, match="unknown dtype"):
         wire.decode(make_body({"a": ent(dtype=dtype)}, b"\0" * 8))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="BUG: zero-size shape too large for numpy -> ValueError")
 def test_huge_zero_size_shape_raises_wire_error():
     body = make_body({"a": ent("F32", (0, 2**63), (0, 0))})
     with pytest.raises(WireError):
         wire.decode(body)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="BUG: more dims than numpy supports -> ValueError")
 def test_too_many_dims_raises_wire_error():
     body = make_body({"a": ent("F32", (1,) * 70, (0, 4))}, b"\0" * 4)
     with pytest.raises(WireError):
         wire.decode(body)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="BUG: int with >4300 digits in header -> ValueError")
 def test_overlong_integer_in_header_raises_wire_error():
     body = make_body(b'{"a":{"dtype":"F32","shape":[' + b"1" * 5000 + b'],"data_offsets":[0,4]}}', b"\0" * 4)
     with pytest.raises(WireError):
         wire.decode(body)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (lenient): falsy non-object __metadata__ ([], 0, '', false) is accepted")
 @pytest.mark.parametrize("meta", [[], 0, "", False])
 def test_falsy_non_object_metadata_rejected(meta):
     body = make_body({"__metadata__": meta})
@@ -763,13 +757,15 @@ def test_json_dtypes_and_shapes():
         "f32": np.arange(6, dtype=np.float32).reshape(2, 3),
         "f16": np.array([0.5, -1.25], dtype=np.float16),
         "f64": np.array([[1e300]], dtype=np.float64),
+        "scalar": np.array(3.5, dtype=np.float32),
         "empty": np.zeros((2, 0), dtype=np.float32),
     }
     body = wire.encode_json(tensors)
     obj = json.loads(body)
     assert {k: v["dtype"] for k, v in obj.items()} == {
-        "f32": "float32", "f16": "float16", "f64": "float64", "empty": "float32"
+        "f32": "float32", "f16": "float16", "f64": "float64", "scalar": "float32", "empty": "float32"
     }  # fmt: skip
+    assert obj["scalar"]["shape"] == [] and obj["scalar"]["data"] == [3.5]
     assert obj["empty"]["shape"] == [2, 0] and obj["f32"]["shape"] == [2, 3]
     got, _ = wire.decode_json(body)
     assert_tensors_equal(got, tensors)
@@ -866,20 +862,17 @@ def test_decode_json_rejects_booleans_among_integers(data):
         wire.decode_json({"t": {"data": data}})
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: booleans among floats are accepted (numpy makes the array float)")
 @pytest.mark.parametrize("data", [[1.5, True], [[1.5, 2.0], [False, 1.0]], [[1, True], [2.5, 3]]])
 def test_decode_json_rejects_booleans_among_floats(data):
     with pytest.raises(WireError, match="only numbers"):
         wire.decode_json({"t": {"data": data}})
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="BUG: json int with >4300 digits -> plain ValueError")
 def test_decode_json_overlong_integer():
     with pytest.raises(WireError):
         wire.decode_json(b'{"t": {"data": [' + b"1" * 5000 + b"]}}")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="BUG: zero-size shape too large for numpy -> ValueError")
 def test_decode_json_huge_zero_size_shape():
     with pytest.raises(WireError):
         wire.decode_json({"t": {"shape": [0, 2**63], "data": []}})
@@ -887,40 +880,21 @@ def test_decode_json_huge_zero_size_shape():
 
 # --- 6. properties -------------------------------------------------------------------------------------------------
 
-PROP_DTYPES = [np.dtype("<f4"), np.dtype("<f2"), np.dtype("<f8"), np.dtype("<i4"), np.dtype("u1")]
+PROP_DTYPES: list[np.dtype[Any]] = [np.dtype("<f4"), np.dtype("<f2"), np.dtype("<f8"), np.dtype("<i4"), np.dtype("u1")]
 names = st.text(alphabet="abxy_.0", min_size=1, max_size=4)
 
 
-def arrays_with(min_dims: int) -> st.SearchStrategy[np.ndarray]:
-    shapes = st.lists(st.integers(0, 4), min_size=min_dims, max_size=3).map(tuple)
-    return st.tuples(st.sampled_from(PROP_DTYPES), shapes).flatmap(lambda ds: hnp.arrays(ds[0], ds[1]))
-
-
-arrays = arrays_with(0)  # 0-3 dims, including shape ()
+shapes = st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)  # 0-3 dims, including shape ()
+arrays = st.tuples(st.sampled_from(PROP_DTYPES), shapes).flatmap(lambda ds: hnp.arrays(ds[0], ds[1]))
 metadatas = st.none() | st.dictionaries(st.text(max_size=6), st.text(max_size=10), max_size=3)
 
 PROPERTY_SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.mark.parametrize(
-    "min_dims",
-    [
-        1,
-        pytest.param(0, marks=pytest.mark.xfail(strict=True, reason="BUG: shape () is encoded as [1] (see above)")),
-    ],
-)
-def test_property_round_trip(min_dims):
-    """decode(encode(x)) == x and safetensors.numpy.load(encode(x)) == x; min_dims=0 is the full spec."""
-
-    @PROPERTY_SETTINGS
-    @given(tensors=st.dictionaries(names, arrays_with(min_dims), max_size=5), metadata=metadatas)
-    def prop(tensors, metadata):
-        round_trip(tensors, metadata)
-
-    prop()
-
-
-def round_trip(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None) -> None:
+@PROPERTY_SETTINGS
+@given(tensors=st.dictionaries(names, arrays, max_size=5), metadata=metadatas)
+def test_property_round_trip(tensors, metadata):
+    """decode(encode(x)) == x and safetensors.numpy.load(encode(x)) == x, bit for bit."""
     body = wire.encode(tensors, metadata=metadata)
     got, got_meta = wire.decode(body)
     assert list(got) == list(tensors)

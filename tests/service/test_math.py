@@ -11,7 +11,6 @@ parameter groups with different ``lr`` and ``weight_decay``, gradients depending
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import pytest
@@ -54,9 +53,7 @@ CONFIGS = [
 
 EPS_ROOT_CONFIGS = [
     pytest.param("adam", {"eps_root": 1e-3}, id="adam-eps_root"),
-    pytest.param(
-        "adamw", {"eps_root": 1e-3, "weight_decay": 0.05, "amsgrad": True}, id="adamw-amsgrad-eps_root"
-    ),
+    pytest.param("adamw", {"eps_root": 1e-3, "weight_decay": 0.05, "amsgrad": True}, id="adamw-amsgrad-eps_root"),
 ]
 
 SMALL_SHAPES = [(7, 5), (13,), (3, 4, 2), ()]
@@ -124,9 +121,9 @@ def run_fused(optimizer, groups, gvalues, params, noise):
         maximize[start:stop] = hp.maximize
     for t, step_noise in enumerate(noise, start=1):
         flat_noise = np.concatenate([step_noise[i].ravel() for i in order])
-        flat_g = np.where(
-            maximize, gradient(flat_p, flat_noise, True), gradient(flat_p, flat_noise, False)
-        ).astype(np.float32)
+        flat_g = np.where(maximize, gradient(flat_p, flat_noise, True), gradient(flat_p, flat_noise, False)).astype(
+            np.float32
+        )
         flat_g.setflags(write=False)
         for hp, (start, stop) in zip(hps, ranges):
             fused.step_range(optimizer, flat_p, flat_g, state, start, stop, t, hp)
@@ -167,9 +164,7 @@ def assert_close_to_torch(label, ours, theirs):
     for i, (s, ts) in enumerate(zip(states, tstates)):
         assert set(s) == set(ts), f"{label}: state names of tensor {i}: {sorted(s)} vs torch {sorted(ts)}"
         for name in s:
-            np.testing.assert_allclose(
-                s[name], ts[name], rtol=1e-5, atol=1e-6, err_msg=f"{label}: {name} of {i}"
-            )
+            np.testing.assert_allclose(s[name], ts[name], rtol=1e-5, atol=1e-6, err_msg=f"{label}: {name} of {i}")
 
 
 def assert_bitwise_equal(ours, theirs):
@@ -387,12 +382,7 @@ def test_base_inheritance():
     assert make_hyperparams("adam", None, base=base) == base
     # adamw's default weight_decay applies without a base, but a base's explicit value wins.
     assert make_hyperparams("adamw").weight_decay == 1e-2
-    assert (
-        make_hyperparams(
-            "adamw", {"lr": 0.2}, base=make_hyperparams("adamw", {"weight_decay": 0})
-        ).weight_decay
-        == 0
-    )
+    assert make_hyperparams("adamw", {"lr": 0.2}, base=make_hyperparams("adamw", {"weight_decay": 0})).weight_decay == 0
     # Overrides on top of a base are still validated.
     with pytest.raises(HyperparamError, match=r"learning rate"):
         make_hyperparams("adam", {"lr": -1.0}, base=base)
@@ -406,6 +396,4 @@ def test_base_inheritance():
 
 def test_betas_list_becomes_tuple():
     assert make_hyperparams("adam", {"betas": [0.5, 0.6]}).betas == (0.5, 0.6)
-    assert make_hyperparams("adam", {"lr": 1}).lr == 1.0 and isinstance(
-        make_hyperparams("adam", {"lr": 1}).lr, float
-    )
+    assert make_hyperparams("adam", {"lr": 1}).lr == 1.0 and isinstance(make_hyperparams("adam", {"lr": 1}).lr, float)
