@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from optserve.client import wire
 
 from .errors import InvalidInput
-from .session import Counters, KeyRecord, Session, SessionConfig
+from .session import Counters, KeyRecord, Pending, Session, SessionConfig
 
 FORMAT = "optserve.checkpoint/1"
 
@@ -27,6 +27,9 @@ def dump_parts(session: Session) -> list[bytes | memoryview]:
     with session.lock:
         params = session.params.copy()
         state = {name: buf.copy() for name, buf in session.state.items()}
+        pending = session.pending
+        if pending is not None:  # contributions already answered 202 travel with the session
+            state["accumulated"] = pending.total.copy()
         metadata = {
             "format": FORMAT,
             "id": session.id,
@@ -34,8 +37,12 @@ def dump_parts(session: Session) -> list[bytes | memoryview]:
             "step": str(session.step_count),
             "tensor_steps": json.dumps(session.tensor_steps.tolist()),
             "counters": json.dumps(session.counters.as_dict()),
-            "idempotency_keys": json.dumps([[k, r.step, r.skipped] for k, r in session.keys.items()]),
+            "idempotency_keys": json.dumps([[k, r.step, r.outcome, r.grad_norm] for k, r in session.keys.items()]),
         }
+        if pending is not None:
+            metadata["pending"] = json.dumps(
+                {"count": pending.count, "nonfinite": pending.nonfinite, "present": pending.present.tolist()}
+            )
     tensors: dict[str, np.ndarray] = {}
     for prefix, flat in [("params", params), *state.items()]:
         for name, view in session.layout.views(flat).items():
@@ -76,12 +83,25 @@ def load(body: bytes | memoryview, session_id: str) -> Session:
     if missing:
         raise InvalidInput(f"checkpoint config names tensors it does not carry: {missing}")
     session = Session(session_id, config, {n: st.array(tensors[f"params/{n}"]) for n in order})
+    buffers = dict(session.state)
+    if "pending" in meta:
+        pending = _meta_json(meta, "pending")
+        try:
+            present = np.array(pending["present"], dtype=bool)
+            session.pending = Pending(
+                np.zeros(session.layout.size, np.float32), present, int(pending["count"]), bool(pending["nonfinite"])
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidInput(f"checkpoint 'pending' is malformed ({e})") from None
+        if present.shape != (len(session.layout.slots),) or not 0 < session.pending.count < config.accumulate:
+            raise InvalidInput("checkpoint 'pending' does not fit the session")
+        buffers["accumulated"] = session.pending.total
     expected = {f"params/{n}" for n in session.layout.names}
-    expected |= {f"{s}/{n}" for s in session.state for n in session.layout.names}
+    expected |= {f"{s}/{n}" for s in buffers for n in session.layout.names}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise InvalidInput(f"checkpoint tensors do not match its config: missing {missing}, unexpected {extra}")
-    for state_name, flat in session.state.items():
+    for state_name, flat in buffers.items():
         for slot in session.layout.slots:
             flat[slot.offset : slot.stop] = st.array(tensors[f"{state_name}/{slot.name}"]).reshape(-1)
 
@@ -99,8 +119,10 @@ def load(body: bytes | memoryview, session_id: str) -> Session:
     counters = _meta_json(meta, "counters") if "counters" in meta else {}
     try:
         session.counters = Counters(**counters)
-        for key, at, skipped in _meta_json(meta, "idempotency_keys") if "idempotency_keys" in meta else []:
-            session.keys[str(key)] = KeyRecord(int(at), bool(skipped))
+        for key, at, outcome, norm in _meta_json(meta, "idempotency_keys") if "idempotency_keys" in meta else []:
+            if outcome not in ("applied", "skipped", "accepted"):
+                raise ValueError(f"unknown outcome {outcome!r}")
+            session.keys[str(key)] = KeyRecord(int(at), outcome, None if norm is None else float(norm))
     except (TypeError, ValueError) as e:
         raise InvalidInput(f"checkpoint counters or idempotency keys are malformed ({e})") from None
     return session

@@ -162,18 +162,23 @@ def step_range(
     stop: int,
     t: int,
     hp: Hyperparams,
+    grad_scale: float = 1.0,
 ) -> None:
     """Apply one step to elements ``[start, stop)`` of the flat buffers, in place.
 
     ``params`` and every array in ``state`` are flat float32 buffers of the session; ``grads`` is a flat float32
     vector of the same length (read only). ``t`` is the step number of every tensor in the range (1 for the first).
+    ``grad_scale`` multiplies the gradient first (gradient clipping), as ``g * grad_scale`` in float32.
     """
     gbuf = np.empty(min(CHUNK, stop - start), dtype=np.float32)
     tmp = np.empty_like(gbuf)
+    scaled = np.empty_like(gbuf) if grad_scale != 1.0 else None
     for lo in range(start, stop, CHUNK):
         hi = min(lo + CHUNK, stop)
         n = hi - lo
         p, g = params[lo:hi], grads[lo:hi]
+        if scaled is not None:
+            g = np.multiply(g, np.float32(grad_scale), out=scaled[:n])
         s = {name: buf[lo:hi] for name, buf in state.items()}
         if optimizer in ("adam", "adamw"):
             assert isinstance(hp, AdamHyperparams)

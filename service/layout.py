@@ -75,10 +75,10 @@ class FlatLayout:
             flat[s.offset : s.stop] = np.asarray(tensors[s.name], dtype=np.float32).reshape(-1)
         return flat
 
-    def check_names(self, names: Sequence[str]) -> None:
-        """Refuse a set of tensor names that is not exactly the session's."""
+    def check_names(self, names: Sequence[str], partial: bool = False) -> None:
+        """Refuse a set of tensor names that is not exactly the session's (a subset when ``partial``)."""
         given = set(names)
-        missing = [n for n in self.names if n not in given]
+        missing = [] if partial else [n for n in self.names if n not in given]
         unknown = sorted(given - set(self.index))
         if missing or unknown:
             parts = []
@@ -87,9 +87,7 @@ class FlatLayout:
             if unknown:
                 parts.append(f"unknown tensor(s): {', '.join(unknown)}")
             raise InvalidInput(
-                "; ".join(parts) + f" (the session holds: {', '.join(self.names)})",
-                missing=missing,
-                unknown=unknown,
+                "; ".join(parts) + f" (the session holds: {', '.join(self.names)})", missing=missing, unknown=unknown
             )
 
     def _check_entry(self, name: str, shape: tuple[int, ...], dtype: str) -> Slot:
@@ -100,30 +98,41 @@ class FlatLayout:
             raise InvalidInput(f"tensor {name!r} has dtype {dtype}; gradients must be F32, F16 or BF16")
         return slot
 
-    def gather(self, grads: Safetensors | Mapping[str, np.ndarray]) -> np.ndarray:
+    def gather(
+        self, grads: Safetensors | Mapping[str, np.ndarray], partial: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """The gradients as one flat float32 vector in layout order, validated against the layout.
 
-        Zero-copy when ``grads`` is a safetensors body whose tensors are all F32 and stored in layout order: the
-        result is then a read-only view of the body's data section.
+        Returns ``(flat, present)``: ``present`` is None when every tensor came, else a boolean per slot (only with
+        ``partial``; the ranges of absent tensors hold zeros). Zero-copy when ``grads`` is a safetensors body whose
+        tensors are all F32 and stored in layout order: ``flat`` is then a read-only view of the body's data.
         """
         if isinstance(grads, Safetensors):
             entries = sorted(grads.entries, key=lambda e: e.start)
-            self.check_names([e.name for e in entries])
+            names = [e.name for e in entries]
+            self.check_names(names, partial)
             for e in entries:
                 self._check_entry(e.name, e.shape, e.dtype)
-            if all(e.dtype == "F32" for e in entries) and [e.name for e in entries] == self.names:
-                return np.frombuffer(grads.data, dtype="<f4", count=self.size)
-            flat = np.empty(self.size, dtype=np.float32)
-            for e in entries:
-                slot = self.slots[self.index[e.name]]
-                raw = grads.raw(e).reshape(-1)
-                flat[slot.offset : slot.stop] = from_bfloat16(raw) if e.dtype == "BF16" else raw
-            return flat
-        self.check_names(list(grads))
-        flat = np.empty(self.size, dtype=np.float32)
-        for name, array in grads.items():
-            a = np.asarray(array)
-            code = _NUMPY_CODES.get(a.dtype, str(a.dtype))
-            slot = self._check_entry(name, a.shape, code)
-            flat[slot.offset : slot.stop] = a.reshape(-1)
-        return flat
+            if all(e.dtype == "F32" for e in entries) and names == self.names:
+                return np.frombuffer(grads.data, dtype="<f4", count=self.size), None
+            items = [(e.name, grads.raw(e), e.dtype) for e in entries]
+        else:
+            names = list(grads)
+            self.check_names(names, partial)
+            items = []
+            for name, array in grads.items():
+                a = np.asarray(array)
+                code = _NUMPY_CODES.get(a.dtype, str(a.dtype))
+                self._check_entry(name, a.shape, code)
+                items.append((name, a, code))
+        flat = (
+            np.zeros(self.size, dtype=np.float32) if len(items) < len(self.slots) else np.empty(self.size, np.float32)
+        )
+        present = np.zeros(len(self.slots), dtype=bool)
+        for name, raw, code in items:
+            i = self.index[name]
+            slot = self.slots[i]
+            present[i] = True
+            data = raw.reshape(-1)
+            flat[slot.offset : slot.stop] = from_bfloat16(data) if code == "BF16" else data
+        return flat, None if present.all() else present

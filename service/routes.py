@@ -7,7 +7,7 @@ Content negotiation, precondition headers and tensor responses live here; the st
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -237,11 +237,17 @@ async def delete_session(session_id: str, store: StoreDep) -> Response:
 
 
 @router.post("/v1/sessions/{session_id}/step", tags=["steps"])
-async def step(session_id: str, request: Request, store: StoreDep) -> Response:
+async def step(
+    session_id: str, request: Request, store: StoreDep, missing: Literal["error", "skip"] = "error"
+) -> Response:
     """Apply one optimizer step from the gradients in the body; answer with the updated parameters.
 
     Headers: ``If-Match: "<step>"`` (412 unless the session is at that step), ``Idempotency-Key`` (a retry is
-    never applied twice), ``Prefer: return=minimal`` (204, no parameters back). The answer carries ``ETag: "<step>"``.
+    never applied twice), ``Prefer: return=minimal`` (204, no parameters back). The answer carries ``ETag: "<step>"``
+    and ``Optserve-Grad-Norm`` (the global gradient norm before clipping). ``?missing=skip`` accepts a subset of the
+    tensors: the others are left alone for this step. A body ``__metadata__["hyperparams"]`` (JSON: one object for
+    every group, or a list with one object or null per group) changes hyperparameters together with the step. In a
+    session with ``accumulate`` = k, contributions before the k-th answer ``202`` with how many are still awaited.
     """
     session = store.get(session_id)
     ctype = tensor_media_type(request)
@@ -250,22 +256,50 @@ async def step(session_id: str, request: Request, store: StoreDep) -> Response:
     body = await request.body()
 
     def run() -> Any:
-        grads = decode_tensors(body, ctype)
-        tensors = grads if isinstance(grads, wire.Safetensors) else grads[0]
-        return session.step(tensors, if_match=if_match, key=key, want_params=not minimal)
+        decoded = decode_tensors(body, ctype)
+        tensors, metadata = (decoded, decoded.metadata) if isinstance(decoded, wire.Safetensors) else decoded
+        return session.step(
+            tensors,
+            if_match=if_match,
+            key=key,
+            want_params=not minimal,
+            partial=missing == "skip",
+            changes=hyperparam_changes(metadata),
+        )
 
     result = await run_in_threadpool(run)
     headers = {"ETag": etag(result.step)}
     if result.status == "replayed":
         headers["Idempotent-Replayed"] = "true"
+    if result.status == "accepted":
+        headers["Optserve-Awaiting"] = str(result.awaiting)
+        return JSONResponse(
+            {"step": result.step, "status": "accepted", "awaiting": result.awaiting}, status_code=202, headers=headers
+        )
+    meta = {}
     if result.skipped:
-        headers["Optserve-Step-Skipped"] = "non-finite-gradient"
+        headers["Optserve-Step-Skipped"] = meta["skipped"] = "non-finite-gradient"
+    if result.grad_norm is not None:
+        headers["Optserve-Grad-Norm"] = meta["grad_norm"] = repr(result.grad_norm)
     if result.params is None:
         return Response(status_code=204, headers=headers)
-    meta = {"skipped": "non-finite-gradient"} if result.skipped else None
     return await run_in_threadpool(
         tensor_response, session.layout, result.params, result.step, encoding, headers, 200, meta
     )
+
+
+def hyperparam_changes(metadata: dict[str, str]) -> Any:
+    """The in-band hyperparameter changes of a step body, if any (validated by the session)."""
+    text = metadata.get("hyperparams")
+    if text is None:
+        return None
+    try:
+        changes = json.loads(text)
+    except ValueError as e:
+        raise BadRequest(f'__metadata__["hyperparams"] is not valid JSON: {e}') from None
+    if not isinstance(changes, (dict, list)):
+        raise InvalidInput('__metadata__["hyperparams"] must be an object, or a list with one entry per group')
+    return changes
 
 
 @router.get("/v1/sessions/{session_id}/params", tags=["steps"])

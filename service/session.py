@@ -11,19 +11,28 @@ The semantics of :meth:`Session.step`, in the order they are checked:
 2. an ``Idempotency-Key`` already seen is not applied again: the latest step replays its result, an older one
    raises :class:`StepConflict` naming the step it was applied at;
 3. an ``If-Match`` precondition that names another step raises :class:`PreconditionFailed`;
-4. the gradients must name exactly the session's tensors with the same shapes (F32, F16 or BF16);
-5. non-finite gradients raise :class:`NonFiniteGradient` (policy ``error``) or are skipped (policy ``skip``);
-6. otherwise the step is applied: every parameter group is stepped by the fused kernel and the counter advances.
+4. the gradients must name exactly the session's tensors with the same shapes (F32, F16 or BF16); with
+   ``partial`` a subset is enough, and the absent tensors are left alone for this step, as torch does for
+   parameters whose ``grad`` is None;
+5. hyperparameter changes sent with the step are validated;
+6. non-finite gradients raise :class:`NonFiniteGradient` (policy ``error``) or make the step skipped (``skip``);
+7. with ``accumulate = k``, contributions before the k-th are summed and answered "accepted"; the k-th averages
+   them and goes on;
+8. the gradient is clipped to ``max_grad_norm`` (global L2 norm, like ``torch.nn.utils.clip_grad_norm_``), the
+   schedule scales each group's ``lr`` for the step number being applied, and every parameter group is stepped by
+   the fused kernel.
 
-Everything is validated before anything is written, so a refused step changes nothing.
+Everything is validated before anything is written, so a refused request changes nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,18 +42,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from optserve.client.wire import Safetensors
 
 from . import fused
-from .errors import (
-    InvalidInput,
-    NonFiniteGradient,
-    PreconditionFailed,
-    SessionNotFound,
-    StepConflict,
-)
+from .errors import InvalidInput, NonFiniteGradient, PreconditionFailed, SessionNotFound, StepConflict
 from .hyperparams import HyperparamError, Hyperparams, make_hyperparams, optimizer_kind, to_json
 from .layout import FlatLayout
+from .schedules import Constant, Schedule
 
 MAX_IDEMPOTENCY_KEYS = 1024  # per session; older keys are forgotten first
 MAX_NAME_LENGTH = 1024
+NORM_CHUNK = 1 << 16
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
 
 
 class ParamGroupSpec(BaseModel):
@@ -55,13 +61,16 @@ class ParamGroupSpec(BaseModel):
 
 
 class SessionConfig(BaseModel):
-    """How a session steps: optimizer, hyperparameters, parameter groups and the non-finite gradient policy."""
+    """How a session steps: optimizer, hyperparameters, parameter groups and the server-side training features."""
 
     model_config = ConfigDict(extra="forbid")
     optimizer: str = "adamw"
     hyperparams: dict[str, Any] = Field(default_factory=dict)
     param_groups: list[ParamGroupSpec] = Field(default_factory=list)
     nonfinite: Literal["error", "skip"] = "error"
+    max_grad_norm: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    schedule: Schedule = Field(default_factory=Constant)
+    accumulate: int = Field(default=1, ge=1, le=4096)
 
 
 @dataclass
@@ -73,18 +82,24 @@ class ParamGroup:
 
 @dataclass(frozen=True)
 class KeyRecord:
-    """What became of a request carrying an idempotency key: the session's step after it, and whether skipped."""
+    """What became of a request carrying an idempotency key: the session's step after it and the outcome."""
 
     step: int
-    skipped: bool = False
+    outcome: Literal["applied", "skipped", "accepted"] = "applied"
+    grad_norm: float | None = None  # so that a replay answers exactly as the original did
 
 
 @dataclass
 class StepResult:
-    status: Literal["applied", "skipped", "replayed"]
+    """``applied``/``skipped``/``replayed`` carry params (unless minimal); ``accepted`` is a contribution that
+    awaits ``awaiting`` more before the step is applied."""
+
+    status: Literal["applied", "skipped", "replayed", "accepted"]
     step: int
     params: np.ndarray | None  # a copy of the flat parameters, taken under the lock; None when not asked for
     skipped: bool = False
+    grad_norm: float | None = None
+    awaiting: int = 0
 
 
 @dataclass
@@ -93,17 +108,40 @@ class Counters:
     steps_skipped: int = 0
     steps_rejected: int = 0
     replays: int = 0
+    contributions: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
 
-def all_finite(flat: np.ndarray) -> bool:
-    """True when no element is NaN or infinite; one BLAS dot product in the common (finite) case."""
+@dataclass
+class Pending:
+    """Gradient contributions received for the next step (``accumulate`` > 1)."""
+
+    total: np.ndarray
+    present: np.ndarray  # bool per slot: the tensors any contribution carried
+    count: int = 0
+    nonfinite: bool = False
+
+
+def sum_of_squares(flat: np.ndarray) -> float:
+    """Sum of squares in float64 over float32 chunk dot products; NaN or inf when a value is non-finite."""
+    total = 0.0
     with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(np.dot(flat, flat)):
-            return True
-    return bool(np.isfinite(flat).all())  # the dot overflowed or is NaN: look element by element
+        for lo in range(0, flat.size, NORM_CHUNK):
+            chunk = flat[lo : lo + NORM_CHUNK]
+            total += float(np.dot(chunk, chunk))
+    if not math.isfinite(total) and np.isfinite(flat).all():  # float32 overflow of huge but finite values
+        return float(np.sum(np.square(flat, dtype=np.float64)))
+    return total
+
+
+def clip_scale(norm: float, max_norm: float | None) -> float:
+    """The factor torch's ``clip_grad_norm_`` multiplies gradients by, in float32 as torch computes it."""
+    if max_norm is None:
+        return 1.0
+    coef = np.float32(max_norm) / (np.float32(norm) + np.float32(CLIP_EPS))
+    return float(min(coef, np.float32(1.0)))
 
 
 def _check_tensors(params: Mapping[str, np.ndarray]) -> None:
@@ -135,8 +173,7 @@ def build_groups(config: SessionConfig, names: list[str]) -> tuple[Hyperparams, 
                 if n in seen:
                     raise InvalidInput(f"tensor {n!r} is in param_groups[{seen[n]}] and param_groups[{i}]")
                 seen[n] = i
-            overrides = dict(spec.model_extra or {})
-            hp = make_hyperparams(config.optimizer, overrides, base=base)
+            hp = make_hyperparams(config.optimizer, dict(spec.model_extra or {}), base=base)
             groups.append(ParamGroup(i, list(spec.params), hp))
     except HyperparamError as e:
         raise InvalidInput(str(e)) from None
@@ -144,6 +181,9 @@ def build_groups(config: SessionConfig, names: list[str]) -> tuple[Hyperparams, 
     if rest:
         groups.append(ParamGroup(len(groups), rest, base))
     return base, groups
+
+
+HyperparamChanges = Mapping[str, Any] | Sequence[Mapping[str, Any] | None]
 
 
 class Session:
@@ -164,6 +204,8 @@ class Session:
         self.state = {name: np.zeros(self.layout.size, dtype=np.float32) for name in state_names}
         self.tensor_steps = np.zeros(len(self.layout.slots), dtype=np.int64)
         self.step_count = 0
+        self.pending: Pending | None = None
+        self.last_grad_norm: float | None = None
         self.counters = Counters()
         self.keys: OrderedDict[str, KeyRecord] = OrderedDict()
         self.created_at = self.updated_at = time.time()
@@ -179,22 +221,14 @@ class Session:
         if_match: frozenset[int] | None = None,
         key: str | None = None,
         want_params: bool = True,
+        partial: bool = False,
+        changes: HyperparamChanges | None = None,
     ) -> StepResult:
-        """Apply one step (see the module docstring for the order of checks)."""
+        """Apply one step, or one contribution to it (see the module docstring for the order of checks)."""
         with self.lock:
-            if self.closed:
-                raise SessionNotFound(f"session {self.id!r} was deleted or replaced")
+            self._check_open()
             if key is not None and key in self.keys:
-                record = self.keys[key]
-                if record.step != self.step_count:
-                    raise StepConflict(
-                        f"Idempotency-Key {key!r} was already applied at step {record.step}; "
-                        f"the session is now at step {self.step_count}",
-                        applied_at_step=record.step,
-                        current_step=self.step_count,
-                    )
-                self.counters.replays += 1
-                return StepResult("replayed", self.step_count, self._params_copy(want_params), record.skipped)
+                return self._replay(key, self.keys[key], want_params)
             if if_match is not None and self.step_count not in if_match:
                 named = ", ".join(map(str, sorted(if_match))) or "no step number"
                 raise PreconditionFailed(
@@ -202,8 +236,10 @@ class Session:
                     current_step=self.step_count,
                 )
             try:
-                flat = self.layout.gather(grads)
-                finite = all_finite(flat)
+                flat, present = self.layout.gather(grads, partial)
+                planned = self._plan_changes(changes) if changes is not None else []
+                sumsq = sum_of_squares(flat)
+                finite = math.isfinite(sumsq)
                 if not finite and self.config.nonfinite == "error":
                     raise NonFiniteGradient(
                         "the gradients contain NaN or infinity; nothing was applied "
@@ -212,27 +248,96 @@ class Session:
             except InvalidInput:
                 self.counters.steps_rejected += 1
                 raise
+            for group, hp in planned:
+                group.hp = hp
+            self.updated_at = time.time()
+
+            if self.config.accumulate > 1:
+                flat, present, finite, awaiting = self._accumulate(flat, present, finite)
+                if awaiting:
+                    self.counters.contributions += 1
+                    if key is not None:
+                        self._remember(key, KeyRecord(self.step_count, "accepted"))
+                    return StepResult("accepted", self.step_count, None, awaiting=awaiting)
+                sumsq = sum_of_squares(flat) if finite else math.nan
+
+            norm = math.sqrt(sumsq) if finite else None
             if finite:
-                self._apply(flat)
+                self._apply(flat, present, clip_scale(math.sqrt(sumsq), self.config.max_grad_norm))
                 self.step_count += 1
                 self.counters.steps_applied += 1
+                self.last_grad_norm = norm
             else:
                 self.counters.steps_skipped += 1
-            self.updated_at = time.time()
             if key is not None:
-                self._remember(key, KeyRecord(self.step_count, skipped=not finite))
+                self._remember(key, KeyRecord(self.step_count, "applied" if finite else "skipped", norm))
             status: Literal["applied", "skipped"] = "applied" if finite else "skipped"
-            return StepResult(status, self.step_count, self._params_copy(want_params), not finite)
+            return StepResult(status, self.step_count, self._params_copy(want_params), not finite, norm)
 
-    def _apply(self, grads: np.ndarray) -> None:
-        """Step every parameter group: one fused call per run of tensors sharing a group and a step number."""
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SessionNotFound(f"session {self.id!r} was deleted or replaced")
+
+    def _replay(self, key: str, record: KeyRecord, want_params: bool) -> StepResult:
+        """The answer to a retried request whose key is known (without applying anything)."""
+        if record.outcome == "accepted" and record.step == self.step_count and self.pending is not None:
+            self.counters.replays += 1
+            return StepResult("accepted", self.step_count, None, awaiting=self._awaiting())
+        applied_at = record.step + 1 if record.outcome == "accepted" else record.step
+        if applied_at != self.step_count:
+            raise StepConflict(
+                f"Idempotency-Key {key!r} was already applied at step {applied_at}; "
+                f"the session is now at step {self.step_count}",
+                applied_at_step=applied_at,
+                current_step=self.step_count,
+            )
+        self.counters.replays += 1
+        return StepResult(
+            "replayed", self.step_count, self._params_copy(want_params), record.outcome == "skipped", record.grad_norm
+        )
+
+    def _awaiting(self) -> int:
+        return self.config.accumulate - (self.pending.count if self.pending else 0)
+
+    def _accumulate(
+        self, flat: np.ndarray, present: np.ndarray | None, finite: bool
+    ) -> tuple[np.ndarray, np.ndarray | None, bool, int]:
+        """Add one contribution; returns the averaged gradient once ``accumulate`` have come (awaiting == 0)."""
+        if self.pending is None:
+            self.pending = Pending(np.zeros(self.layout.size, np.float32), np.zeros(len(self.layout.slots), bool))
+        pending = self.pending
+        pending.total += flat
+        pending.present |= True if present is None else present
+        pending.count += 1
+        pending.nonfinite |= not finite
+        awaiting = self.config.accumulate - pending.count
+        if awaiting:
+            return flat, present, finite, awaiting
+        self.pending = None
+        average = pending.total
+        average /= np.float32(self.config.accumulate)
+        return average, None if pending.present.all() else pending.present, not pending.nonfinite, 0
+
+    def _apply(self, grads: np.ndarray, present: np.ndarray | None, grad_scale: float) -> None:
+        """Step every parameter group: one fused call per run of present tensors sharing a group and step number."""
         slots, steps = self.layout.slots, self.tensor_steps
+        factor = self.config.schedule.factor(self.step_count + 1)
         i = 0
         while i < len(slots):
+            if present is not None and not present[i]:
+                i += 1
+                continue
             j = i + 1
-            while j < len(slots) and slots[j].group == slots[i].group and steps[j] == steps[i]:
+            while (
+                j < len(slots)
+                and slots[j].group == slots[i].group
+                and steps[j] == steps[i]
+                and (present is None or present[j])
+            ):
                 j += 1
-            group = self.groups[slots[i].group]
+            hp = self.groups[slots[i].group].hp
+            if factor != 1.0:
+                hp = dataclasses.replace(hp, lr=hp.lr * factor)
             fused.step_range(
                 self.optimizer,
                 self.params,
@@ -241,10 +346,14 @@ class Session:
                 slots[i].offset,
                 slots[j - 1].stop,
                 int(steps[i]) + 1,
-                group.hp,
+                hp,
+                grad_scale,
             )
             i = j
-        steps += 1
+        if present is None:
+            steps += 1
+        else:
+            steps[present] += 1
 
     def _remember(self, key: str, record: KeyRecord) -> None:
         self.keys[key] = record
@@ -260,30 +369,52 @@ class Session:
     def snapshot_params(self) -> tuple[int, np.ndarray]:
         """(step, copy of the flat parameters), consistent with each other."""
         with self.lock:
-            if self.closed:
-                raise SessionNotFound(f"session {self.id!r} was deleted or replaced")
+            self._check_open()
             return self.step_count, self.params.copy()
+
+    def _plan_changes(self, changes: HyperparamChanges) -> list[tuple[ParamGroup, Hyperparams]]:
+        """Validate hyperparameter changes: one mapping for every group, or a list with one entry (or None) per
+        group. Nothing is changed here; the caller assigns the planned values."""
+        if isinstance(changes, Mapping):
+            per_group: list[Mapping[str, Any] | None] = [changes] * len(self.groups)
+        else:
+            per_group = list(changes)
+            if len(per_group) != len(self.groups):
+                raise InvalidInput(f"{len(per_group)} group change(s) given, the session has {len(self.groups)} groups")
+        planned = []
+        for group, values in zip(self.groups, per_group):
+            if not values:
+                continue
+            if not isinstance(values, Mapping):
+                raise InvalidInput(f"changes for group {group.index} must be an object of hyperparameters")
+            try:
+                hp = make_hyperparams(self.optimizer, values, base=group.hp)
+            except HyperparamError as e:
+                raise InvalidInput(str(e)) from None
+            if set(hp.state_names()) != set(group.hp.state_names()):
+                raise InvalidInput(
+                    f"cannot change {', '.join(sorted(values))} of group {group.index} after creation: it changes "
+                    f"the optimizer state kept ({', '.join(group.hp.state_names()) or 'none'}); create a new session"
+                )
+            planned.append((group, hp))
+        return planned
 
     def update_hyperparams(self, values: Mapping[str, Any], group: int | None = None) -> None:
         """Change hyperparameters of every group, or of one; all groups are validated before any changes."""
         with self.lock:
+            self._check_open()
             if group is not None and not 0 <= group < len(self.groups):
                 raise InvalidInput(f"group {group} does not exist; the session has {len(self.groups)} group(s)")
-            targets = self.groups if group is None else [self.groups[group]]
-            try:
-                new = [make_hyperparams(self.optimizer, values, base=g.hp) for g in targets]
-            except HyperparamError as e:
-                raise InvalidInput(str(e)) from None
-            for g, hp in zip(targets, new):
-                if set(hp.state_names()) != set(g.hp.state_names()):
-                    raise InvalidInput(
-                        f"cannot change {', '.join(sorted(values))} of group {g.index} after creation: it changes "
-                        f"the optimizer state kept ({', '.join(g.hp.state_names()) or 'none'}); create a new session"
-                    )
-            for g, hp in zip(targets, new):
-                g.hp = hp
             if group is None:
-                self.base_hp = make_hyperparams(self.optimizer, values, base=self.base_hp)
+                planned = self._plan_changes(values)
+                try:
+                    self.base_hp = make_hyperparams(self.optimizer, values, base=self.base_hp)
+                except HyperparamError as e:
+                    raise InvalidInput(str(e)) from None
+            else:
+                planned = self._plan_changes([values if g.index == group else None for g in self.groups])
+            for g, hp in planned:
+                g.hp = hp
             self.updated_at = time.time()
 
     def close(self) -> None:
@@ -293,13 +424,22 @@ class Session:
 
     def info(self) -> dict[str, Any]:
         """What the info endpoint reports: config, groups, step, tensors and counters."""
+        factor = self.config.schedule.factor(self.step_count + 1)
         return {
             "id": self.id,
             "optimizer": self.optimizer,
             "hyperparams": to_json(self.base_hp),
-            "param_groups": [{"index": g.index, "params": g.names, "hyperparams": to_json(g.hp)} for g in self.groups],
+            "param_groups": [
+                {"index": g.index, "params": g.names, "hyperparams": to_json(g.hp), "scheduled_lr": g.hp.lr * factor}
+                for g in self.groups
+            ],
             "nonfinite": self.config.nonfinite,
+            "max_grad_norm": self.config.max_grad_norm,
+            "schedule": self.config.schedule.model_dump(),
+            "accumulate": self.config.accumulate,
+            "pending_contributions": self.pending.count if self.pending else 0,
             "step": self.step_count,
+            "last_grad_norm": self.last_grad_norm,
             "tensors": {
                 s.name: {"shape": list(s.shape), "dtype": "float32", "group": s.group} for s in self.layout.slots
             },
@@ -313,9 +453,6 @@ class Session:
     def current_config(self) -> SessionConfig:
         """The config with every change made since creation folded in (what a checkpoint stores)."""
         groups = [ParamGroupSpec(params=g.names, **to_json(g.hp)) for g in self.groups]
-        return SessionConfig(
-            optimizer=self.optimizer,
-            hyperparams=to_json(self.base_hp),
-            param_groups=groups,
-            nonfinite=self.config.nonfinite,
+        return self.config.model_copy(
+            update={"optimizer": self.optimizer, "hyperparams": to_json(self.base_hp), "param_groups": groups}
         )

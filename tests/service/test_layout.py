@@ -37,7 +37,8 @@ def test_gradients_in_session_order_are_a_view_of_the_body() -> None:
     layout = make_layout()
     g = grads(layout.names)
     body = wire.encode(g)
-    flat = layout.gather(wire.parse(body))
+    flat, present = layout.gather(wire.parse(body))
+    assert present is None
     assert np.shares_memory(flat, np.frombuffer(body, np.uint8))
     assert not flat.flags.writeable
     np.testing.assert_array_equal(flat, np.concatenate([g[n].reshape(-1) for n in layout.names]))
@@ -48,7 +49,8 @@ def test_other_orders_and_reduced_precision_are_copied_into_place(dtype: str) ->
     layout = make_layout()
     g = grads(["c", "a", "d", "b"])
     body = wire.encode(g, dtype=dtype)
-    flat = layout.gather(wire.parse(body))
+    flat, present = layout.gather(wire.parse(body))
+    assert present is None
     assert flat.dtype == np.float32
     assert not np.shares_memory(flat, np.frombuffer(body, np.uint8))
     sent = wire.decode(body)[0]
