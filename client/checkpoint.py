@@ -1,0 +1,135 @@
+"""The checkpoint file format: a session as one safetensors file, readable by any safetensors tool.
+
+Tensors are float32, named ``params/<name>`` and ``<state>/<name>`` (``exp_avg/<name>``, ``momentum_buffer/<name>``,
+``accumulated/<name>`` for contributions awaiting the next step), in the session's layout order. The metadata holds:
+
+- ``format``: ``optserve.checkpoint/1``; ``id``: the session id it was taken from;
+- ``config``: the session config as JSON, with ``param_groups`` listing every tensor in layout order;
+- ``step`` and ``tensor_steps`` (one step number per tensor, layout order);
+- ``counters``, ``idempotency_keys`` (``[key, step, outcome, grad_norm]``) and, while contributions are pending,
+  ``pending`` (``{"count", "nonfinite", "present"}``).
+
+The server writes and reads it; the client builds one to load a torch ``state_dict`` into a session. Both use this
+module, so the format is defined once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import wire
+
+FORMAT = "optserve.checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A well-formed safetensors file whose content is not a valid checkpoint."""
+
+
+@dataclass
+class Checkpoint:
+    """The content of a checkpoint file (arrays are float32)."""
+
+    config: dict[str, Any]
+    step: int
+    tensor_steps: list[int]
+    params: dict[str, np.ndarray]
+    state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+    idempotency_keys: list[list[Any]] = field(default_factory=list)
+    pending: dict[str, Any] | None = None
+    session_id: str | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names in layout order (the order of the config's parameter groups)."""
+        return [n for g in self.config.get("param_groups", []) for n in g["params"]]
+
+
+def encode_parts(cp: Checkpoint) -> list[bytes | memoryview]:
+    """The checkpoint as safetensors buffers (header first), tensors in layout order."""
+    metadata = {
+        "format": FORMAT,
+        "config": json.dumps(cp.config),
+        "step": str(cp.step),
+        "tensor_steps": json.dumps(cp.tensor_steps),
+        "counters": json.dumps(cp.counters),
+        "idempotency_keys": json.dumps(cp.idempotency_keys),
+    }
+    if cp.session_id is not None:
+        metadata["id"] = cp.session_id
+    if cp.pending is not None:
+        metadata["pending"] = json.dumps(cp.pending)
+    tensors: dict[str, np.ndarray] = {}
+    for prefix, arrays in [("params", cp.params), *cp.state.items()]:
+        for name in cp.names:
+            tensors[f"{prefix}/{name}"] = arrays[name]
+    return wire.encode_parts(tensors, metadata, dtype="float32")
+
+
+def encode(cp: Checkpoint) -> bytes:
+    return b"".join(encode_parts(cp))
+
+
+def _json(metadata: dict[str, str], key: str, default: Any = None) -> Any:
+    if key not in metadata:
+        if default is not None:
+            return default
+        raise CheckpointError(f"checkpoint metadata {key!r} is missing")
+    try:
+        return json.loads(metadata[key])
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint metadata {key!r} is not JSON ({e})") from None
+
+
+def decode(body: bytes | memoryview) -> Checkpoint:
+    """Read a checkpoint. Raises WireError for a malformed file and CheckpointError for wrong content."""
+    st = wire.parse(body)
+    meta = st.metadata
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"not an optserve checkpoint: metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r}"
+        )
+    config = _json(meta, "config")
+    if not isinstance(config, dict) or not isinstance(config.get("param_groups"), list):
+        raise CheckpointError("checkpoint config must be an object with param_groups")
+    try:
+        names = [n for g in config["param_groups"] for n in g["params"]]
+    except (TypeError, KeyError):
+        raise CheckpointError("checkpoint param_groups must each list their tensors under 'params'") from None
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for entry in st.entries:
+        if entry.dtype != "F32":
+            raise CheckpointError(f"checkpoint tensor {entry.name!r} has dtype {entry.dtype}, expected F32")
+        prefix, sep, name = entry.name.partition("/")
+        if not sep:
+            raise CheckpointError(f"checkpoint tensor {entry.name!r} is not named <buffer>/<tensor>")
+        groups.setdefault(prefix, {})[name] = st.array(entry)
+    for prefix, arrays in groups.items():
+        if set(arrays) != set(names) or len(names) != len(set(names)):
+            missing, extra = sorted(set(names) - set(arrays)), sorted(set(arrays) - set(names))
+            raise CheckpointError(
+                f"checkpoint {prefix!r} tensors do not match its config: missing {missing}, unexpected {extra}"
+            )
+    if "params" not in groups:
+        raise CheckpointError("checkpoint has no params/<name> tensors")
+    step, steps = _json(meta, "step"), _json(meta, "tensor_steps")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"checkpoint step must be a non-negative integer, got {step!r}")
+    if not (
+        isinstance(steps, list)
+        and len(steps) == len(names)
+        and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= step for s in steps)
+    ):
+        raise CheckpointError("checkpoint tensor_steps must list one step number per tensor, none above the step")
+    counters = _json(meta, "counters", {})
+    keys = _json(meta, "idempotency_keys", [])
+    if not isinstance(counters, dict) or not isinstance(keys, list):
+        raise CheckpointError("checkpoint counters must be an object and idempotency_keys a list")
+    pending = _json(meta, "pending") if "pending" in meta else None
+    params = groups.pop("params")
+    return Checkpoint(config, step, steps, params, groups, counters, keys, pending, meta.get("id"))
