@@ -24,12 +24,13 @@ from .errors import (
     TransportError,
     UnsupportedMediaType,
 )
-from .http import Client
+from .http import AsyncClient, Client
 from .optimizer import RemoteOptimizer
 from .protocol import Retry, StepResult
 
 __all__ = [
     "Client",
+    "AsyncClient",
     "RemoteOptimizer",
     "Retry",
     "StepResult",

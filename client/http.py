@@ -1,26 +1,42 @@
-"""``Client``: the session operations of the optserve API over httpx, raising the typed errors of
-:mod:`optserve.client.errors`."""
+"""``Client`` and ``AsyncClient``: the session operations of the optserve API over httpx.
+
+The two are twins: every method builds its request and reads its answer with the I/O-free functions of
+:mod:`optserve.client.protocol`, and only the sending differs. Both raise the typed errors of
+:mod:`optserve.client.errors` and retry steps safely (same ``Idempotency-Key`` on every attempt).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
+import numpy as np
 
-from . import protocol, wire
+from . import protocol
 from .errors import TransportError
 from .protocol import Call, Retry, StepResult
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+HyperparamChanges = Mapping[str, Any] | Sequence[Mapping[str, Any] | None]
+
+
+def _http_kwargs(url: str, timeout: float | httpx.Timeout, headers: Mapping[str, str] | None) -> dict[str, Any]:
+    return {"base_url": url.rstrip("/"), "timeout": timeout, "headers": dict(headers or {})}
+
+
+def _step_call(session_id: str, grads: Mapping[str, Any], key: str | None, **kwargs: Any) -> Call:
+    return protocol.step(session_id, grads, idempotency_key=key or uuid.uuid4().hex, **kwargs)
 
 
 class Client:
     """A synchronous client of one optserve server.
 
-    ``transport`` is httpx's seam (for example ``httpx.MockTransport`` or an ASGI transport in tests). The client
-    is a context manager; close it (or leave the ``with`` block) to release its connections.
+    ``transport`` is httpx's seam (a fault-injecting transport in tests, for example). Use it as a context manager
+    or call :meth:`close` to release its connections.
     """
 
     def __init__(
@@ -34,7 +50,7 @@ class Client:
     ) -> None:
         self.url = url.rstrip("/")
         self.retry = retry or Retry()
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=dict(headers or {}), transport=transport)
+        self._http = httpx.Client(transport=transport, **_http_kwargs(url, timeout, headers))
 
     def __enter__(self) -> Client:
         return self
@@ -53,10 +69,6 @@ class Client:
         except httpx.TransportError as e:
             raise TransportError(f"{call.method} {self.url}{call.path}: {e!r}") from e
 
-    def _json(self, call: Call) -> Any:
-        response = protocol.check(self._send(call))
-        return response.json() if response.status_code != 204 else None
-
     # --- sessions ---------------------------------------------------------------------------------------------
 
     def create_session(
@@ -66,29 +78,30 @@ class Client:
         *,
         hyperparams: Mapping[str, Any] | None = None,
         param_groups: Sequence[Mapping[str, Any]] | None = None,
-        nonfinite: str | None = None,
         session_id: str | None = None,
+        **options: Any,
     ) -> dict[str, Any]:
-        """Create a session holding ``params`` (sent as float32); returns its info (``id``, ``step``, ...)."""
-        call = protocol.create(params, optimizer, hyperparams or {}, param_groups, nonfinite, session_id)
-        return self._json(call)  # type: ignore[no-any-return]
+        """Create a session holding ``params`` (sent as float32); returns its info (``id``, ``step``, ...).
+
+        ``options``: ``nonfinite`` ("error" or "skip"), ``max_grad_norm``, ``schedule`` (a dict such as
+        ``{"name": "cosine", "total_steps": 1000, "warmup_steps": 100}``), ``accumulate``.
+        """
+        call = protocol.create(params, optimizer, hyperparams, param_groups, session_id, **options)
+        return protocol.read_json(self._send(call))  # type: ignore[no-any-return]
 
     def list_sessions(self) -> list[dict[str, Any]]:
-        return self._json(Call("GET", "/v1/sessions"))["sessions"]  # type: ignore[no-any-return]
+        return protocol.read_json(self._send(Call("GET", "/v1/sessions")))["sessions"]  # type: ignore[no-any-return]
 
     def session(self, session_id: str) -> dict[str, Any]:
         """Config, parameter groups, step, tensors and counters of a session."""
-        return self._json(Call("GET", f"/v1/sessions/{session_id}"))  # type: ignore[no-any-return]
+        return protocol.read_json(self._send(Call("GET", f"/v1/sessions/{session_id}")))  # type: ignore[no-any-return]
 
     def update_hyperparams(self, session_id: str, group: int | None = None, **hyperparams: Any) -> dict[str, Any]:
         """Change hyperparameters (e.g. ``lr=1e-4``) of every parameter group, or of ``group``."""
-        body: dict[str, Any] = {"hyperparams": hyperparams}
-        if group is not None:
-            body["group"] = group
-        return self._json(Call("PATCH", f"/v1/sessions/{session_id}", json=body))  # type: ignore[no-any-return]
+        return protocol.read_json(self._send(protocol.update(group, hyperparams, session_id)))  # type: ignore[no-any-return]
 
     def delete_session(self, session_id: str) -> None:
-        self._json(Call("DELETE", f"/v1/sessions/{session_id}"))
+        protocol.read_json(self._send(Call("DELETE", f"/v1/sessions/{session_id}")))
 
     # --- tensors ----------------------------------------------------------------------------------------------
 
@@ -100,26 +113,43 @@ class Client:
         if_match: int | None = None,
         idempotency_key: str | None = None,
         minimal: bool = False,
+        partial: bool = False,
+        changes: HyperparamChanges | None = None,
+        dtype: str | Mapping[str, str] | None = None,
         retry: Retry | None = None,
     ) -> StepResult:
-        """Apply one step. Transport errors and 5xx answers are retried with the same ``Idempotency-Key``
-        (one is generated when none is given), so the step is applied at most once."""
-        key = idempotency_key or uuid.uuid4().hex
-        call = protocol.step(session_id, grads, if_match=if_match, idempotency_key=key, minimal=minimal)
-        delays = (retry or self.retry).delays()
-        for attempt in range(len(delays) + 1):
+        """Apply one step (or one contribution, in an accumulating session).
+
+        Transport errors and 5xx answers are retried with the same ``Idempotency-Key`` (one is generated when none
+        is given), so the step is applied at most once. See :func:`optserve.client.protocol.step` for the options.
+        """
+        call = _step_call(
+            session_id,
+            grads,
+            idempotency_key,
+            if_match=if_match,
+            minimal=minimal,
+            partial=partial,
+            changes=changes,
+            dtype=dtype,
+        )
+        attempt = 0
+        while True:
             try:
                 return protocol.read_step(self._send(call))
             except Exception as exc:
-                if attempt == len(delays) or not (isinstance(exc, TransportError) or protocol.retryable(exc)):
+                delay = protocol.retry_delay(exc, attempt, retry or self.retry)
+                if delay is None:
                     raise
-                protocol.sleep_for(delays[attempt])
-        raise AssertionError("unreachable")
+                time.sleep(delay)
+                attempt += 1
 
-    def params(self, session_id: str) -> tuple[int, dict[str, Any]]:
-        """(step, current parameters) of a session."""
-        call = Call("GET", f"/v1/sessions/{session_id}/params", {"accept": wire.SAFETENSORS})
-        return protocol.read_tensors(self._send(call))
+    def params(
+        self, session_id: str, *, min_step: int | None = None, timeout: float | None = None
+    ) -> tuple[int, dict[str, np.ndarray]]:
+        """(step, current parameters) of a session; with ``min_step``, once the session has reached that step
+        (the server waits up to ``timeout`` seconds, then answers with what it has)."""
+        return protocol.read_tensors(self._send(protocol.params(session_id, min_step, timeout)))
 
     def checkpoint(self, session_id: str) -> bytes:
         """Everything needed to resume the session, as one safetensors file's bytes."""
@@ -127,5 +157,108 @@ class Client:
 
     def restore(self, session_id: str, checkpoint: bytes) -> dict[str, Any]:
         """Bring a session back from checkpoint bytes under ``session_id`` (created or replaced)."""
-        call = Call("PUT", f"/v1/sessions/{session_id}/checkpoint", {"content-type": wire.SAFETENSORS}, checkpoint)
-        return self._json(call)  # type: ignore[no-any-return]
+        return protocol.read_json(self._send(protocol.restore(session_id, checkpoint)))  # type: ignore[no-any-return]
+
+
+class AsyncClient:
+    """The asyncio twin of :class:`Client` (same methods, awaited; same errors and retries)."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        timeout: float | httpx.Timeout = 60.0,
+        retry: Retry | None = None,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.retry = retry or Retry()
+        self._http = httpx.AsyncClient(transport=transport, **_http_kwargs(url, timeout, headers))
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, call: Call) -> httpx.Response:
+        try:
+            return await self._http.request(
+                call.method, call.path, headers=call.headers, content=call.content, json=call.json
+            )
+        except httpx.TransportError as e:
+            raise TransportError(f"{call.method} {self.url}{call.path}: {e!r}") from e
+
+    async def create_session(
+        self,
+        params: Mapping[str, Any],
+        optimizer: str = "adamw",
+        *,
+        hyperparams: Mapping[str, Any] | None = None,
+        param_groups: Sequence[Mapping[str, Any]] | None = None,
+        session_id: str | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        call = protocol.create(params, optimizer, hyperparams, param_groups, session_id, **options)
+        return protocol.read_json(await self._send(call))  # type: ignore[no-any-return]
+
+    async def list_sessions(self) -> list[dict[str, Any]]:
+        return protocol.read_json(await self._send(Call("GET", "/v1/sessions")))["sessions"]  # type: ignore[no-any-return]
+
+    async def session(self, session_id: str) -> dict[str, Any]:
+        return protocol.read_json(await self._send(Call("GET", f"/v1/sessions/{session_id}")))  # type: ignore[no-any-return]
+
+    async def update_hyperparams(self, session_id: str, group: int | None = None, **hyperparams: Any) -> dict[str, Any]:
+        return protocol.read_json(await self._send(protocol.update(group, hyperparams, session_id)))  # type: ignore[no-any-return]
+
+    async def delete_session(self, session_id: str) -> None:
+        protocol.read_json(await self._send(Call("DELETE", f"/v1/sessions/{session_id}")))
+
+    async def step(
+        self,
+        session_id: str,
+        grads: Mapping[str, Any],
+        *,
+        if_match: int | None = None,
+        idempotency_key: str | None = None,
+        minimal: bool = False,
+        partial: bool = False,
+        changes: HyperparamChanges | None = None,
+        dtype: str | Mapping[str, str] | None = None,
+        retry: Retry | None = None,
+    ) -> StepResult:
+        call = _step_call(
+            session_id,
+            grads,
+            idempotency_key,
+            if_match=if_match,
+            minimal=minimal,
+            partial=partial,
+            changes=changes,
+            dtype=dtype,
+        )
+        attempt = 0
+        while True:
+            try:
+                return protocol.read_step(await self._send(call))
+            except Exception as exc:
+                delay = protocol.retry_delay(exc, attempt, retry or self.retry)
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+                attempt += 1
+
+    async def params(
+        self, session_id: str, *, min_step: int | None = None, timeout: float | None = None
+    ) -> tuple[int, dict[str, np.ndarray]]:
+        return protocol.read_tensors(await self._send(protocol.params(session_id, min_step, timeout)))
+
+    async def checkpoint(self, session_id: str) -> bytes:
+        return protocol.check(await self._send(Call("GET", f"/v1/sessions/{session_id}/checkpoint"))).content
+
+    async def restore(self, session_id: str, checkpoint: bytes) -> dict[str, Any]:
+        return protocol.read_json(await self._send(protocol.restore(session_id, checkpoint)))  # type: ignore[no-any-return]

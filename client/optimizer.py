@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .http import DEFAULT_URL, Client
-from .protocol import Retry
+from .protocol import Retry, StepResult
 
 
 class RemoteOptimizer:
@@ -25,6 +25,10 @@ class RemoteOptimizer:
     server's parameters are copied into ``params``. Each :meth:`step` sends the gradients in the session's tensor
     order with ``If-Match`` (the step this optimizer last saw) and a fresh ``Idempotency-Key``; transport errors
     and 5xx answers are retried with the same key, so a step is applied exactly once or raises.
+
+    ``nonfinite``, ``max_grad_norm``, ``schedule`` and ``accumulate`` configure a new session (see the README).
+    In a session that accumulates k contributions per step, :meth:`step` waits (up to ``timeout``)
+    for the other contributors and returns the parameters of the step they completed together.
     """
 
     def __init__(
@@ -36,18 +40,29 @@ class RemoteOptimizer:
         client: Client | None = None,
         session_id: str | None = None,
         param_groups: Sequence[Mapping[str, Any]] | None = None,
-        nonfinite: str | None = None,
         timeout: float = 60.0,
         retry: Retry | None = None,
+        nonfinite: str | None = None,
+        max_grad_norm: float | None = None,
+        schedule: Mapping[str, Any] | None = None,
+        accumulate: int | None = None,
         **hyperparams: Any,
     ) -> None:
         self.params = params
+        self.timeout = timeout
         self._owns_client = client is None
         self.client = client if client is not None else Client(url, timeout=timeout, retry=retry)
         self.retry = retry
         if session_id is None:
             info = self.client.create_session(
-                params, optimizer, hyperparams=hyperparams, param_groups=param_groups, nonfinite=nonfinite
+                params,
+                optimizer,
+                hyperparams=hyperparams,
+                param_groups=param_groups,
+                nonfinite=nonfinite,
+                max_grad_norm=max_grad_norm,
+                schedule=dict(schedule) if schedule else None,
+                accumulate=accumulate,
             )
         else:
             info = self.client.session(session_id)
@@ -55,12 +70,13 @@ class RemoteOptimizer:
         self.info = info
         self.names: list[str] = list(info["tensors"])
         self.step_count: int = info["step"]
+        self.last: StepResult | None = None
         if session_id is not None:
             self.pull()
 
-    def pull(self) -> MutableMapping[str, np.ndarray]:
-        """Copy the server's current parameters into ``params`` (and adopt its step counter)."""
-        self.step_count, tensors = self.client.params(self.session_id)
+    def pull(self, min_step: int | None = None) -> MutableMapping[str, np.ndarray]:
+        """Copy the server's parameters into ``params`` and adopt its step counter (waiting for ``min_step``)."""
+        self.step_count, tensors = self.client.params(self.session_id, min_step=min_step, timeout=self.timeout)
         self._assign(tensors)
         return self.params
 
@@ -78,15 +94,13 @@ class RemoteOptimizer:
         extra = set(grads) - set(ordered)
         ordered.update({name: np.asarray(grads[name]) for name in extra})  # the server names them in its refusal
         result = self.client.step(
-            self.session_id,
-            ordered,
-            if_match=self.step_count,
-            idempotency_key=uuid.uuid4().hex,
-            retry=self.retry,
+            self.session_id, ordered, if_match=self.step_count, idempotency_key=uuid.uuid4().hex, retry=self.retry
         )
+        self.last = result
+        if result.params is None:  # a contribution: the step completes when the other contributors have sent theirs
+            return self.pull(min_step=self.step_count + 1)
         self.step_count = result.step
-        if result.params is not None:
-            self._assign(result.params)
+        self._assign(result.params)
         return self.params
 
     def set_hyperparams(self, group: int | None = None, **hyperparams: Any) -> None:

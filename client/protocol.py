@@ -7,7 +7,6 @@ they parse, so the wire details live in one place.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +15,7 @@ import httpx
 import numpy as np
 
 from . import wire
-from .errors import APIError, error_for
+from .errors import APIError, TransportError, error_for
 
 
 @dataclass
@@ -32,12 +31,19 @@ class Call:
 
 @dataclass
 class StepResult:
-    """The answer to a step: the session's step after it and the updated parameters (None with minimal=True)."""
+    """The answer to a step.
+
+    ``step`` is the session's step after it and ``params`` the updated parameters (None with ``minimal=True``, and
+    for a contribution that still awaits ``awaiting`` others in an accumulating session). ``grad_norm`` is the
+    global gradient norm before clipping.
+    """
 
     step: int
     params: dict[str, np.ndarray] | None
     replayed: bool = False
     skipped: bool = False
+    grad_norm: float | None = None
+    awaiting: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,12 +77,14 @@ def check(response: httpx.Response) -> httpx.Response:
     raise error_for(response.status_code, problem)
 
 
-def retryable(exc: Exception) -> bool:
-    return isinstance(exc, APIError) and exc.status >= 500
+def retry_delay(exc: Exception, attempt: int, retry: Retry) -> float | None:
+    """Seconds to wait before attempt ``attempt + 1``, or None when ``exc`` is final (a 4xx, or no attempts left).
 
-
-def sleep_for(delay: float) -> None:
-    time.sleep(delay)
+    Only failures that may be transient are retried: transport errors and 5xx answers.
+    """
+    delays = retry.delays()
+    transient = isinstance(exc, TransportError) or (isinstance(exc, APIError) and exc.status >= 500)
+    return delays[attempt] if transient and attempt < len(delays) else None
 
 
 def step_number(response: httpx.Response) -> int:
@@ -92,17 +100,19 @@ def step_number(response: httpx.Response) -> int:
 def create(
     params: Mapping[str, Any],
     optimizer: str,
-    hyperparams: Mapping[str, Any],
-    param_groups: Sequence[Mapping[str, Any]] | None,
-    nonfinite: str | None,
-    session_id: str | None,
+    hyperparams: Mapping[str, Any] | None = None,
+    param_groups: Sequence[Mapping[str, Any]] | None = None,
+    session_id: str | None = None,
+    **options: Any,
 ) -> Call:
-    """A session create with the parameters as safetensors (float32) and the config in the metadata."""
-    config: dict[str, Any] = {"optimizer": optimizer, "hyperparams": dict(hyperparams)}
+    """A session create with the parameters as float32 safetensors and the config in the metadata.
+
+    ``options`` are the other config members: ``nonfinite``, ``max_grad_norm``, ``schedule``, ``accumulate``.
+    """
+    config: dict[str, Any] = {"optimizer": optimizer, "hyperparams": dict(hyperparams or {})}
     if param_groups:
         config["param_groups"] = [dict(g) for g in param_groups]
-    if nonfinite:
-        config["nonfinite"] = nonfinite
+    config.update({k: v for k, v in options.items() if v is not None})
     if session_id:
         config["id"] = session_id
     body = wire.encode(params, {"config": json.dumps(config)}, dtype="float32")
@@ -115,10 +125,16 @@ def step(
     *,
     if_match: int | None,
     idempotency_key: str | None,
-    minimal: bool,
-    dtype: str = "float32",
+    minimal: bool = False,
+    partial: bool = False,
+    changes: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None,
+    dtype: str | Mapping[str, str] | None = None,
 ) -> Call:
-    """A step with the gradients as safetensors in the order given (send them in the session's order)."""
+    """A step with the gradients as safetensors in the order given (send them in the session's order).
+
+    ``partial`` lets ``grads`` name a subset of the tensors; ``changes`` are hyperparameter changes applied with the
+    step (one mapping for every group, or one entry or None per group); ``dtype`` converts the gradients on the wire.
+    """
     headers = {"content-type": wire.SAFETENSORS, "accept": wire.SAFETENSORS}
     if if_match is not None:
         headers["if-match"] = f'"{if_match}"'
@@ -126,22 +142,51 @@ def step(
         headers["idempotency-key"] = idempotency_key
     if minimal:
         headers["prefer"] = "return=minimal"
-    return Call("POST", f"/v1/sessions/{session_id}/step", headers, wire.encode(grads, dtype=dtype))
+    metadata = {"hyperparams": json.dumps(changes)} if changes else None
+    path = f"/v1/sessions/{session_id}/step" + ("?missing=skip" if partial else "")
+    return Call("POST", path, headers, wire.encode(grads, metadata, dtype=dtype))
 
 
 def read_step(response: httpx.Response) -> StepResult:
     check(response)
     step_count = step_number(response)
-    params = None if response.status_code == 204 else wire.decode(response.content)[0]
+    norm = response.headers.get("optserve-grad-norm")
+    params = None if response.status_code in (202, 204) else wire.decode(response.content)[0]
     return StepResult(
         step=step_count,
         params=params,
         replayed=response.headers.get("idempotent-replayed") == "true",
         skipped="optserve-step-skipped" in response.headers,
+        grad_norm=None if norm is None else float(norm),
+        awaiting=int(response.headers.get("optserve-awaiting", 0)) if response.status_code == 202 else 0,
     )
+
+
+def params(session_id: str, min_step: int | None = None, timeout: float | None = None) -> Call:
+    """Read the parameters; with ``min_step`` the server waits (up to ``timeout`` s) until the session gets there."""
+    query = ""
+    if min_step is not None:
+        query = f"?min_step={min_step}" + (f"&timeout={timeout}" if timeout is not None else "")
+    return Call("GET", f"/v1/sessions/{session_id}/params{query}", {"accept": wire.SAFETENSORS})
 
 
 def read_tensors(response: httpx.Response) -> tuple[int, dict[str, np.ndarray]]:
     check(response)
     tensors, metadata = wire.decode(response.content)
     return int(metadata.get("step", step_number(response))), tensors
+
+
+def read_json(response: httpx.Response) -> Any:
+    check(response)
+    return response.json() if response.status_code != 204 else None
+
+
+def update(group: int | None, hyperparams: Mapping[str, Any], session_id: str) -> Call:
+    body: dict[str, Any] = {"hyperparams": dict(hyperparams)}
+    if group is not None:
+        body["group"] = group
+    return Call("PATCH", f"/v1/sessions/{session_id}", json=body)
+
+
+def restore(session_id: str, checkpoint: bytes) -> Call:
+    return Call("PUT", f"/v1/sessions/{session_id}/checkpoint", {"content-type": wire.SAFETENSORS}, checkpoint)

@@ -104,12 +104,15 @@ def _as_wire_array(array: Any, dtype: str | None) -> tuple[str, np.ndarray]:
 
 
 def encode_parts(
-    tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, dtype: str | None = None
+    tensors: Mapping[str, Any],
+    metadata: Mapping[str, str] | None = None,
+    dtype: str | Mapping[str, str] | None = None,
 ) -> list[bytes | memoryview]:
     """The safetensors body as a list of buffers: the header, then each tensor's data (no copy where possible).
 
     Tensors are written in the mapping's order. ``dtype`` (``"float32"``, ``"float16"``, ``"bfloat16"`` or a
-    safetensors code such as ``"F16"``) converts every tensor; by default each keeps its numpy dtype.
+    safetensors code such as ``"F16"``) converts every tensor, or, as a mapping, the tensors it names; by default
+    each keeps its numpy dtype.
     """
     header: dict[str, Any] = {}
     if metadata:
@@ -117,7 +120,7 @@ def encode_parts(
     buffers: list[memoryview] = []
     offset = 0
     for name, value in tensors.items():
-        code, arr = _as_wire_array(value, dtype)
+        code, arr = _as_wire_array(value, dtype.get(name) if isinstance(dtype, Mapping) else dtype)
         header[name] = {
             "dtype": code,
             "shape": list(arr.shape),
@@ -130,7 +133,11 @@ def encode_parts(
     return [struct.pack("<Q", len(raw)) + raw, *buffers]
 
 
-def encode(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, dtype: str | None = None) -> bytes:
+def encode(
+    tensors: Mapping[str, Any],
+    metadata: Mapping[str, str] | None = None,
+    dtype: str | Mapping[str, str] | None = None,
+) -> bytes:
     """The safetensors body as one ``bytes`` (see :func:`encode_parts`)."""
     return b"".join(encode_parts(tensors, metadata, dtype))
 

@@ -6,11 +6,13 @@ Content negotiation, precondition headers and tensor responses live here; the st
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -27,6 +29,7 @@ router = APIRouter()
 
 TENSOR_TYPES = (wire.SAFETENSORS, wire.JSON)
 MAX_KEY_LENGTH = 255
+MAX_WAIT_SECONDS = 300.0
 
 
 def get_store(request: Request) -> SessionStore:
@@ -303,10 +306,26 @@ def hyperparam_changes(metadata: dict[str, str]) -> Any:
 
 
 @router.get("/v1/sessions/{session_id}/params", tags=["steps"])
-async def get_params(session_id: str, request: Request, store: StoreDep) -> Response:
-    """The current parameters (JSON unless ``Accept: application/x-safetensors``)."""
+async def get_params(
+    session_id: str,
+    request: Request,
+    store: StoreDep,
+    min_step: Annotated[int | None, Query(ge=0, description="wait until the session reaches this step")] = None,
+    timeout: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS, description="longest wait, seconds")] = 30.0,
+) -> Response:
+    """The current parameters (JSON unless ``Accept: application/x-safetensors``).
+
+    With ``min_step`` the answer waits until the session has reached that step (a worker of an accumulating
+    session waits for the others this way), or until ``timeout``; the ``ETag`` says which step the answer holds.
+    """
     session = store.get(session_id)
     encoding = negotiate(request, default=wire.JSON)
+    if min_step is not None:
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while session.step_count < min_step and not session.closed and time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.02)
     step_count, flat = session.snapshot_params()
     return await run_in_threadpool(tensor_response, session.layout, flat, step_count, encoding, {})
 
