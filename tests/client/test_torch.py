@@ -66,6 +66,7 @@ def test_training_matches_torch_optim_with_groups_and_cosine_schedule(server, re
     local_losses = train(local_model, local, data, local_sched)
     remote_losses = train(remote_model, remote, data, remote_sched)
     assert sum(remote_losses[-5:]) < sum(remote_losses[:5])
+    assert remote_losses == pytest.approx(local_losses, rel=1e-5)
     for (name, a), (_, b) in zip(local_model.named_parameters(), remote_model.named_parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
     info = remote.client.session(remote.session_id)
