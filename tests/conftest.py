@@ -4,71 +4,27 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
-from optserve.service.app import create_app
-from optserve.service.settings import Settings
-from optserve.service.store import MemoryStore
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_healthy(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it was healthy")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} not healthy after {timeout} s")
-
-
-@dataclass
-class InProcessServer:
-    url: str
-    app: FastAPI
-    store: MemoryStore
+from optserve.service.embedded import EmbeddedServer, free_port, serve_in_thread, wait_healthy
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
     """A real uvicorn server running the app in a background thread of this process."""
-    store = MemoryStore()
-    app = create_app(Settings(data_dir=tmp_path_factory.mktemp("data")), store=store)
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url)
-    yield InProcessServer(url, app, store)
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(tmp_path_factory.mktemp("data")) as embedded:
+        yield embedded
 
 
 @pytest.fixture
-def http(server: InProcessServer) -> Iterator[httpx.Client]:
+def http(server: EmbeddedServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=30.0) as client:
         yield client
 
@@ -88,7 +44,7 @@ def start_server_process(data_dir: Path, env: dict[str, str] | None = None) -> S
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc=proc)
+        wait_healthy(url, alive=lambda: proc.poll() is None)
     except Exception:
         stop_server_process(proc)
         raise

@@ -1,0 +1,41 @@
+"""Each example runs with one command (a few steps here), against a server it starts itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.server
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_train_numpy() -> None:
+    out = run("train_numpy.py", "--steps", "60")
+    first, last = (float(line.split("loss")[1].split()[0]) for line in (out.splitlines()[2], out.splitlines()[-2]))
+    assert "after 60 server steps" in out
+    assert last < first
+
+
+def test_train_torch_remote_and_local_give_the_same_curve() -> None:
+    remote = run("train_torch.py", "--epochs", "2", "--max-steps", "30")
+    local = run("train_torch.py", "--epochs", "2", "--max-steps", "30", "--local")
+    assert "RemoteAdamW" in remote and "torch.optim.AdamW" in local
+    curve = [line for line in remote.splitlines() if line.startswith("epoch")]
+    assert len(curve) == 2
+    assert curve == [line for line in local.splitlines() if line.startswith("epoch")]
+
+
+def test_two_workers() -> None:
+    out = run("two_workers.py", "--steps", "20")
+    assert "server step 20" in out and "identical params: True" in out
