@@ -7,7 +7,6 @@ domain or by the framework, leaves as ``application/problem+json``.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from optserve.client.wire import WireError
 
 from .errors import ServiceError
-from .routes import router
+from .routes import plain_errors, router
 from .settings import Settings
 from .store import MemoryStore, SessionStore
 
@@ -79,7 +78,7 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = json.loads(json.dumps(exc.errors(), default=str))
+        errors = plain_errors(exc.errors())
         return problem_response(
             422, "Invalid request", "the request does not match the API", "invalid-request", errors=errors
         )

@@ -78,6 +78,8 @@ def load(body: bytes | memoryview, session_id: str) -> Session:
         raise InvalidInput(
             f"checkpoint counters, idempotency keys or pending contributions are malformed ({e})"
         ) from None
+    if session.pending is not None:
+        session.pending.keys = [k for k, r in session.keys.items() if r.outcome == "accepted"]
     targets = {**session.state, **({"accumulated": session.pending.total} if session.pending else {})}
     for buffer_name, flat in targets.items():
         arrays = cp.state[buffer_name]

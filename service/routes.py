@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -146,10 +147,16 @@ def validated(model: type[BaseModel], data: Any) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as e:
+        errors = plain_errors(e.errors(include_url=False))
         raise InvalidInput(
-            "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()),
-            errors=json.loads(e.json(include_url=False)),
+            "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in errors), errors=errors
         ) from None
+
+
+def plain_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """Validation errors as JSON can carry them: location, message and type, without echoing the input back
+    (it may be a tensor, or a NaN that JSON cannot hold)."""
+    return [{"loc": [str(p) for p in err["loc"]], "msg": str(err["msg"]), "type": str(err["type"])} for err in errors]
 
 
 # --- sessions ------------------------------------------------------------------------------------------------------

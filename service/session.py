@@ -122,6 +122,7 @@ class Pending:
     present: np.ndarray  # bool per slot: the tensors any contribution carried
     count: int = 0
     nonfinite: bool = False
+    keys: list[str] = dataclasses.field(default_factory=list)  # idempotency keys of the contributions
 
 
 def sum_of_squares(flat: np.ndarray) -> float:
@@ -142,6 +143,10 @@ def clip_scale(norm: float, max_norm: float | None) -> float:
         return 1.0
     coef = np.float32(max_norm) / (np.float32(norm) + np.float32(CLIP_EPS))
     return float(min(coef, np.float32(1.0)))
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _check_tensors(params: Mapping[str, np.ndarray]) -> None:
@@ -237,7 +242,11 @@ class Session:
                 )
             try:
                 flat, present = self.layout.gather(grads, partial)
-                planned = self._plan_changes(changes) if changes is not None else []
+                planned, new_base = self._plan_changes(changes) if changes is not None else ([], None)
+                hyperparams = [g.hp for g in self.groups]
+                for group, hp in planned:  # changes sent with this step take effect in it
+                    hyperparams[group.index] = hp
+                scheduled = self._scheduled(hyperparams)
                 sumsq = sum_of_squares(flat)
                 finite = math.isfinite(sumsq)
                 if not finite and self.config.nonfinite == "error":
@@ -248,29 +257,35 @@ class Session:
             except InvalidInput:
                 self.counters.steps_rejected += 1
                 raise
-            for group, hp in planned:
-                group.hp = hp
+            self._assign(planned, new_base)
             self.updated_at = time.time()
 
+            contributors: list[str] = []
             if self.config.accumulate > 1:
-                flat, present, finite, awaiting = self._accumulate(flat, present, finite)
+                flat, present, finite, awaiting, contributors = self._accumulate(flat, present, finite)
                 if awaiting:
                     self.counters.contributions += 1
                     if key is not None:
+                        self.pending.keys.append(key)  # type: ignore[union-attr]
                         self._remember(key, KeyRecord(self.step_count, "accepted"))
                     return StepResult("accepted", self.step_count, None, awaiting=awaiting)
                 sumsq = sum_of_squares(flat) if finite else math.nan
 
             norm = math.sqrt(sumsq) if finite else None
             if finite:
-                self._apply(flat, present, clip_scale(math.sqrt(sumsq), self.config.max_grad_norm))
+                self._apply(flat, present, clip_scale(math.sqrt(sumsq), self.config.max_grad_norm), scheduled)
                 self.step_count += 1
                 self.counters.steps_applied += 1
                 self.last_grad_norm = norm
             else:
                 self.counters.steps_skipped += 1
+            # every contribution to this step now shares its outcome, so any of them replays the same answer
+            record = KeyRecord(self.step_count, "applied" if finite else "skipped", norm)
+            for contributor in contributors:
+                if contributor in self.keys:
+                    self.keys[contributor] = record
             if key is not None:
-                self._remember(key, KeyRecord(self.step_count, "applied" if finite else "skipped", norm))
+                self._remember(key, record)
             status: Literal["applied", "skipped"] = "applied" if finite else "skipped"
             return StepResult(status, self.step_count, self._params_copy(want_params), not finite, norm)
 
@@ -280,15 +295,14 @@ class Session:
 
     def _replay(self, key: str, record: KeyRecord, want_params: bool) -> StepResult:
         """The answer to a retried request whose key is known (without applying anything)."""
-        if record.outcome == "accepted" and record.step == self.step_count and self.pending is not None:
+        if record.outcome == "accepted":  # a contribution to the step still being gathered
             self.counters.replays += 1
             return StepResult("accepted", self.step_count, None, awaiting=self._awaiting())
-        applied_at = record.step + 1 if record.outcome == "accepted" else record.step
-        if applied_at != self.step_count:
+        if record.step != self.step_count:
             raise StepConflict(
-                f"Idempotency-Key {key!r} was already applied at step {applied_at}; "
+                f"Idempotency-Key {key!r} was already applied at step {record.step}; "
                 f"the session is now at step {self.step_count}",
-                applied_at_step=applied_at,
+                applied_at_step=record.step,
                 current_step=self.step_count,
             )
         self.counters.replays += 1
@@ -301,8 +315,9 @@ class Session:
 
     def _accumulate(
         self, flat: np.ndarray, present: np.ndarray | None, finite: bool
-    ) -> tuple[np.ndarray, np.ndarray | None, bool, int]:
-        """Add one contribution; returns the averaged gradient once ``accumulate`` have come (awaiting == 0)."""
+    ) -> tuple[np.ndarray, np.ndarray | None, bool, int, list[str]]:
+        """Add one contribution; returns the averaged gradient once ``accumulate`` have come (awaiting == 0),
+        with the idempotency keys of the earlier contributions."""
         if self.pending is None:
             self.pending = Pending(np.zeros(self.layout.size, np.float32), np.zeros(len(self.layout.slots), bool))
         pending = self.pending
@@ -312,16 +327,31 @@ class Session:
         pending.nonfinite |= not finite
         awaiting = self.config.accumulate - pending.count
         if awaiting:
-            return flat, present, finite, awaiting
+            return flat, present, finite, awaiting, []
         self.pending = None
         average = pending.total
         average /= np.float32(self.config.accumulate)
-        return average, None if pending.present.all() else pending.present, not pending.nonfinite, 0
+        return average, None if pending.present.all() else pending.present, not pending.nonfinite, 0, pending.keys
 
-    def _apply(self, grads: np.ndarray, present: np.ndarray | None, grad_scale: float) -> None:
+    def _scheduled(self, hyperparams: list[Hyperparams]) -> list[Hyperparams]:
+        """Each group's hyperparameters for the step being applied: lr times the schedule's factor.
+
+        Computed before anything is written, so that an lr the schedule drives out of range refuses the step."""
+        factor = self.config.schedule.factor(self.step_count + 1)
+        if factor == 1.0:
+            return hyperparams
+        try:
+            return [dataclasses.replace(hp, lr=hp.lr * factor) for hp in hyperparams]
+        except HyperparamError as e:
+            raise InvalidInput(
+                f"the schedule gives an invalid learning rate at step {self.step_count + 1}: {e}"
+            ) from None
+
+    def _apply(
+        self, grads: np.ndarray, present: np.ndarray | None, grad_scale: float, hyperparams: list[Hyperparams]
+    ) -> None:
         """Step every parameter group: one fused call per run of present tensors sharing a group and step number."""
         slots, steps = self.layout.slots, self.tensor_steps
-        factor = self.config.schedule.factor(self.step_count + 1)
         i = 0
         while i < len(slots):
             if present is not None and not present[i]:
@@ -335,9 +365,7 @@ class Session:
                 and (present is None or present[j])
             ):
                 j += 1
-            hp = self.groups[slots[i].group].hp
-            if factor != 1.0:
-                hp = dataclasses.replace(hp, lr=hp.lr * factor)
+            hp = hyperparams[slots[i].group]
             fused.step_range(
                 self.optimizer,
                 self.params,
@@ -372,11 +400,18 @@ class Session:
             self._check_open()
             return self.step_count, self.params.copy()
 
-    def _plan_changes(self, changes: HyperparamChanges) -> list[tuple[ParamGroup, Hyperparams]]:
-        """Validate hyperparameter changes: one mapping for every group, or a list with one entry (or None) per
-        group. Nothing is changed here; the caller assigns the planned values."""
+    def _plan_changes(
+        self, changes: HyperparamChanges
+    ) -> tuple[list[tuple[ParamGroup, Hyperparams]], Hyperparams | None]:
+        """Validate hyperparameter changes: one mapping for every group (which also becomes the session's), or a
+        list with one entry (or None) per group. Nothing is changed here; :meth:`_assign` does that."""
+        new_base = None
         if isinstance(changes, Mapping):
             per_group: list[Mapping[str, Any] | None] = [changes] * len(self.groups)
+            try:
+                new_base = make_hyperparams(self.optimizer, changes, base=self.base_hp)
+            except HyperparamError as e:
+                raise InvalidInput(str(e)) from None
         else:
             per_group = list(changes)
             if len(per_group) != len(self.groups):
@@ -397,7 +432,13 @@ class Session:
                     f"the optimizer state kept ({', '.join(group.hp.state_names()) or 'none'}); create a new session"
                 )
             planned.append((group, hp))
-        return planned
+        return planned, new_base
+
+    def _assign(self, planned: list[tuple[ParamGroup, Hyperparams]], new_base: Hyperparams | None) -> None:
+        for group, hp in planned:
+            group.hp = hp
+        if new_base is not None:
+            self.base_hp = new_base
 
     def update_hyperparams(self, values: Mapping[str, Any], group: int | None = None) -> None:
         """Change hyperparameters of every group, or of one; all groups are validated before any changes."""
@@ -406,15 +447,9 @@ class Session:
             if group is not None and not 0 <= group < len(self.groups):
                 raise InvalidInput(f"group {group} does not exist; the session has {len(self.groups)} group(s)")
             if group is None:
-                planned = self._plan_changes(values)
-                try:
-                    self.base_hp = make_hyperparams(self.optimizer, values, base=self.base_hp)
-                except HyperparamError as e:
-                    raise InvalidInput(str(e)) from None
+                self._assign(*self._plan_changes(values))
             else:
-                planned = self._plan_changes([values if g.index == group else None for g in self.groups])
-            for g, hp in planned:
-                g.hp = hp
+                self._assign(*self._plan_changes([values if g.index == group else None for g in self.groups]))
             self.updated_at = time.time()
 
     def close(self) -> None:
@@ -430,7 +465,12 @@ class Session:
             "optimizer": self.optimizer,
             "hyperparams": to_json(self.base_hp),
             "param_groups": [
-                {"index": g.index, "params": g.names, "hyperparams": to_json(g.hp), "scheduled_lr": g.hp.lr * factor}
+                {
+                    "index": g.index,
+                    "params": g.names,
+                    "hyperparams": to_json(g.hp),
+                    "scheduled_lr": _finite_or_none(g.hp.lr * factor),
+                }
                 for g in self.groups
             ],
             "nonfinite": self.config.nonfinite,
