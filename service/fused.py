@@ -1,11 +1,15 @@
 """The fast path: each algorithm stepping a contiguous range of flat float32 buffers in place.
 
 A session keeps one flat buffer per state (params, exp_avg, ...). :func:`step_range` updates a range
-``[start, stop)`` of all of them at once, for one parameter group at one step number. The arithmetic is
-:mod:`optserve.service.reference`'s, operation for operation, so the two agree bit for bit; what differs is that
-nothing is allocated per tensor: the range is walked in cache-sized chunks with in-place ufuncs and two scratch
-vectors, which keeps the working set in L2 and the traffic close to one read of p, g and the state and one write of
-p and the state.
+``[start, stop)`` of all of them at once, for one parameter group at one step number, with one of two backends:
+
+- ``numba`` (:mod:`optserve.service.kernels`): one fused loop, one read and one write of every buffer, at the
+  memory-bandwidth limit; the default when numba is installed.
+- ``numpy`` (:func:`step_range_numpy`, below): the fallback. The range is walked in cache-sized chunks with in-place
+  ufuncs and two scratch vectors, so nothing is allocated per tensor and the working set stays in L2.
+
+Both do :mod:`optserve.service.reference`'s arithmetic operation for operation, so all three agree bit for bit.
+``OPTSERVE_KERNEL=numpy`` forces the fallback.
 
 The gradient is only read, never written: it may be a read-only view straight into the request body.
 """
@@ -13,10 +17,12 @@ The gradient is only read, never written: it may be a read-only view straight in
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 
 import numpy as np
 
+from . import kernels
 from .hyperparams import AdamHyperparams, Hyperparams, RMSpropHyperparams, SGDHyperparams
 
 CHUNK = 1 << 14  # elements per chunk: 64 KiB per vector, a dozen vectors stay inside a 1-2 MiB L2
@@ -153,7 +159,7 @@ def _rmsprop_chunk(
     p -= tmp
 
 
-def step_range(
+def step_range_numpy(
     optimizer: str,
     params: np.ndarray,
     grads: np.ndarray,
@@ -164,7 +170,7 @@ def step_range(
     hp: Hyperparams,
     grad_scale: float = 1.0,
 ) -> None:
-    """Apply one step to elements ``[start, stop)`` of the flat buffers, in place.
+    """Apply one step to elements ``[start, stop)`` of the flat buffers, in place, with numpy ufuncs.
 
     ``params`` and every array in ``state`` are flat float32 buffers of the session; ``grads`` is a flat float32
     vector of the same length (read only). ``t`` is the step number of every tensor in the range (1 for the first).
@@ -191,3 +197,40 @@ def step_range(
             _rmsprop_chunk(p, g, s, t, hp, gbuf[:n], tmp[:n])
         else:
             raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
+def _backend() -> str:
+    choice = os.environ.get("OPTSERVE_KERNEL", "auto").lower()
+    if choice not in ("auto", "numba", "numpy"):
+        raise ValueError(f"OPTSERVE_KERNEL must be auto, numba or numpy, got {choice!r}")
+    if choice == "numpy" or (choice == "auto" and not kernels.AVAILABLE):
+        return "numpy"
+    if not kernels.AVAILABLE:
+        raise RuntimeError("OPTSERVE_KERNEL=numba but numba is not installed")
+    return "numba"
+
+
+BACKEND = _backend()  # "numba" (one fused pass per range) or "numpy" (the chunked ufunc fallback)
+
+
+def step_range(
+    optimizer: str,
+    params: np.ndarray,
+    grads: np.ndarray,
+    state: Mapping[str, np.ndarray],
+    start: int,
+    stop: int,
+    t: int,
+    hp: Hyperparams,
+    grad_scale: float = 1.0,
+) -> None:
+    """Apply one step to elements ``[start, stop)`` of the flat buffers, in place, with the fastest backend.
+
+    ``params`` and every array in ``state`` are flat float32 buffers of the session; ``grads`` is a flat float32
+    vector of the same length (read only). ``t`` is the step number of every tensor in the range (1 for the first).
+    ``grad_scale`` multiplies the gradient first (gradient clipping). Both backends give the same bits.
+    """
+    if BACKEND == "numba":
+        kernels.step_range(optimizer, params, grads, dict(state), start, stop, t, hp, grad_scale)
+    else:
+        step_range_numpy(optimizer, params, grads, state, start, stop, t, hp, grad_scale)

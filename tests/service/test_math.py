@@ -16,8 +16,18 @@ import numpy as np
 import pytest
 import torch
 
-from optserve.service import fused, reference
+from optserve.service import fused, kernels, reference
 from optserve.service.hyperparams import HyperparamError, make_hyperparams
+
+
+@pytest.fixture(autouse=True, params=["numba", "numpy"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test of the fast path runs on both backends: the numba kernels and the chunked numpy fallback."""
+    if request.param == "numba" and not kernels.AVAILABLE:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(fused, "BACKEND", request.param)
+    return str(request.param)
+
 
 TORCH_CLASSES = {
     "adam": torch.optim.Adam,
