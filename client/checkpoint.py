@@ -86,7 +86,7 @@ def _json(metadata: dict[str, str], key: str, default: Any = None) -> Any:
         raise CheckpointError(f"checkpoint metadata {key!r} is not JSON ({e})") from None
 
 
-def decode(body: bytes | memoryview) -> Checkpoint:
+def decode(body: bytes | bytearray | memoryview) -> Checkpoint:
     """Read a checkpoint. Raises WireError for a malformed file and CheckpointError for wrong content."""
     st = wire.parse(body)
     meta = st.metadata

@@ -18,7 +18,8 @@ import numpy as np
 
 from . import protocol
 from .errors import TransportError
-from .protocol import Call, Retry, StepResult
+from .protocol import Call, Reply, Retry, StepResult
+from .transport import SocketTransport
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 HyperparamChanges = Mapping[str, Any] | Sequence[Mapping[str, Any] | None]
@@ -26,6 +27,11 @@ HyperparamChanges = Mapping[str, Any] | Sequence[Mapping[str, Any] | None]
 
 def _http_kwargs(url: str, timeout: float | httpx.Timeout, headers: Mapping[str, str] | None) -> dict[str, Any]:
     return {"base_url": url.rstrip("/"), "timeout": timeout, "headers": dict(headers or {})}
+
+
+def _content(content: bytes | list[bytes | memoryview] | None) -> Any:
+    """A list of buffers becomes a stream of them (sent one by one with the Content-Length already set)."""
+    return iter(content) if isinstance(content, list) else content
 
 
 def _step_call(session_id: str, grads: Mapping[str, Any], key: str | None, **kwargs: Any) -> Call:
@@ -50,6 +56,8 @@ class Client:
     ) -> None:
         self.url = url.rstrip("/")
         self.retry = retry or Retry()
+        if transport is None and self.url.startswith("http://"):
+            transport = SocketTransport(timeout=timeout if isinstance(timeout, (int, float)) else None)
         self._http = httpx.Client(transport=transport, **_http_kwargs(url, timeout, headers))
 
     def __enter__(self) -> Client:
@@ -61,11 +69,16 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def _send(self, call: Call) -> httpx.Response:
+    def _send(self, call: Call) -> Reply:
+        request = self._http.build_request(
+            call.method, call.path, headers=call.headers, content=_content(call.content), json=call.json
+        )
         try:
-            return self._http.request(
-                call.method, call.path, headers=call.headers, content=call.content, json=call.json
-            )
+            response = self._http.send(request, stream=True)
+            try:
+                return Reply.of(response)
+            finally:
+                response.close()
         except httpx.TransportError as e:
             raise TransportError(f"{call.method} {self.url}{call.path}: {e!r}") from e
 
@@ -153,7 +166,7 @@ class Client:
 
     def checkpoint(self, session_id: str) -> bytes:
         """Everything needed to resume the session, as one safetensors file's bytes."""
-        return protocol.check(self._send(Call("GET", f"/v1/sessions/{session_id}/checkpoint"))).content
+        return protocol.read_bytes(self._send(Call("GET", f"/v1/sessions/{session_id}/checkpoint")))
 
     def restore(self, session_id: str, checkpoint: bytes) -> dict[str, Any]:
         """Bring a session back from checkpoint bytes under ``session_id`` (created or replaced)."""
@@ -185,13 +198,15 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _send(self, call: Call) -> httpx.Response:
+    async def _send(self, call: Call) -> Reply:
+        content = b"".join(call.content) if isinstance(call.content, list) else call.content
         try:
-            return await self._http.request(
-                call.method, call.path, headers=call.headers, content=call.content, json=call.json
+            response = await self._http.request(
+                call.method, call.path, headers=call.headers, content=content, json=call.json
             )
         except httpx.TransportError as e:
             raise TransportError(f"{call.method} {self.url}{call.path}: {e!r}") from e
+        return Reply(response.status_code, response.headers, response.content, response.reason_phrase)
 
     async def create_session(
         self,
@@ -258,7 +273,7 @@ class AsyncClient:
         return protocol.read_tensors(await self._send(protocol.params(session_id, min_step, timeout)))
 
     async def checkpoint(self, session_id: str) -> bytes:
-        return protocol.check(await self._send(Call("GET", f"/v1/sessions/{session_id}/checkpoint"))).content
+        return protocol.read_bytes(await self._send(Call("GET", f"/v1/sessions/{session_id}/checkpoint")))
 
     async def restore(self, session_id: str, checkpoint: bytes) -> dict[str, Any]:
         return protocol.read_json(await self._send(protocol.restore(session_id, checkpoint)))  # type: ignore[no-any-return]

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import wire
 from .errors import APIError, TransportError, error_for
+from .transport import BODY_EXTENSION
 
 
 @dataclass
@@ -25,8 +26,29 @@ class Call:
     method: str
     path: str
     headers: dict[str, str] = field(default_factory=dict)
-    content: bytes | None = None
+    content: bytes | list[bytes | memoryview] | None = None  # a list is sent part by part, never joined
     json: Any = None
+
+
+@dataclass
+class Reply:
+    """An answer as the protocol functions read it: status, headers and the body's buffer."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes | bytearray | memoryview
+    reason: str = ""
+
+    def json(self) -> Any:
+        return json.loads(bytes(self.body))
+
+    @classmethod
+    def of(cls, response: httpx.Response) -> Reply:
+        """From an httpx response, taking the transport's receive buffer as it is when there is one."""
+        body = response.extensions.get(BODY_EXTENSION)
+        if body is None:
+            body = response.read()
+        return cls(response.status_code, response.headers, body, response.reason_phrase)
 
 
 @dataclass
@@ -64,17 +86,17 @@ class Retry:
 NO_RETRY = Retry(attempts=1)
 
 
-def check(response: httpx.Response) -> httpx.Response:
+def check(reply: Reply) -> Reply:
     """Raise the typed error for an error status, with the problem details when the server sent them."""
-    if response.status_code < 400:
-        return response
+    if reply.status < 400:
+        return reply
     try:
-        problem = response.json()
+        problem = reply.json()
         if not isinstance(problem, dict):
             raise ValueError
     except ValueError:
-        problem = {"title": response.reason_phrase, "detail": response.text[:1000]}
-    raise error_for(response.status_code, problem)
+        problem = {"title": reply.reason, "detail": bytes(reply.body[:1000]).decode("utf-8", "replace")}
+    raise error_for(reply.status, problem)
 
 
 def retry_delay(exc: Exception, attempt: int, retry: Retry) -> float | None:
@@ -87,10 +109,10 @@ def retry_delay(exc: Exception, attempt: int, retry: Retry) -> float | None:
     return delays[attempt] if transient and attempt < len(delays) else None
 
 
-def step_number(response: httpx.Response) -> int:
-    tag = response.headers.get("etag", "").removeprefix("W/").strip('"')
+def step_number(reply: Reply) -> int:
+    tag = reply.headers.get("etag", "").removeprefix("W/").strip('"')
     if not tag.isdigit():
-        raise APIError(response.status_code, {"detail": f"answer carries no step ETag ({tag!r})"})
+        raise APIError(reply.status, {"detail": f"answer carries no step ETag ({tag!r})"})
     return int(tag)
 
 
@@ -144,21 +166,23 @@ def step(
         headers["prefer"] = "return=minimal"
     metadata = {"hyperparams": json.dumps(changes)} if changes else None
     path = f"/v1/sessions/{session_id}/step" + ("?missing=skip" if partial else "")
-    return Call("POST", path, headers, wire.encode(grads, metadata, dtype=dtype))
+    parts = wire.encode_parts(grads, metadata, dtype=dtype)
+    headers["content-length"] = str(sum(len(memoryview(p).cast("B")) for p in parts))
+    return Call("POST", path, headers, parts)
 
 
-def read_step(response: httpx.Response) -> StepResult:
-    check(response)
-    step_count = step_number(response)
-    norm = response.headers.get("optserve-grad-norm")
-    params = None if response.status_code in (202, 204) else wire.decode(response.content)[0]
+def read_step(reply: Reply) -> StepResult:
+    check(reply)
+    step_count = step_number(reply)
+    norm = reply.headers.get("optserve-grad-norm")
+    params = None if reply.status in (202, 204) else wire.decode(reply.body)[0]
     return StepResult(
         step=step_count,
         params=params,
-        replayed=response.headers.get("idempotent-replayed") == "true",
-        skipped="optserve-step-skipped" in response.headers,
+        replayed=reply.headers.get("idempotent-replayed") == "true",
+        skipped="optserve-step-skipped" in reply.headers,
         grad_norm=None if norm is None else float(norm),
-        awaiting=int(response.headers.get("optserve-awaiting", 0)) if response.status_code == 202 else 0,
+        awaiting=int(reply.headers.get("optserve-awaiting", 0)) if reply.status == 202 else 0,
     )
 
 
@@ -170,15 +194,19 @@ def params(session_id: str, min_step: int | None = None, timeout: float | None =
     return Call("GET", f"/v1/sessions/{session_id}/params{query}", {"accept": wire.SAFETENSORS})
 
 
-def read_tensors(response: httpx.Response) -> tuple[int, dict[str, np.ndarray]]:
-    check(response)
-    tensors, metadata = wire.decode(response.content)
-    return int(metadata.get("step", step_number(response))), tensors
+def read_tensors(reply: Reply) -> tuple[int, dict[str, np.ndarray]]:
+    check(reply)
+    tensors, metadata = wire.decode(reply.body)
+    return int(metadata.get("step", step_number(reply))), tensors
 
 
-def read_json(response: httpx.Response) -> Any:
-    check(response)
-    return response.json() if response.status_code != 204 else None
+def read_json(reply: Reply) -> Any:
+    check(reply)
+    return reply.json() if reply.status != 204 else None
+
+
+def read_bytes(reply: Reply) -> bytes:
+    return bytes(check(reply).body)
 
 
 def update(group: int | None, hyperparams: Mapping[str, Any], session_id: str) -> Call:

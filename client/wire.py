@@ -359,7 +359,7 @@ def _json_tensor(name: str, info: Any) -> np.ndarray:
     return from_bfloat16(to_bfloat16(out)) if code == "BF16" else out
 
 
-def decode_json(body: bytes | str | Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def decode_json(body: bytes | bytearray | str | Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Decode a JSON tensor body (or an already-parsed object) into ``({name: array}, metadata)``."""
     if isinstance(body, Mapping):
         obj: Any = dict(body)

@@ -47,7 +47,7 @@ def dump(session: Session) -> bytes:
     return b"".join(dump_parts(session))
 
 
-def load(body: bytes | memoryview, session_id: str) -> Session:
+def load(body: bytes | bytearray | memoryview, session_id: str) -> Session:
     """Rebuild a session from a checkpoint body under ``session_id``. Raises WireError (400) or InvalidInput (422)."""
     try:
         cp = decode(body)

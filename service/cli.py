@@ -21,13 +21,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         import uvicorn
 
         from .app import create_app
+        from .bodies import HTTP_PROTOCOL
         from .settings import Settings
 
         overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
         settings = Settings(**overrides)
         os.makedirs(settings.data_dir, exist_ok=True)
         # One process: sessions live in its memory, so several workers would each hold a different subset.
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            http=HTTP_PROTOCOL,
+        )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from .app import create_app
+from .bodies import HTTP_PROTOCOL
 from .settings import Settings
 from .store import MemoryStore
 
@@ -61,7 +62,9 @@ def serve_in_thread(data_dir: str | Path | None = None, port: int = 0) -> Iterat
         store = MemoryStore()
         app = create_app(Settings(data_dir=Path(data_dir or tmp)), store=store)
         port = port or free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=HTTP_PROTOCOL)
+        )
         thread = threading.Thread(target=server.run, name="optserve-embedded", daemon=True)
         thread.start()
         url = f"http://127.0.0.1:{port}"

@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from optserve.client import wire
 
 from . import checkpoint
+from .bodies import BufferResponse, read_body
 from .errors import BadRequest, InvalidInput, NotAcceptable, UnsupportedMediaType
 from .layout import FlatLayout
 from .session import Session, SessionConfig
@@ -114,7 +115,7 @@ def etag(step: int) -> str:
     return f'"{step}"'
 
 
-def decode_tensors(body: bytes, ctype: str) -> wire.Safetensors | tuple[dict[str, np.ndarray], dict[str, str]]:
+def decode_tensors(body: bytes | bytearray, ctype: str) -> wire.Safetensors | tuple[dict[str, np.ndarray], dict[str, str]]:
     return wire.parse(body) if ctype == wire.SAFETENSORS else wire.decode_json(body)
 
 
@@ -127,13 +128,18 @@ def tensor_response(
     status: int = 200,
     metadata: dict[str, str] | None = None,
 ) -> Response:
+    """The parameters in the negotiated encoding. As safetensors, the body is the header followed by the flat
+    buffer itself: the layout keeps the tensors contiguous and in order, so no per-tensor copy or join is needed."""
     meta = {"step": str(step), **(metadata or {})}
+    headers = {"ETag": etag(step), **headers}
     tensors = layout.views(flat)
-    body = wire.encode(tensors, meta) if encoding == wire.SAFETENSORS else wire.encode_json(tensors, meta)
-    return Response(body, status_code=status, media_type=encoding, headers={"ETag": etag(step), **headers})
+    if encoding == wire.SAFETENSORS:
+        header = wire.encode_parts(tensors, meta)[0]
+        return BufferResponse([header, memoryview(flat)], status, encoding, headers)  # type: ignore[arg-type]
+    return Response(wire.encode_json(tensors, meta), status_code=status, media_type=encoding, headers=headers)
 
 
-def json_object(body: bytes) -> dict[str, Any]:
+def json_object(body: bytes | bytearray) -> dict[str, Any]:
     try:
         obj = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -162,7 +168,7 @@ def plain_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
 # --- sessions ------------------------------------------------------------------------------------------------------
 
 
-def _create(body: bytes, ctype: str) -> tuple[str | None, SessionConfig, dict[str, np.ndarray]]:
+def _create(body: bytes | bytearray, ctype: str) -> tuple[str | None, SessionConfig, dict[str, np.ndarray]]:
     if ctype == wire.SAFETENSORS:
         st = wire.parse(body)
         config_obj = json_object(st.metadata["config"].encode()) if "config" in st.metadata else {}
@@ -183,7 +189,7 @@ async def create_session(request: Request, store: StoreDep) -> JSONResponse:
     """Create a session from a config and initial parameters (JSON body, or safetensors with the config in
     ``__metadata__["config"]``). Optional ``"id"`` picks the session id."""
     ctype = tensor_media_type(request)
-    body = await request.body()
+    body = await read_body(request)
     session_id, config, params = _create(body, ctype)
     session_id = check_session_id(session_id) if session_id is not None else new_session_id()
     session = await run_in_threadpool(Session, session_id, config, params)
@@ -263,7 +269,7 @@ async def step(
     ctype = tensor_media_type(request)
     encoding = negotiate(request, default=ctype)
     key, if_match, minimal = idempotency_key(request), parse_if_match(request), prefers_minimal(request)
-    body = await request.body()
+    body = await read_body(request)
 
     def run() -> Any:
         decoded = decode_tensors(body, ctype)
@@ -358,7 +364,7 @@ async def put_checkpoint(session_id: str, request: Request, store: StoreDep) -> 
     check_session_id(session_id)
     if media_type(request) != wire.SAFETENSORS:
         raise UnsupportedMediaType(f"send the checkpoint as {wire.SAFETENSORS}")
-    body = await request.body()
+    body = await read_body(request)
     session = await run_in_threadpool(checkpoint.load, body, session_id)
     replaced = store.replace(session)
     return JSONResponse(
