@@ -101,6 +101,7 @@ class RemoteOptimizer:
             return self.pull(min_step=self.step_count + 1)
         self.step_count = result.step
         self._assign(result.params)
+        result.release()  # copied into params: the receive buffer can serve the next step
         return self.params
 
     def set_hyperparams(self, group: int | None = None, **hyperparams: Any) -> None:

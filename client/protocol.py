@@ -7,7 +7,7 @@ they parse, so the wire details live in one place.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +16,7 @@ import numpy as np
 
 from . import wire
 from .errors import APIError, TransportError, error_for
-from .transport import BODY_EXTENSION
+from .transport import BODY_EXTENSION, RELEASE_EXTENSION
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Reply:
     headers: httpx.Headers
     body: bytes | bytearray | memoryview
     reason: str = ""
+    release: Callable[[], None] | None = None  # gives a reusable body buffer back; only once nothing views it
 
     def json(self) -> Any:
         return json.loads(bytes(self.body))
@@ -48,7 +49,8 @@ class Reply:
         body = response.extensions.get(BODY_EXTENSION)
         if body is None:
             body = response.read()
-        return cls(response.status_code, response.headers, body, response.reason_phrase)
+        release = response.extensions.get(RELEASE_EXTENSION)
+        return cls(response.status_code, response.headers, body, response.reason_phrase, release)
 
 
 @dataclass
@@ -66,6 +68,14 @@ class StepResult:
     skipped: bool = False
     grad_norm: float | None = None
     awaiting: int = 0
+    _release: Callable[[], None] | None = None
+
+    def release(self) -> None:
+        """Done with ``params`` (copied out): their buffer may serve the next answer. ``params`` becomes None."""
+        self.params = None
+        if self._release is not None:
+            self._release()
+            self._release = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +193,7 @@ def read_step(reply: Reply) -> StepResult:
         skipped="optserve-step-skipped" in reply.headers,
         grad_norm=None if norm is None else float(norm),
         awaiting=int(reply.headers.get("optserve-awaiting", 0)) if reply.status == 202 else 0,
+        _release=reply.release,
     )
 
 

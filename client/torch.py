@@ -186,6 +186,7 @@ class _RemoteOptimizer(Optimizer):
             self._copy_in(*self.client.params(self.session_id, min_step=self._step_count + 1, timeout=self._timeout))
         else:
             self._copy_in(result.step, result.params)
+            result.release()  # copied into the model: the receive buffer can serve the next step
         return loss
 
     def state_dict(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Content negotiation, precondition headers and tensor responses live here; the st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -21,10 +22,10 @@ from starlette.concurrency import run_in_threadpool
 from optserve.client import wire
 
 from . import checkpoint
-from .bodies import BufferResponse, read_body
+from .bodies import BufferResponse, give_back, read_body
 from .errors import BadRequest, InvalidInput, NotAcceptable, UnsupportedMediaType
 from .layout import FlatLayout
-from .session import Session, SessionConfig
+from .session import Session, SessionBusy, SessionConfig, StepResult
 from .store import SessionStore, check_session_id, new_session_id
 
 router = APIRouter()
@@ -32,6 +33,7 @@ router = APIRouter()
 TENSOR_TYPES = (wire.SAFETENSORS, wire.JSON)
 MAX_KEY_LENGTH = 255
 MAX_WAIT_SECONDS = 300.0
+INLINE_BODY_BYTES = 256 * 1024  # steps up to ~64K float32 parameters run on the event loop
 
 
 def get_store(request: Request) -> SessionStore:
@@ -115,8 +117,10 @@ def etag(step: int) -> str:
     return f'"{step}"'
 
 
-def decode_tensors(body: bytes | bytearray, ctype: str) -> wire.Safetensors | tuple[dict[str, np.ndarray], dict[str, str]]:
-    return wire.parse(body) if ctype == wire.SAFETENSORS else wire.decode_json(body)
+def decode_tensors(
+    body: bytes | bytearray | memoryview, ctype: str
+) -> wire.Safetensors | tuple[dict[str, np.ndarray], dict[str, str]]:
+    return wire.parse(body) if ctype == wire.SAFETENSORS else wire.decode_json(bytes(body))
 
 
 def tensor_response(
@@ -139,9 +143,9 @@ def tensor_response(
     return Response(wire.encode_json(tensors, meta), status_code=status, media_type=encoding, headers=headers)
 
 
-def json_object(body: bytes | bytearray) -> dict[str, Any]:
+def json_object(body: bytes | bytearray | memoryview) -> dict[str, Any]:
     try:
-        obj = json.loads(body)
+        obj = json.loads(bytes(body) if isinstance(body, memoryview) else body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"body is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
@@ -168,7 +172,9 @@ def plain_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
 # --- sessions ------------------------------------------------------------------------------------------------------
 
 
-def _create(body: bytes | bytearray, ctype: str) -> tuple[str | None, SessionConfig, dict[str, np.ndarray]]:
+def _create(
+    body: bytes | bytearray | memoryview, ctype: str
+) -> tuple[str | None, SessionConfig, dict[str, np.ndarray]]:
     if ctype == wire.SAFETENSORS:
         st = wire.parse(body)
         config_obj = json_object(st.metadata["config"].encode()) if "config" in st.metadata else {}
@@ -269,9 +275,11 @@ async def step(
     ctype = tensor_media_type(request)
     encoding = negotiate(request, default=ctype)
     key, if_match, minimal = idempotency_key(request), parse_if_match(request), prefers_minimal(request)
+    started = time.perf_counter()
     body = await read_body(request)
+    received = time.perf_counter()
 
-    def run() -> Any:
+    def run(blocking: bool = True) -> StepResult:
         decoded = decode_tensors(body, ctype)
         tensors, metadata = (decoded, decoded.metadata) if isinstance(decoded, wire.Safetensors) else decoded
         return session.step(
@@ -281,10 +289,22 @@ async def step(
             want_params=not minimal,
             partial=missing == "skip",
             changes=hyperparam_changes(metadata),
+            blocking=blocking,
         )
 
-    result = await run_in_threadpool(run)
-    headers = {"ETag": etag(result.step)}
+    result: StepResult | None = None
+    if len(body) <= INLINE_BODY_BYTES:  # small: a thread hop costs more than the step; never wait for the lock here
+        with contextlib.suppress(SessionBusy):
+            result = run(blocking=False)
+    if result is None:
+        result = await run_in_threadpool(run)
+    stepped = time.perf_counter()
+    if isinstance(body, memoryview):
+        give_back(body)  # the step is done with the gradients: the buffer serves the next body
+    headers = {
+        "ETag": etag(result.step),
+        "Server-Timing": f"recv;dur={(received - started) * 1e3:.3f}, step;dur={(stepped - received) * 1e3:.3f}",
+    }
     if result.status == "replayed":
         headers["Idempotent-Replayed"] = "true"
     if result.status == "accepted":
@@ -299,6 +319,8 @@ async def step(
         headers["Optserve-Grad-Norm"] = meta["grad_norm"] = repr(result.grad_norm)
     if result.params is None:
         return Response(status_code=204, headers=headers)
+    if encoding == wire.SAFETENSORS:  # a header and the buffer: nothing to offload
+        return tensor_response(session.layout, result.params, result.step, encoding, headers, 200, meta)
     return await run_in_threadpool(
         tensor_response, session.layout, result.params, result.step, encoding, headers, 200, meta
     )
