@@ -7,7 +7,7 @@ they parse, so the wire details live in one place.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +16,7 @@ import numpy as np
 
 from . import wire
 from .errors import APIError, TransportError, error_for
-from .transport import BODY_EXTENSION, RELEASE_EXTENSION
+from .transport import BODY_EXTENSION
 
 
 @dataclass
@@ -38,7 +38,6 @@ class Reply:
     headers: httpx.Headers
     body: bytes | bytearray | memoryview
     reason: str = ""
-    release: Callable[[], None] | None = None  # gives a reusable body buffer back; only once nothing views it
 
     def json(self) -> Any:
         return json.loads(bytes(self.body))
@@ -49,8 +48,7 @@ class Reply:
         body = response.extensions.get(BODY_EXTENSION)
         if body is None:
             body = response.read()
-        release = response.extensions.get(RELEASE_EXTENSION)
-        return cls(response.status_code, response.headers, body, response.reason_phrase, release)
+        return cls(response.status_code, response.headers, body, response.reason_phrase)
 
 
 @dataclass
@@ -68,14 +66,11 @@ class StepResult:
     skipped: bool = False
     grad_norm: float | None = None
     awaiting: int = 0
-    _release: Callable[[], None] | None = None
 
     def release(self) -> None:
-        """Done with ``params`` (copied out): their buffer may serve the next answer. ``params`` becomes None."""
+        """Done with ``params`` (copied out): drops them, so that their receive buffer can serve the next answer
+        (buffers are reused only when nothing references them any more)."""
         self.params = None
-        if self._release is not None:
-            self._release()
-            self._release = None
 
 
 @dataclass(frozen=True)
@@ -193,7 +188,6 @@ def read_step(reply: Reply) -> StepResult:
         skipped="optserve-step-skipped" in reply.headers,
         grad_norm=None if norm is None else float(norm),
         awaiting=int(reply.headers.get("optserve-awaiting", 0)) if reply.status == 202 else 0,
-        _release=reply.release,
     )
 
 

@@ -7,9 +7,10 @@ body's buffers with ``sendall`` (no join, no copy of numpy data) and receives a 
 API, errors and timeouts; ``Client`` uses it for ``http://`` URLs.
 
 The buffer travels in ``response.extensions["optserve.body"]``; reading the response the httpx way
-(``response.read()``) also works and makes one copy. A reader that has copied what it needs out of a large body
-calls ``response.extensions["optserve.release"]()``, and the buffer is reused for a later answer of the same size
-(fresh memory costs a page fault per page, the largest cost of a large receive on these VMs).
+(``response.read()``) also works and makes one copy. Large receive buffers come from a
+:class:`~optserve.client.buffers.BufferPool`: once the reader holds no reference to a body any more, its buffer
+serves a later answer of the same size (fresh memory costs a page fault per page, the largest cost of a large
+receive on these VMs).
 
 Scope, on purpose: ``http://`` only (``https://`` goes through httpx's own transport), ``Content-Length`` or chunked
 bodies, keep-alive connections pooled per host and port (a connection that the server has closed while idle is
@@ -22,13 +23,13 @@ import contextlib
 import select
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 
+from .buffers import BufferPool
+
 BODY_EXTENSION = "optserve.body"
-RELEASE_EXTENSION = "optserve.release"  # call it when done with the body: its buffer then serves the next answer
-REUSE_MIN = 1 << 20
 REUSE_MAX_BYTES = 512 << 20
 HEAD_LIMIT = 64 * 1024
 RECV = 256 * 1024
@@ -40,44 +41,6 @@ class _BufferStream(httpx.SyncByteStream):
 
     def __iter__(self) -> Iterator[bytes]:
         yield bytes(self.body)
-
-
-class _Buffers:
-    """Receive buffers kept for reuse, matched by exact size (every answer of a session has the same size).
-
-    Fresh memory costs a page fault per 4 KiB page on first write, which on these VMs made receiving a 40 MB
-    answer take 120-170 ms instead of about 30 ms; a buffer is reused only after its reader gave it back and
-    nothing still views it.
-    """
-
-    def __init__(self, max_bytes: int = REUSE_MAX_BYTES) -> None:
-        self.max_bytes = max_bytes
-        self._free: dict[int, list[bytearray]] = {}
-        self._held = 0
-        self._lock = threading.Lock()
-
-    def take(self, size: int) -> bytearray:
-        with self._lock:
-            free = self._free.get(size)
-            if free:
-                self._held -= size
-                return free.pop()
-        return bytearray(size)
-
-    def releaser(self, view: memoryview, body: bytearray) -> Callable[[], None]:
-        """A function giving ``body`` back for reuse, provided nothing still views it through ``view``."""
-
-        def release() -> None:
-            try:
-                view.release()  # fails while an array or slice made from the view is alive
-            except BufferError:
-                return
-            with self._lock:
-                if self._held + len(body) <= self.max_bytes:
-                    self._free.setdefault(len(body), []).append(body)
-                    self._held += len(body)
-
-        return release
 
 
 class _Connection:
@@ -103,7 +66,7 @@ class SocketTransport(httpx.BaseTransport):
         self.max_idle = max_idle
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._lock = threading.Lock()
-        self._buffers = _Buffers()
+        self._buffers: BufferPool[bytearray] = BufferPool(bytearray, REUSE_MAX_BYTES)
 
     # --- connections --------------------------------------------------------------------------------------------
 
@@ -160,14 +123,11 @@ class SocketTransport(httpx.BaseTransport):
             self._checkin(key, conn)
         else:
             conn.close()
-        view = memoryview(body)
         extensions: dict[str, object] = {
             "http_version": b"HTTP/1.1",
             "reason_phrase": reason.encode("latin-1"),
-            BODY_EXTENSION: view,
+            BODY_EXTENSION: body,
         }
-        if isinstance(body, bytearray) and len(body) >= REUSE_MIN:
-            extensions[RELEASE_EXTENSION] = self._buffers.releaser(view, body)
         return httpx.Response(
             status, headers=headers, stream=_BufferStream(body), request=request, extensions=extensions
         )
@@ -249,7 +209,10 @@ class SocketTransport(httpx.BaseTransport):
         if method == "HEAD" or status in (204, 304):
             body = bytearray()
         elif b"content-length" in fields:
-            body = self._read_exactly(conn, data, int(fields[b"content-length"]))
+            length = fields[b"content-length"]
+            if not length.isdigit():
+                raise httpx.RemoteProtocolError(f"malformed Content-Length {length[:40]!r}")
+            body = self._read_exactly(conn, data, int(length))
         elif fields.get(b"transfer-encoding", b"").lower() == b"chunked":
             body = self._read_chunked(conn, data)
         else:  # delimited by the end of the connection
@@ -260,7 +223,7 @@ class SocketTransport(httpx.BaseTransport):
         return status, (rest[0] if rest else b"").decode("latin-1"), headers, body, keep
 
     def _read_exactly(self, conn: _Connection, data: bytearray, size: int) -> bytearray:
-        body = self._buffers.take(size) if size >= REUSE_MIN else bytearray(size)
+        body = self._buffers.take(size)
         view = memoryview(body)
         got = min(len(data), size)
         view[:got] = data[:got]
@@ -270,25 +233,33 @@ class SocketTransport(httpx.BaseTransport):
         view.release()
         return body
 
+    def _more(self, conn: _Connection, data: bytearray, where: str) -> None:
+        chunk = self._recv(conn)
+        if not chunk:
+            raise httpx.RemoteProtocolError(f"the server closed the connection in {where}")
+        data += chunk
+
     def _read_chunked(self, conn: _Connection, data: bytearray) -> bytearray:
         body = bytearray()
         while True:
             while (end := data.find(b"\r\n")) < 0:
-                data += self._recv(conn)
-            size = int(bytes(data[:end]).split(b";")[0], 16)
+                self._more(conn, data, "a chunk size line")
+            try:
+                size = int(bytes(data[:end]).split(b";")[0], 16)
+            except ValueError:
+                raise httpx.RemoteProtocolError(f"malformed chunk size {bytes(data[:end])[:40]!r}") from None
+            if size < 0:
+                raise httpx.RemoteProtocolError("negative chunk size")
             del data[: end + 2]
-            while len(data) < size + 2:
-                chunk = self._recv(conn)
-                if not chunk:
-                    raise httpx.RemoteProtocolError("the server closed the connection in a chunk")
-                data += chunk
             if size == 0:
                 while (end := data.find(b"\r\n")) != 0:  # trailers, then the empty line
                     if end < 0:
-                        data += self._recv(conn)
+                        self._more(conn, data, "the trailers")
                     else:
                         del data[: end + 2]
                 conn.pending = data[2:]
                 return body
+            while len(data) < size + 2:
+                self._more(conn, data, "a chunk")
             body += data[:size]
             del data[: size + 2]

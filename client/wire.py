@@ -17,9 +17,12 @@ Every malformed body raises :class:`WireError` (a ``ValueError``) with a message
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -114,23 +117,37 @@ def encode_parts(
     safetensors code such as ``"F16"``) converts every tensor, or, as a mapping, the tensors it names; by default
     each keeps its numpy dtype.
     """
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    specs: list[tuple[str, str, tuple[int, ...]]] = []
     buffers: list[memoryview] = []
-    offset = 0
     for name, value in tensors.items():
         code, arr = _as_wire_array(value, dtype.get(name) if isinstance(dtype, Mapping) else dtype)
-        header[name] = {
-            "dtype": code,
-            "shape": list(arr.shape),
-            "data_offsets": [offset, offset + arr.nbytes],
-        }
-        offset += arr.nbytes
+        specs.append((name, code, tuple(arr.shape)))
         buffers.append(memoryview(arr.reshape(-1)).cast("B") if arr.size else memoryview(b""))  # type: ignore[arg-type]
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(len(raw) + 8) % 8)  # pad so the data starts 8-byte aligned, as the safetensors package does
-    return [struct.pack("<Q", len(raw)) + raw, *buffers]
+    return [header(tuple(specs), metadata), *buffers]
+
+
+def header(specs: tuple[tuple[str, str, tuple[int, ...]], ...], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The 8-byte length and JSON header for tensors ``(name, dtype code, shape)`` stored back to back in that
+    order, padded so that the data starts 8-byte aligned, as the safetensors package does."""
+    members = [_entries_json(specs)] if specs else []
+    if metadata:
+        meta = {str(k): str(v) for k, v in metadata.items()}
+        members.insert(0, '"__metadata__":' + json.dumps(meta, separators=(",", ":")))
+    raw = ("{" + ",".join(members) + "}").encode()
+    raw += b" " * (-(len(raw) + 8) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+@functools.lru_cache(maxsize=256)
+def _entries_json(specs: tuple[tuple[str, str, tuple[int, ...]], ...]) -> str:
+    """The tensor entries of a header (cached: a session answers with the same tensors at every step)."""
+    parts, offset = [], 0
+    for name, code, shape in specs:
+        nbytes = math.prod(shape) * _ITEMSIZE[code]
+        entry = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        parts.append(json.dumps(name) + ":" + json.dumps(entry, separators=(",", ":")))
+        offset += nbytes
+    return ",".join(parts)
 
 
 def encode(
@@ -219,6 +236,11 @@ def _metadata(value: Any) -> dict[str, str]:
     return value
 
 
+_HEADERS: OrderedDict[bytes, tuple[tuple[TensorEntry, ...], dict[str, str]]] = OrderedDict()
+_HEADERS_KEPT = 256
+_HEADERS_LOCK = threading.Lock()
+
+
 def parse(body: bytes | bytearray | memoryview, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> Safetensors:
     """Validate a safetensors body and return a zero-copy view of it.
 
@@ -234,8 +256,27 @@ def parse(body: bytes | bytearray | memoryview, max_header_bytes: int = DEFAULT_
         raise WireError(f"safetensors header of {n} bytes exceeds the limit of {max_header_bytes}")
     if 8 + n > len(view):
         raise WireError(f"safetensors header length {n} runs past the end of the {len(view)}-byte body")
+    raw = bytes(view[8 : 8 + n])
+    data = view[8 + n :]
+    with _HEADERS_LOCK:
+        known = _HEADERS.get(raw)
+    if known is None:
+        known = _parse_header(raw)
+        with _HEADERS_LOCK:  # a step sends the same header every time: validate it once
+            _HEADERS[raw] = known
+            while len(_HEADERS) > _HEADERS_KEPT:
+                _HEADERS.popitem(last=False)
+    entries, metadata = known
+    end = max((e.stop for e in entries), default=0)
+    if end != len(data):
+        raise WireError(f"tensors cover {end} bytes of data but the body carries {len(data)}")
+    return Safetensors(entries, dict(metadata), data)
+
+
+def _parse_header(raw: bytes) -> tuple[tuple[TensorEntry, ...], dict[str, str]]:
+    """The validated entries and metadata of a header (everything but the body's length)."""
     try:
-        text = bytes(view[8 : 8 + n]).decode("utf-8")
+        text = raw.decode("utf-8")
         if not text.startswith("{"):
             raise WireError("safetensors header is not a JSON object")
         header = json.loads(text, object_pairs_hook=_no_duplicates)
@@ -245,19 +286,15 @@ def parse(body: bytes | bytearray | memoryview, max_header_bytes: int = DEFAULT_
         raise WireError(f"safetensors header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise WireError("safetensors header is not a JSON object")
-
     metadata = _metadata(header.pop("__metadata__", None))
     entries = [_entry(name, info) for name, info in header.items()]
-    data = view[8 + n :]
     end = 0
     for entry in sorted(entries, key=lambda x: (x.start, x.stop)):
         if entry.start != end:
             what = "overlaps the previous tensor" if entry.start < end else f"leaves a gap after byte {end}"
             raise WireError(f"tensor {entry.name!r}: data_offsets [{entry.start}, {entry.stop}] {what}")
         end = entry.stop
-    if end != len(data):
-        raise WireError(f"tensors cover {end} bytes of data but the body carries {len(data)}")
-    return Safetensors(tuple(entries), metadata, data)
+    return tuple(entries), metadata
 
 
 def _entry(name: str, info: Any) -> TensorEntry:

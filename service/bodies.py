@@ -13,9 +13,6 @@ the socket and one that takes several times that.
 from __future__ import annotations
 
 import os
-import threading
-import weakref
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,76 +20,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from optserve.client.buffers import BufferPool
+
 from .errors import BadRequest
 
 SMALL_BODY = 1 << 16  # below this, Starlette's own body() is as fast
-POOLED_MIN = 1 << 20
 
 
-class BufferPool:
-    """Large byte buffers kept for reuse, up to ``max_bytes`` in all.
-
-    A step's body and its answer are the size of the model, and freshly mapped memory costs a page fault per
-    4 KiB page when first written: on these VMs about 120 ms for 40 MB, ten times the copy itself. Sizes repeat
-    (every step of a session has the same body and answer sizes), so buffers are matched by exact size.
-    A buffer is only given back once nothing exports it (see :func:`give_back`), so a buffer still being sent is
-    never reused.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._free: OrderedDict[int, list[np.ndarray]] = OrderedDict()
-        self._held = 0
-        self._lock = threading.Lock()
-        # only buffers this pool made come back (numpy arrays are not hashable: keyed by id, held weakly)
-        self._born: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
-
-    def take(self, nbytes: int) -> np.ndarray:
-        """A uint8 buffer of exactly ``nbytes`` (contents undefined)."""
-        with self._lock:
-            buffers = self._free.get(nbytes)
-            if buffers:
-                self._held -= nbytes
-                return buffers.pop()
-        buffer = np.empty(nbytes, dtype=np.uint8)
-        if nbytes >= POOLED_MIN:
-            self._born[id(buffer)] = buffer
-        return buffer
-
-    def give(self, buffer: np.ndarray) -> None:
-        nbytes = buffer.nbytes
-        if self._born.get(id(buffer)) is not buffer or nbytes > self.max_bytes:
-            return
-        with self._lock:
-            while self._held + nbytes > self.max_bytes and self._free:
-                size, buffers = next(iter(self._free.items()))
-                buffers.pop()
-                self._held -= size
-                if not buffers:
-                    del self._free[size]
-            self._free.setdefault(nbytes, []).append(buffer)
-            self._free.move_to_end(nbytes)
-            self._held += nbytes
-
-    @property
-    def held_bytes(self) -> int:
-        return self._held
-
-
-POOL = BufferPool(int(os.environ.get("OPTSERVE_IO_POOL_BYTES", 512 << 20)))
-
-
-def give_back(view: memoryview) -> None:
-    """Return the pooled buffer behind ``view`` once nothing else exports it (else leave it to the collector)."""
-    owner: object = view.obj
-    try:
-        view.release()
-    except BufferError:  # still exported: a transport is sending it, or a view is alive
-        return
-    while isinstance(owner, np.ndarray) and owner.base is not None:
-        owner = owner.base
-    if isinstance(owner, np.ndarray):
-        POOL.give(owner)
+# Request bodies and answer copies: reused by exact size once nothing references them (see BufferPool).
+POOL: BufferPool[np.ndarray] = BufferPool(
+    lambda n: np.empty(n, dtype=np.uint8), int(os.environ.get("OPTSERVE_IO_POOL_BYTES", 512 << 20))
+)
 
 
 async def read_body(request: Request) -> bytes | bytearray | memoryview:
@@ -136,16 +74,12 @@ class BufferResponse(Response):
         self.headers["content-length"] = str(sum(len(p) for p in self.parts))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            last = len(self.parts) - 1
-            for i, part in enumerate(self.parts):
-                await send({"type": "http.response.body", "body": part, "more_body": i < last})  # type: ignore[typeddict-item]
-            if not self.parts:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            for part in self.parts:
-                give_back(part)
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        last = len(self.parts) - 1
+        for i, part in enumerate(self.parts):
+            await send({"type": "http.response.body", "body": part, "more_body": i < last})  # type: ignore[typeddict-item]
+        if not self.parts:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 DIRECT_MIN = 1 << 20  # bodies from this size on are received straight into one buffer

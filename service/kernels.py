@@ -12,6 +12,8 @@ floats) and passed in as float32, exactly the values numpy's weak-scalar rule wo
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -24,6 +26,11 @@ except ImportError:  # pragma: no cover - numba is a server dependency; the nump
 
 AVAILABLE = numba is not None
 f32 = np.float32
+# The steps are memory-bound, and on these machines each core brings its own share of memory bandwidth: two threads
+# step 10M AdamW parameters in about half the time of one (bench/run.py). Ranges below PARALLEL_MIN stay on one.
+THREADS = int(os.environ.get("OPTSERVE_KERNEL_THREADS", os.cpu_count() or 1))
+PARALLEL_MIN = 1 << 20
+_EXECUTOR: ThreadPoolExecutor | None = None
 
 
 def _adam(p, g, m, v, vmax, amsgrad, scale, negate, decay, l2, w, small_w, b2, c2, eps_root_bc2, sqrt_bc2, eps,
@@ -87,8 +94,7 @@ def _rmsprop(p, g, sq, buf, gavg, scale, negate, l2, alpha, c_alpha, w, small_w,
 
 
 if AVAILABLE:
-    # One thread: the step is memory-bound (a second thread measured no faster at 10M params) and the other core
-    # keeps serving requests. nogil lets steps of different sessions run at the same time.
+    # nogil: the kernels run outside the GIL, so parts of one range, and steps of different sessions, run at once.
     _KERNELS = {
         name: numba.njit(error_model="numpy", nogil=True, cache=True)(fn)
         for name, fn in (("adam", _adam), ("sgd", _sgd), ("rmsprop", _rmsprop))
@@ -109,8 +115,45 @@ def step_range(
     t: int,
     hp: Hyperparams,
     grad_scale: float = 1.0,
+    threads: int | None = None,
 ) -> None:
-    """The numba twin of :func:`optserve.service.fused.step_range` (same arguments, same results)."""
+    """The numba twin of :func:`optserve.service.fused.step_range` (same arguments, same results).
+
+    A range of at least ``PARALLEL_MIN`` elements is split into ``threads`` contiguous parts stepped at the same
+    time (the kernels release the GIL); every element's arithmetic is unchanged, so the bits are too.
+    """
+    threads = THREADS if threads is None else threads
+    n = stop - start
+    if threads <= 1 or n < PARALLEL_MIN:
+        _step_one(optimizer, params, grads, state, start, stop, t, hp, grad_scale)
+        return
+    bounds = [start + (n * i // threads) // 64 * 64 for i in range(threads)] + [stop]
+    futures = [
+        _executor().submit(_step_one, optimizer, params, grads, state, lo, hi, t, hp, grad_scale)
+        for lo, hi in zip(bounds[:-1], bounds[1:])
+    ]
+    for future in futures:
+        future.result()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = ThreadPoolExecutor(max_workers=max(THREADS, 2), thread_name_prefix="optserve-kernel")
+    return _EXECUTOR
+
+
+def _step_one(
+    optimizer: str,
+    params: np.ndarray,
+    grads: np.ndarray,
+    state: dict[str, np.ndarray],
+    start: int,
+    stop: int,
+    t: int,
+    hp: Hyperparams,
+    grad_scale: float = 1.0,
+) -> None:
     p, g = params[start:stop], grads[start:stop]
     s = {name: buf[start:stop] for name, buf in state.items()}
     scale = f32(grad_scale)

@@ -49,6 +49,7 @@ class FlatLayout:
             slots.append(Slot(name, tuple(shape), offset, size, group))
             offset += size
         self.slots: tuple[Slot, ...] = tuple(slots)
+        self.specs = tuple((s.name, "F32", s.shape) for s in self.slots)  # the flat buffer as safetensors entries
         self.index: dict[str, int] = {s.name: i for i, s in enumerate(self.slots)}
         self.size = offset
         groups = sorted({s.group for s in self.slots})
@@ -98,6 +99,18 @@ class FlatLayout:
             raise InvalidInput(f"tensor {name!r} has dtype {dtype}; gradients must be F32, F16 or BF16")
         return slot
 
+    def _in_order(self, grads: Safetensors) -> bool:
+        """Exactly the session's tensors, float32, with its shapes, stored in layout order."""
+        entries = grads.entries
+        if len(entries) != len(self.slots):
+            return False
+        pos = 0
+        for e, slot in zip(entries, self.slots):
+            if e.name != slot.name or e.dtype != "F32" or e.shape != slot.shape or e.start != pos:
+                return False
+            pos = e.stop
+        return True
+
     def gather(
         self, grads: Safetensors | Mapping[str, np.ndarray], partial: bool = False
     ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -108,6 +121,8 @@ class FlatLayout:
         tensors are all F32 and stored in layout order: ``flat`` is then a read-only view of the body's data.
         """
         if isinstance(grads, Safetensors):
+            if self._in_order(grads):  # the common case, checked without building sets: a view of the body
+                return np.frombuffer(grads.data, dtype="<f4", count=self.size), None
             entries = sorted(grads.entries, key=lambda e: e.start)
             names = [e.name for e in entries]
             self.check_names(names, partial)

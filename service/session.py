@@ -145,8 +145,11 @@ class Pending:
 
 def sum_of_squares(flat: np.ndarray) -> float:
     """Sum of squares in float64 over float32 chunk dot products; NaN or inf when a value is non-finite."""
-    total = 0.0
-    with np.errstate(over="ignore", invalid="ignore"):
+    # np.dot is BLAS: no floating-point error state to manage, an overflow just gives inf
+    if flat.size <= NORM_CHUNK:
+        total = float(np.dot(flat, flat))
+    else:
+        total = 0.0
         for lo in range(0, flat.size, NORM_CHUNK):
             chunk = flat[lo : lo + NORM_CHUNK]
             total += float(np.dot(chunk, chunk))

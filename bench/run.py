@@ -1,0 +1,422 @@
+"""optserve benchmark: every figure measured in this one run and printed side by side, as ratios.
+
+    .venv/bin/python bench/run.py            # all four tables (a few minutes on 2 cores)
+    .venv/bin/python bench/run.py --quick    # smaller sizes, shorter runs
+
+1. Core step throughput of the fused kernels (AdamW, Adam+amsgrad, SGD momentum, RMSprop) against a same-traffic
+   floor kernel (reads p, g, m, v and writes p, m, v with trivial arithmetic), torch 2.13's AdamW (fused and
+   foreach, CPU) and the naive numpy formula.
+2. Remote step latency over loopback (client encode, HTTP both ways, server decode and step, client decode) against
+   a raw TCP echo of the same byte counts plus the core step, with the breakdown of where the time goes.
+3. Small-step request rate and latency (1K-parameter sessions, 16 connections, wrk) against a bare FastAPI endpoint
+   served by the same uvicorn setup.
+4. Server memory per parameter after creating sessions, and RSS over 1000 steps.
+
+Servers run as their own processes on free loopback ports and are stopped by process id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from optserve.client import Client, wire
+from optserve.service import kernels
+from optserve.service.embedded import free_port, wait_healthy
+from optserve.service.fused import step_range_numpy
+from optserve.service.hyperparams import make_hyperparams
+
+HERE = Path(__file__).resolve().parent
+OPTSERVE = Path(sys.executable).with_name("optserve")
+
+
+def timed(fn: Callable[[], object], budget: float = 0.4, min_reps: int = 3, max_reps: int = 200) -> float:
+    """Median seconds of ``fn`` after one warm-up call, repeated within about ``budget`` seconds."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget and len(times) < max_reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def table(title: str, header: list[str], rows: list[list[str]], notes: list[str] = ()) -> None:  # type: ignore[assignment]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(row, widths)) + " |")
+    for note in notes:
+        print(f"\n{note}")
+    sys.stdout.flush()
+
+
+def start(cmd: list[str], url: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL)
+    if url:
+        wait_healthy(url, alive=lambda: proc.poll() is None)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def optserve_server(data_dir: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(OPTSERVE), "serve", "--port", str(port), "--data-dir", data_dir, "--log-level", "warning"]
+    return start(cmd, url), url
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+# --- 1. core step ------------------------------------------------------------------------------------------------
+
+
+if kernels.AVAILABLE:
+    import numba
+
+    @numba.njit(error_model="numpy", nogil=True, cache=True)
+    def floor_one(p, g, m, v):  # type: ignore[no-untyped-def]
+        """Same memory traffic as AdamW (read p, g, m, v; write p, m, v), trivial arithmetic."""
+        for i in range(p.size):
+            gi = g[i]
+            m[i] = m[i] + gi
+            v[i] = v[i] + gi
+            p[i] = p[i] + gi
+
+
+def floor_kernel(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, threads: int) -> None:
+    """The floor, split over threads exactly as optserve's kernels split a range."""
+    n = p.size
+    if threads <= 1 or n < kernels.PARALLEL_MIN:
+        floor_one(p, g, m, v)
+        return
+    bounds = [(n * i // threads) // 64 * 64 for i in range(threads)] + [n]
+    futures = [
+        kernels._executor().submit(floor_one, p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi])
+        for lo, hi in zip(bounds[:-1], bounds[1:])
+    ]
+    for f in futures:
+        f.result()
+
+
+def naive_adamw(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, t: int) -> None:
+    """The textbook formula written with whole-array numpy expressions."""
+    lr, b1, b2, eps, wd = 1e-3, 0.9, 0.999, 1e-8, 1e-2
+    p *= 1 - lr * wd
+    m[:] = b1 * m + (1 - b1) * g
+    v[:] = b2 * v + (1 - b2) * g * g
+    p -= lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+
+
+def core_table(sizes: list[int]) -> dict[int, float]:
+    import torch
+
+    rows, adamw_seconds = [], {}
+    configs = {
+        "adamw": ("adamw", {}),
+        "adam+amsgrad": ("adam", {"amsgrad": True}),
+        "sgd momentum": ("sgd", {"momentum": 0.9}),
+        "rmsprop": ("rmsprop", {}),
+    }
+    for n in sizes:
+        rng = np.random.default_rng(0)
+        p = rng.standard_normal(n, dtype=np.float32)
+        g = rng.standard_normal(n, dtype=np.float32)
+        m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        seconds: dict[str, float] = {
+            "floor 1 thread": timed(lambda: floor_kernel(p, g, m, v, 1)),
+            "floor": timed(lambda: floor_kernel(p, g, m, v, kernels.THREADS)),
+        }
+        m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        for label, (name, values) in configs.items():
+            hp = make_hyperparams(name, values)
+            state = {s: np.zeros(n, np.float32) for s in hp.state_names()}
+            seconds[label] = timed(lambda hp=hp, state=state, name=name: kernels.step_range(name, p, g, state, 0, n, 3, hp))
+        hp = make_hyperparams("adamw")
+        state = {s: np.zeros(n, np.float32) for s in hp.state_names()}
+        seconds["numpy path"] = timed(lambda: step_range_numpy("adamw", p, g, state, 0, n, 3, hp), budget=0.2)
+        seconds["naive numpy"] = timed(lambda: naive_adamw(p, g, m, v, 3), budget=0.2)  # fresh m, v: v >= 0
+        for mode in ("fused", "foreach"):
+            tp = torch.nn.Parameter(torch.from_numpy(p.copy()))
+            tp.grad = torch.from_numpy(g.copy())
+            opt = torch.optim.AdamW([tp], **{mode: True})
+            seconds[f"torch {mode}"] = timed(opt.step, budget=0.3)
+            del opt, tp
+        adamw_seconds[n] = seconds["adamw"]
+        floor = seconds["floor"]
+        rows.append(
+            [f"{n:.0e}"]
+            + [f"{n / seconds[k] / 1e9:.2f}" for k in ("floor 1 thread", "floor", *configs, "numpy path", "torch fused", "torch foreach", "naive numpy")]
+            + [f"{seconds['adamw'] / floor:.2f}x", f"{seconds['torch fused'] / seconds['adamw']:.2f}x",
+               f"{seconds['adamw'] * 1e3:.2f}"]
+        )  # fmt: skip
+    table(
+        "1. Core step throughput (G params/s, higher is better)",
+        ["N", "floor 1 thr", f"floor {kernels.THREADS} thr", "AdamW", "Adam+amsgrad", "SGD mom.", "RMSprop",
+         "numpy path", "torch fused", "torch foreach", "naive numpy", "AdamW/floor", "torch fused/AdamW", "AdamW ms"],
+        rows,
+        [f"optserve's kernels and the floor split ranges of >= {kernels.PARALLEL_MIN} params over {kernels.THREADS} "
+         f"threads (OPTSERVE_KERNEL_THREADS); torch uses its default {torch.get_num_threads()} threads. AdamW/floor: "
+         "optserve's AdamW time over the same-traffic floor at the same thread count (goal <= 1.10x). torch "
+         "fused/AdamW: how many times faster optserve's AdamW is than torch's fused AdamW (goal >= 1.3x)."],
+    )  # fmt: skip
+    return adamw_seconds
+
+
+# --- 2. remote step ----------------------------------------------------------------------------------------------
+
+
+def echo_seconds(port: int, up: int, down: int) -> float:
+    payload = memoryview(bytearray(up))
+    back = bytearray(down)
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def exchange() -> None:
+            sock.sendall(struct.pack("<QQ", up, down))
+            sock.sendall(payload)
+            view, got = memoryview(back), 0
+            while got < down:
+                got += sock.recv_into(view[got:])
+
+        return timed(exchange, budget=1.0, min_reps=5)
+
+
+def remote_table(sizes: list[int], core: dict[int, float], data_dir: str) -> None:
+    echo_port = free_port()
+    echo = start([sys.executable, str(HERE / "echo_server.py"), str(echo_port)])
+    time.sleep(0.3)
+    server, url = optserve_server(data_dir)
+    rows = []
+    try:
+        with Client(url, timeout=300) as client:
+            for n in sizes:
+                sid = client.create_session({"w": np.zeros(n, np.float32)}, "adamw")["id"]
+                grads = {"w": np.random.default_rng(1).standard_normal(n, dtype=np.float32)}
+                up = sum(len(memoryview(p).cast("B")) for p in wire.encode_parts(grads))
+                down = up + 16  # the answer carries a step number in its metadata
+                parts: dict[str, list[float]] = {"total": [], "server": [], "encode": []}
+
+                def one_step() -> None:
+                    t0 = time.perf_counter()
+                    wire.encode_parts(grads)
+                    t1 = time.perf_counter()
+                    result = client.step(sid, grads)
+                    t2 = time.perf_counter()
+                    result.release()
+                    parts["encode"].append(t1 - t0)
+                    parts["total"].append(t2 - t0)
+
+                timing = {}
+                orig = client._send
+
+                def spy(call):  # type: ignore[no-untyped-def]
+                    reply = orig(call)
+                    timing["st"] = reply.headers.get("server-timing", "")
+                    return reply
+
+                client._send = spy  # type: ignore[method-assign]
+                server_steps = []
+
+                def measured() -> None:
+                    one_step()
+                    server_steps.append(float(re.search(r"step;dur=([\d.]+)", timing["st"]).group(1)) / 1e3)
+
+                total = timed(measured, budget=1.5, min_reps=5)
+                client._send = orig  # type: ignore[method-assign]
+                echo_s = echo_seconds(echo_port, up, down)
+                server_s = statistics.median(server_steps)
+                rows.append([
+                    f"{n:.0e}", f"{up / 1e6:.2f}", f"{echo_s * 1e3:.2f}", f"{core[n] * 1e3:.2f}", f"{total * 1e3:.2f}",
+                    f"{total / (echo_s + core[n]):.2f}x", f"{1 / total:.1f}", f"{2 * up / total / 1e6:.0f}",
+                    f"{server_s * 1e3:.2f}", f"{(total - server_s) * 1e3:.2f}",
+                ])  # fmt: skip
+                client.delete_session(sid)
+    finally:
+        stop(server)
+        stop(echo)
+    table(
+        "2. Remote step over loopback (AdamW, float32 both ways)",
+        ["N", "MB each way", "socket echo ms", "core step ms", "remote step ms", "remote/(echo+core)", "steps/s",
+         "MB/s (up+down)", "server step ms", "transfer+client ms"],
+        rows,
+        ["remote step: Client.step wall time (encode, send, server decode+check+step+copy, answer, receive, decode), "
+         "median. server step: the server's own Server-Timing for the step (gradient checks, fused step, copy of "
+         "the answer). transfer+client: the rest. Goal at 1e7: remote/(echo+core) <= 1.5x."],
+    )  # fmt: skip
+
+
+# --- 3. small steps ----------------------------------------------------------------------------------------------
+
+WRK_SCRIPT = """
+local paths = {}
+for line in io.lines("%(paths)s") do paths[#paths + 1] = line end
+local f = io.open("%(body)s", "rb"); local body = f:read("*all"); f:close()
+wrk.method = "POST"; wrk.body = body
+wrk.headers["Content-Type"] = "application/x-safetensors"
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format(nil, paths[(i %% #paths) + 1])
+end
+"""
+
+
+def wrk(url: str, paths: list[str], body: bytes, seconds: int) -> tuple[float, float, float, int]:
+    """(requests/s, p50 ms, p99 ms, non-2xx) from wrk with 16 connections on 2 threads."""
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "paths").write_text("\n".join(paths))
+        Path(tmp, "body").write_bytes(body)
+        Path(tmp, "post.lua").write_text(WRK_SCRIPT % {"paths": f"{tmp}/paths", "body": f"{tmp}/body"})
+        out = subprocess.run(
+            ["wrk", "-t2", "-c16", f"-d{seconds}s", "--latency", "-s", f"{tmp}/post.lua", url],
+            capture_output=True, text=True, timeout=seconds + 60, check=True,
+        ).stdout  # fmt: skip
+
+    def ms(label: str) -> float:
+        value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rate, ms("50%"), ms("99%"), int(errors.group(1)) if errors else 0
+
+
+def small_table(data_dir: str, seconds: int) -> None:
+    if shutil.which("wrk") is None:
+        print("\n## 3. Small steps\n\nskipped: wrk is not installed (Debian: apt-get install wrk)")
+        return
+    n = 1000
+    grads = {"w": np.random.default_rng(2).standard_normal(n, dtype=np.float32)}
+    body = wire.encode(grads)
+    rows = []
+    port = free_port()
+    bare = start([sys.executable, str(HERE / "bare_app.py"), str(port), str(len(body) + 16)])
+    wait_healthy_bare(f"http://127.0.0.1:{port}/bare")
+    try:
+        bare_rate, bare_p50, bare_p99, bare_err = wrk(f"http://127.0.0.1:{port}", ["/bare"], body, seconds)
+    finally:
+        stop(bare)
+    server, url = optserve_server(data_dir)
+    try:
+        with Client(url) as client:
+            ids = [client.create_session({"w": np.zeros(n, np.float32)}, "adamw")["id"] for _ in range(16)]
+            rate, p50, p99, err = wrk(url, [f"/v1/sessions/{i}/step" for i in ids], body, seconds)
+            steps = sum(client.session(i)["step"] for i in ids)
+    finally:
+        stop(server)
+    rows.append(["bare FastAPI endpoint", f"{bare_rate:.0f}", f"{bare_p50:.2f}", f"{bare_p99:.2f}", str(bare_err), "1.00"])
+    rows.append(["optserve step (AdamW)", f"{rate:.0f}", f"{p50:.2f}", f"{p99:.2f}", str(err), f"{rate / bare_rate:.2f}"])
+    table(
+        f"3. Small steps: {n} params, 16 connections, {seconds} s each (wrk -t2 -c16)",
+        ["endpoint", "requests/s", "p50 ms", "p99 ms", "errors", "rate vs bare"],
+        rows,
+        [f"The bare endpoint reads the same {len(body)}-byte body and answers as many bytes; both run under the same "
+         f"uvicorn setup (httptools protocol, log level warning). Steps applied by the server: {steps}. Goal: >= 0.70."],
+    )  # fmt: skip
+
+
+def wait_healthy_bare(url: str) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.post(url, content=b"", timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise TimeoutError(url)
+
+
+# --- 4. memory ---------------------------------------------------------------------------------------------------
+
+
+def memory_table(data_dir: str, total_params: int, steps: int) -> None:
+    server, url = optserve_server(data_dir)
+    rows = []
+    try:
+        with Client(url, timeout=300) as client:
+            idle = rss_bytes(server.pid)
+            sizes = [total_params // 4] * 4
+            for n in sizes:
+                client.create_session({"w": np.zeros(n, np.float32)}, "adamw")
+            created = rss_bytes(server.pid)
+            rows.append(["4 AdamW sessions created", f"{sum(sizes):.1e}", f"{(created - idle) / 2**20:.0f}",
+                         f"{(created - idle) / sum(sizes):.2f}"])  # fmt: skip
+            n = 1_000_000
+            sid = client.create_session({"w": np.zeros(n, np.float32)}, "adamw")["id"]
+            grads = {"w": np.random.default_rng(3).standard_normal(n, dtype=np.float32)}
+            samples = []
+            for i in range(steps):
+                client.step(sid, grads).release()
+                if i % (steps // 10) == 0 or i == steps - 1:
+                    samples.append(rss_bytes(server.pid))
+            first, last = samples[0], samples[-1]
+            rows.append(["+1 session of 1e6, stepped", f"{steps} steps",
+                         " -> ".join(f"{s / 2**20:.0f}" for s in samples[:: max(1, len(samples) // 5)]) + f" -> {last / 2**20:.0f}",
+                         f"growth first->last {(last - first) / 2**20:+.1f} MiB"])  # fmt: skip
+    finally:
+        stop(server)
+    table(
+        "4. Server memory (RSS of the server process)",
+        ["what", "params", "RSS MiB", "bytes/param"],
+        rows,
+        ["bytes/param: RSS increase over the idle server divided by the parameters held (the AdamW state itself is "
+         "12: params, exp_avg, exp_avg_sq in float32). Goal: <= 12.5 and flat RSS over the steps. While stepping, "
+         "the server also keeps reusable I/O buffers (one request body and one answer per session size, at most "
+         "OPTSERVE_IO_POOL_BYTES, 512 MiB by default)."],
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and shorter runs")
+    parser.add_argument("--only", choices=["core", "remote", "small", "memory"], action="append")
+    args = parser.parse_args()
+    sizes = [10**4, 10**5, 10**6, 10**7] if args.quick else [10**4, 10**5, 10**6, 10**7, 5 * 10**7]
+    only = set(args.only or ["core", "remote", "small", "memory"])
+    print(f"optserve benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, numpy {np.__version__}, "
+          f"kernel backend: {'numba' if kernels.AVAILABLE else 'numpy'}")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="optserve-bench-") as data_dir:
+        core = core_table(sizes) if {"core", "remote"} & only else {}
+        if "remote" in only:
+            remote_table(sizes, core, data_dir)
+        if "small" in only:
+            small_table(data_dir, 5 if args.quick else 10)
+        if "memory" in only:
+            memory_table(data_dir, 10**7 if args.quick else 4 * 10**7, 1000)
+
+
+if __name__ == "__main__":
+    main()
