@@ -45,9 +45,8 @@ class Reply:
     @classmethod
     def of(cls, response: httpx.Response) -> Reply:
         """From an httpx response, taking the transport's receive buffer as it is when there is one."""
-        body = response.extensions.get(BODY_EXTENSION)
-        if body is None:
-            body = response.read()
+        box = response.extensions.get(BODY_EXTENSION)
+        body = response.read() if box is None else box.take()
         return cls(response.status_code, response.headers, body, response.reason_phrase)
 
 

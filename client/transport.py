@@ -6,7 +6,7 @@ body's buffers with ``sendall`` (no join, no copy of numpy data) and receives a 
 ``recv_into`` straight into one preallocated buffer. It is an ``httpx.BaseTransport``, so ``Client`` keeps httpx's
 API, errors and timeouts; ``Client`` uses it for ``http://`` URLs.
 
-The buffer travels in ``response.extensions["optserve.body"]``; reading the response the httpx way
+The buffer travels in ``response.extensions["optserve.body"]`` (a :class:`Body`: ``.take()`` it once); reading the response the httpx way
 (``response.read()``) also works and makes one copy. Large receive buffers come from a
 :class:`~optserve.client.buffers.BufferPool`: once the reader holds no reference to a body any more, its buffer
 serves a later answer of the same size (fresh memory costs a page fault per page, the largest cost of a large
@@ -35,12 +35,29 @@ HEAD_LIMIT = 64 * 1024
 RECV = 256 * 1024
 
 
+class Body:
+    """A received body handed over once: :meth:`take` gives the buffer and forgets it.
+
+    httpx keeps a response and its stream in a reference cycle, freed only by the garbage collector; holding the
+    buffer through this one-shot box lets it be dropped (and reused by the pool) as soon as the reader is done.
+    """
+
+    def __init__(self, buffer: bytearray) -> None:
+        self._buffer: bytearray | None = buffer
+
+    def take(self) -> bytearray:
+        buffer, self._buffer = self._buffer, None
+        if buffer is None:
+            raise RuntimeError("the body was already taken")
+        return buffer
+
+
 class _BufferStream(httpx.SyncByteStream):
-    def __init__(self, body: bytearray | memoryview) -> None:
+    def __init__(self, body: Body) -> None:
         self.body = body
 
     def __iter__(self) -> Iterator[bytes]:
-        yield bytes(self.body)
+        yield bytes(self.body.take())
 
 
 class _Connection:
@@ -123,13 +140,14 @@ class SocketTransport(httpx.BaseTransport):
             self._checkin(key, conn)
         else:
             conn.close()
+        box = Body(body)
         extensions: dict[str, object] = {
             "http_version": b"HTTP/1.1",
             "reason_phrase": reason.encode("latin-1"),
-            BODY_EXTENSION: body,
+            BODY_EXTENSION: box,
         }
         return httpx.Response(
-            status, headers=headers, stream=_BufferStream(body), request=request, extensions=extensions
+            status, headers=headers, stream=_BufferStream(box), request=request, extensions=extensions
         )
 
     def _send(self, conn: _Connection, request: httpx.Request) -> None:
@@ -178,7 +196,7 @@ class SocketTransport(httpx.BaseTransport):
 
     def _receive(
         self, conn: _Connection, method: str, timeout: float | None
-    ) -> tuple[int, str, list[tuple[bytes, bytes]], bytearray | memoryview, bool]:
+    ) -> tuple[int, str, list[tuple[bytes, bytes]], bytearray, bool]:
         conn.sock.settimeout(timeout)
         data = conn.pending
         conn.pending = bytearray()
@@ -205,7 +223,7 @@ class SocketTransport(httpx.BaseTransport):
             headers.append((name.strip(), value.strip()))
         fields = {k.lower(): v for k, v in headers}
         keep = version == b"HTTP/1.1" and fields.get(b"connection", b"").lower() != b"close"
-        body: bytearray | memoryview
+        body: bytearray
         if method == "HEAD" or status in (204, 304):
             body = bytearray()
         elif b"content-length" in fields:

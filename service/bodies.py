@@ -111,6 +111,8 @@ try:
             elif not self.cycle.response_complete:
                 direct.append(body)
 
+    _EMPTY = np.empty(0, dtype=np.uint8)
+
     class _DirectBody:
         def __init__(self, cycle: RequestResponseCycle, size: int) -> None:
             self.cycle = cycle
@@ -145,6 +147,9 @@ try:
                 if not (cycle.disconnected or cycle.response_complete):
                     self.delivered = True
                     body = memoryview(self.buffer)  # type: ignore[arg-type]
+                    # From here the application's views alone keep the buffer: when they are gone, the pool can
+                    # reuse it (this object sits in a reference cycle with the uvicorn cycle, freed only by the GC).
+                    self.buffer = _EMPTY
                     return {"type": "http.request", "body": body, "more_body": False}
             while not (cycle.disconnected or cycle.response_complete):  # afterwards: only a disconnect comes
                 await self._wait()
