@@ -6,8 +6,8 @@ body's buffers with ``sendall`` (no join, no copy of numpy data) and receives a 
 ``recv_into`` straight into one preallocated buffer. It is an ``httpx.BaseTransport``, so ``Client`` keeps httpx's
 API, errors and timeouts; ``Client`` uses it for ``http://`` URLs.
 
-The buffer travels in ``response.extensions["optserve.body"]`` (a :class:`Body`: ``.take()`` it once); reading the response the httpx way
-(``response.read()``) also works and makes one copy. Large receive buffers come from a
+The buffer travels in ``response.extensions["optserve.body"]`` (a :class:`Body`: ``.take()`` it once); reading
+the response the httpx way (``response.read()``) also works and makes one copy. Large receive buffers come from a
 :class:`~optserve.client.buffers.BufferPool`: once the reader holds no reference to a body any more, its buffer
 serves a later answer of the same size (fresh memory costs a page fault per page, the largest cost of a large
 receive on these VMs).
