@@ -16,10 +16,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from optserve.client.wire import WireError
 
+from . import fused
 from .errors import ServiceError
 from .routes import plain_errors, router
 from .settings import Settings
@@ -55,6 +58,7 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        await run_in_threadpool(fused.warm_up)  # the first step should not pay for compiling the kernels
         yield
 
     app = FastAPI(
@@ -65,7 +69,7 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     )
     app.state.settings = settings
     app.state.store = store if store is not None else MemoryStore()
-    app.include_router(router)
+    app.router.routes.extend(router.routes)  # directly: include_router adds a matching layer to every request
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -88,6 +92,12 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
         slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
         title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
         return problem_response(exc.status_code, title, str(exc.detail), slug, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client closed the connection before its body arrived: nothing was applied, nobody to answer.
+        log.debug("client disconnected during %s %s", request.method, request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:

@@ -234,3 +234,9 @@ def step_range(
         kernels.step_range(optimizer, params, grads, dict(state), start, stop, t, hp, grad_scale)
     else:
         step_range_numpy(optimizer, params, grads, state, start, stop, t, hp, grad_scale)
+
+
+def warm_up() -> None:
+    """Ready the backend before the first step (numba: compile or load the kernels)."""
+    if BACKEND == "numba":
+        kernels.warm_up()

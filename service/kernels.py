@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .hyperparams import AdamHyperparams, Hyperparams, RMSpropHyperparams, SGDHyperparams
+from .hyperparams import AdamHyperparams, Hyperparams, RMSpropHyperparams, SGDHyperparams, make_hyperparams
 
 try:
     import numba
@@ -33,8 +33,17 @@ PARALLEL_MIN = 1 << 20
 _EXECUTOR: ThreadPoolExecutor | None = None
 
 
-def _adam(p, g, m, v, vmax, amsgrad, scale, negate, decay, l2, w, small_w, b2, c2, eps_root_bc2, sqrt_bc2, eps,
-          step_size):  # fmt: skip
+# The kernels take their scalars packed in one float32 array and their switches in one int: numba types every
+# argument on every call, and for a small step that typing cost more than the arithmetic.
+AMSGRAD, NEGATE, SMALL_W, HAS_BUF, FIRST, NESTEROV, CENTERED, MOMENTUM = (1 << i for i in range(8))
+
+
+def _adam(p, g, m, v, vmax, coef, flags):  # type: ignore[no-untyped-def]
+    scale, decay, l2, w, b2, c2, eps_root_bc2, sqrt_bc2, eps, step_size = (
+        coef[0], coef[1], coef[2], coef[3], coef[4], coef[5], coef[6], coef[7], coef[8], coef[9]
+    )  # fmt: skip
+    amsgrad, negate, small_w = (flags & AMSGRAD) != 0, (flags & NEGATE) != 0, (flags & SMALL_W) != 0
+    one = f32(1.0)
     for i in range(p.size):
         gi = g[i] * scale
         if negate:
@@ -42,7 +51,7 @@ def _adam(p, g, m, v, vmax, amsgrad, scale, negate, decay, l2, w, small_w, b2, c
         pi = p[i] * decay
         gi = gi + l2 * pi
         mi = m[i]
-        mi = mi + w * (gi - mi) if small_w else gi - (gi - mi) * (f32(1.0) - w)
+        mi = mi + w * (gi - mi) if small_w else gi - (gi - mi) * (one - w)
         vi = v[i] * b2 + c2 * gi * gi
         m[i] = mi
         v[i] = vi
@@ -54,7 +63,10 @@ def _adam(p, g, m, v, vmax, amsgrad, scale, negate, decay, l2, w, small_w, b2, c
         p[i] = pi - step_size * (mi / denom)
 
 
-def _sgd(p, g, buf, has_buf, first, scale, negate, l2, momentum, damp, nesterov, lr):  # fmt: skip
+def _sgd(p, g, buf, coef, flags):  # type: ignore[no-untyped-def]
+    scale, l2, momentum, damp, lr = coef[0], coef[1], coef[2], coef[3], coef[4]
+    negate, has_buf = (flags & NEGATE) != 0, (flags & HAS_BUF) != 0
+    first, nesterov = (flags & FIRST) != 0, (flags & NESTEROV) != 0
     for i in range(p.size):
         gi = g[i] * scale
         if negate:
@@ -68,8 +80,13 @@ def _sgd(p, g, buf, has_buf, first, scale, negate, l2, momentum, damp, nesterov,
         p[i] = pi - lr * gi
 
 
-def _rmsprop(p, g, sq, buf, gavg, scale, negate, l2, alpha, c_alpha, w, small_w, centered, momentum, use_momentum,
-             eps, lr):  # fmt: skip
+def _rmsprop(p, g, sq, buf, gavg, coef, flags):  # type: ignore[no-untyped-def]
+    scale, l2, alpha, c_alpha, w, momentum, eps, lr = (
+        coef[0], coef[1], coef[2], coef[3], coef[4], coef[5], coef[6], coef[7]
+    )  # fmt: skip
+    negate, small_w = (flags & NEGATE) != 0, (flags & SMALL_W) != 0
+    centered, use_momentum = (flags & CENTERED) != 0, (flags & MOMENTUM) != 0
+    one = f32(1.0)
     for i in range(p.size):
         gi = g[i] * scale
         if negate:
@@ -80,7 +97,7 @@ def _rmsprop(p, g, sq, buf, gavg, scale, negate, l2, alpha, c_alpha, w, small_w,
         sq[i] = vi
         if centered:
             ai = gavg[i]
-            ai = ai + w * (gi - ai) if small_w else gi - (gi - ai) * (f32(1.0) - w)
+            ai = ai + w * (gi - ai) if small_w else gi - (gi - ai) * (one - w)
             gavg[i] = ai
             denom = np.sqrt(vi - ai * ai) + eps
         else:
@@ -101,8 +118,7 @@ if AVAILABLE:
     }
 
 
-def _empty() -> np.ndarray:
-    return np.empty(0, np.float32)
+_EMPTY = np.empty(0, np.float32)
 
 
 def step_range(
@@ -156,30 +172,43 @@ def _step_one(
 ) -> None:
     p, g = params[start:stop], grads[start:stop]
     s = {name: buf[start:stop] for name, buf in state.items()}
-    scale = f32(grad_scale)
     if isinstance(hp, AdamHyperparams):
         beta1, beta2 = hp.betas
         decoupled = optimizer == "adamw"
         w = 1 - beta1
         bc1, bc2 = 1 - beta1**t, 1 - beta2**t
-        _KERNELS["adam"](
-            p, g, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq", _empty()), hp.amsgrad, scale,
-            hp.maximize, f32(1 - hp.lr * hp.weight_decay) if decoupled else f32(1.0),
-            f32(0.0) if decoupled else f32(hp.weight_decay), f32(w), abs(w) < 0.5, f32(beta2), f32(1 - beta2),
-            f32(hp.eps_root * bc2), f32(math.sqrt(bc2)), f32(hp.eps), f32(hp.lr / bc1),
+        coef = np.array(
+            [grad_scale, 1 - hp.lr * hp.weight_decay if decoupled else 1.0, 0.0 if decoupled else hp.weight_decay,
+             w, beta2, 1 - beta2, hp.eps_root * bc2, math.sqrt(bc2), hp.eps, hp.lr / bc1],
+            dtype=np.float32,
         )  # fmt: skip
+        flags = AMSGRAD * hp.amsgrad | NEGATE * hp.maximize | SMALL_W * (abs(w) < 0.5)
+        _KERNELS["adam"](p, g, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq", _EMPTY), coef, flags)
     elif isinstance(hp, SGDHyperparams):
         has_buf = hp.momentum != 0
-        _KERNELS["sgd"](
-            p, g, s["momentum_buffer"] if has_buf else _empty(), has_buf, t == 1, scale, hp.maximize,
-            f32(hp.weight_decay), f32(hp.momentum), f32(1 - hp.dampening), hp.nesterov, f32(hp.lr),
-        )  # fmt: skip
+        coef = np.array([grad_scale, hp.weight_decay, hp.momentum, 1 - hp.dampening, hp.lr], dtype=np.float32)
+        flags = NEGATE * hp.maximize | HAS_BUF * has_buf | FIRST * (t == 1) | NESTEROV * hp.nesterov
+        _KERNELS["sgd"](p, g, s["momentum_buffer"] if has_buf else _EMPTY, coef, flags)
     elif isinstance(hp, RMSpropHyperparams):
         w = 1 - hp.alpha
+        coef = np.array(
+            [grad_scale, hp.weight_decay, hp.alpha, 1 - hp.alpha, w, hp.momentum, hp.eps, hp.lr], dtype=np.float32
+        )
+        flags = NEGATE * hp.maximize | SMALL_W * (abs(w) < 0.5) | CENTERED * hp.centered | MOMENTUM * (hp.momentum > 0)
         _KERNELS["rmsprop"](
-            p, g, s["square_avg"], s.get("momentum_buffer", _empty()), s.get("grad_avg", _empty()), scale,
-            hp.maximize, f32(hp.weight_decay), f32(hp.alpha), f32(1 - hp.alpha), f32(w), abs(w) < 0.5, hp.centered,
-            f32(hp.momentum), hp.momentum > 0, f32(hp.eps), f32(hp.lr),
-        )  # fmt: skip
+            p, g, s["square_avg"], s.get("momentum_buffer", _EMPTY), s.get("grad_avg", _EMPTY), coef, flags
+        )
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
+def warm_up() -> None:
+    """Compile, or load from numba's on-disk cache, every kernel signature a server uses (writable and read-only
+    gradients), so that no step pays for it."""
+    for optimizer, values in (("adamw", {"amsgrad": True}), ("sgd", {"momentum": 0.9}), ("rmsprop", {"momentum": 0.5})):
+        hp = make_hyperparams(optimizer, values)
+        for writable in (True, False):
+            grads = np.zeros(64, np.float32)
+            grads.flags.writeable = writable
+            state = {name: np.zeros(64, np.float32) for name in hp.state_names()}
+            _step_one(optimizer, np.zeros(64, np.float32), grads, state, 0, 64, 1, hp)
