@@ -18,7 +18,6 @@ Servers run as their own processes on free loopback ports and are stopped by pro
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import shutil
@@ -161,7 +160,9 @@ def core_table(sizes: list[int]) -> dict[int, float]:
         for label, (name, values) in configs.items():
             hp = make_hyperparams(name, values)
             state = {s: np.zeros(n, np.float32) for s in hp.state_names()}
-            seconds[label] = timed(lambda hp=hp, state=state, name=name: kernels.step_range(name, p, g, state, 0, n, 3, hp))
+            seconds[label] = timed(
+                lambda hp=hp, state=state, name=name: kernels.step_range(name, p, g, state, 0, n, 3, hp)
+            )
         hp = make_hyperparams("adamw")
         state = {s: np.zeros(n, np.float32) for s in hp.state_names()}
         seconds["numpy path"] = timed(lambda: step_range_numpy("adamw", p, g, state, 0, n, 3, hp), budget=0.2)
@@ -335,8 +336,12 @@ def small_table(data_dir: str, seconds: int) -> None:
             steps = sum(client.session(i)["step"] for i in ids)
     finally:
         stop(server)
-    rows.append(["bare FastAPI endpoint", f"{bare_rate:.0f}", f"{bare_p50:.2f}", f"{bare_p99:.2f}", str(bare_err), "1.00"])
-    rows.append(["optserve step (AdamW)", f"{rate:.0f}", f"{p50:.2f}", f"{p99:.2f}", str(err), f"{rate / bare_rate:.2f}"])
+    rows.append(
+        ["bare FastAPI endpoint", f"{bare_rate:.0f}", f"{bare_p50:.2f}", f"{bare_p99:.2f}", str(bare_err), "1.00"]
+    )
+    rows.append(
+        ["optserve step (AdamW)", f"{rate:.0f}", f"{p50:.2f}", f"{p99:.2f}", str(err), f"{rate / bare_rate:.2f}"]
+    )
     table(
         f"3. Small steps: {n} params, 16 connections, {seconds} s each (wrk -t2 -c16)",
         ["endpoint", "requests/s", "p50 ms", "p99 ms", "errors", "rate vs bare"],
@@ -363,39 +368,45 @@ def wait_healthy_bare(url: str) -> None:
 
 
 def memory_table(data_dir: str, total_params: int, steps: int) -> None:
-    server, url = optserve_server(data_dir)
     rows = []
-    try:
-        with Client(url, timeout=300) as client:
-            idle = rss_bytes(server.pid)
-            sizes = [total_params // 4] * 4
-            for n in sizes:
-                client.create_session({"w": np.zeros(n, np.float32)}, "adamw")
-            created = rss_bytes(server.pid)
-            rows.append(["4 AdamW sessions created", f"{sum(sizes):.1e}", f"{(created - idle) / 2**20:.0f}",
-                         f"{(created - idle) / sum(sizes):.2f}"])  # fmt: skip
-            n = 1_000_000
-            sid = client.create_session({"w": np.zeros(n, np.float32)}, "adamw")["id"]
-            grads = {"w": np.random.default_rng(3).standard_normal(n, dtype=np.float32)}
-            samples = []
-            for i in range(steps):
-                client.step(sid, grads).release()
-                if i % (steps // 10) == 0 or i == steps - 1:
-                    samples.append(rss_bytes(server.pid))
-            first, last = samples[0], samples[-1]
-            rows.append(["+1 session of 1e6, stepped", f"{steps} steps",
-                         " -> ".join(f"{s / 2**20:.0f}" for s in samples[:: max(1, len(samples) // 5)]) + f" -> {last / 2**20:.0f}",
-                         f"growth first->last {(last - first) / 2**20:+.1f} MiB"])  # fmt: skip
-    finally:
-        stop(server)
+    for pool in ("0", str(512 << 20)):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [str(OPTSERVE), "serve", "--port", str(port), "--data-dir", data_dir, "--log-level", "warning"]
+        server = start(cmd, url, env={"OPTSERVE_IO_POOL_BYTES": pool})
+        label = "I/O pool off" if pool == "0" else "I/O pool 512 MiB (default)"
+        try:
+            with Client(url, timeout=300) as client:
+                idle = rss_bytes(server.pid)
+                n = total_params // 4
+                grads = {"w": np.random.default_rng(3).standard_normal(n, dtype=np.float32)}
+                ids = [client.create_session({"w": np.zeros(n, np.float32)}, "adamw")["id"] for _ in range(4)]
+                created = rss_bytes(server.pid)
+                for sid in ids:  # a step touches every page of the state (zeroed moments are not resident before)
+                    client.step(sid, grads).release()
+                stepped = rss_bytes(server.pid)
+                rows.append([label, f"4 x {n:.1e} created", f"{(created - idle) / 2**20:.0f}",
+                             f"{(created - idle) / (4 * n):.2f}"])  # fmt: skip
+                rows.append([label, "after one step each", f"{(stepped - idle) / 2**20:.0f}",
+                             f"{(stepped - idle) / (4 * n):.2f}"])  # fmt: skip
+                samples = []
+                for i in range(steps):
+                    client.step(ids[i % 4], grads).release()
+                    if i % (steps // 10) == 0 or i == steps - 1:
+                        samples.append(rss_bytes(server.pid))
+                trace = " ".join(f"{s / 2**20:.0f}" for s in samples)
+                rows.append([label, f"{steps} more steps: RSS MiB {trace}", f"{(samples[-1] - idle) / 2**20:.0f}",
+                             f"{(samples[-1] - idle) / (4 * n):.2f} (drift {(samples[-1] - samples[0]) / 2**20:+.0f} MiB)"])  # fmt: skip
+        finally:
+            stop(server)
     table(
-        "4. Server memory (RSS of the server process)",
-        ["what", "params", "RSS MiB", "bytes/param"],
+        "4. Server memory (RSS of the server process above the idle server)",
+        ["server", "sessions (AdamW fp32)", "RSS MiB", "bytes/param"],
         rows,
-        ["bytes/param: RSS increase over the idle server divided by the parameters held (the AdamW state itself is "
-         "12: params, exp_avg, exp_avg_sq in float32). Goal: <= 12.5 and flat RSS over the steps. While stepping, "
-         "the server also keeps reusable I/O buffers (one request body and one answer per session size, at most "
-         "OPTSERVE_IO_POOL_BYTES, 512 MiB by default)."],
+        ["The AdamW state itself is 12 bytes/param (params, exp_avg, exp_avg_sq in float32); goal <= 12.5 and a flat "
+         "RSS over the steps. With the I/O pool on, the server also keeps for reuse one request-body buffer and one "
+         "answer buffer per session size in use (4 bytes/param each, at most OPTSERVE_IO_POOL_BYTES in all): the "
+         "price of not paying fresh-memory page faults on every large step."],
     )  # fmt: skip
 
 
@@ -415,7 +426,7 @@ def main() -> None:
         if "small" in only:
             small_table(data_dir, 5 if args.quick else 10)
         if "memory" in only:
-            memory_table(data_dir, 10**7 if args.quick else 4 * 10**7, 1000)
+            memory_table(data_dir, 4 * 10**6 if args.quick else 4 * 10**7, 1000)
 
 
 if __name__ == "__main__":

@@ -52,12 +52,10 @@ class BufferPool(Generic[B]):
                 self._lent.append(buffer)
                 return buffer
             self._evict(nbytes)
-            track = self._bytes + nbytes <= self.max_bytes
-            if track:
-                self._bytes += nbytes
         buffer = self.make(nbytes)
-        if track:
-            with self._lock:
+        with self._lock:
+            if self._bytes + nbytes <= self.max_bytes:  # tracked for reuse; beyond the cap, it is just freed later
+                self._bytes += nbytes
                 self._lent.append(buffer)
         return buffer
 
@@ -73,7 +71,11 @@ class BufferPool(Generic[B]):
         self._lent = still
 
     def _evict(self, nbytes: int) -> None:
-        """Drop free buffers, least recently freed sizes first, until ``nbytes`` more fit."""
+        """Drop free buffers, least recently freed sizes first, until ``nbytes`` more fit; none when even that
+        would not make room (the new buffer will not be tracked, so the free ones are better kept)."""
+        free_bytes = sum(size * len(buffers) for size, buffers in self._free.items())
+        if self._bytes - free_bytes + nbytes > self.max_bytes:
+            return
         while self._bytes + nbytes > self.max_bytes and self._free:
             size, buffers = next(iter(self._free.items()))
             buffers.pop()

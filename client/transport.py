@@ -78,9 +78,10 @@ class _Connection:
 class SocketTransport(httpx.BaseTransport):
     """HTTP/1.1 for ``http://`` URLs with zero-copy sends and single-buffer receives."""
 
-    def __init__(self, timeout: float | None = 60.0, max_idle: int = 8) -> None:
+    def __init__(self, timeout: float | None = 60.0, max_idle: int = 8, max_body_bytes: int = 1 << 36) -> None:
         self.timeout = timeout
         self.max_idle = max_idle
+        self.max_body_bytes = max_body_bytes  # an answer announcing more is refused before anything is allocated
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._lock = threading.Lock()
         self._buffers: BufferPool[bytearray] = BufferPool(bytearray, REUSE_MAX_BYTES)
@@ -228,8 +229,10 @@ class SocketTransport(httpx.BaseTransport):
             body = bytearray()
         elif b"content-length" in fields:
             length = fields[b"content-length"]
-            if not length.isdigit():
-                raise httpx.RemoteProtocolError(f"malformed Content-Length {length[:40]!r}")
+            if not length.isdigit() or int(length) > self.max_body_bytes:
+                raise httpx.RemoteProtocolError(
+                    f"Content-Length {length[:40]!r} is malformed or above the limit of {self.max_body_bytes} bytes"
+                )
             body = self._read_exactly(conn, data, int(length))
         elif fields.get(b"transfer-encoding", b"").lower() == b"chunked":
             body = self._read_chunked(conn, data)
@@ -266,8 +269,8 @@ class SocketTransport(httpx.BaseTransport):
                 size = int(bytes(data[:end]).split(b";")[0], 16)
             except ValueError:
                 raise httpx.RemoteProtocolError(f"malformed chunk size {bytes(data[:end])[:40]!r}") from None
-            if size < 0:
-                raise httpx.RemoteProtocolError("negative chunk size")
+            if size < 0 or len(body) + size > self.max_body_bytes:
+                raise httpx.RemoteProtocolError("negative chunk size, or the body grows beyond the limit")
             del data[: end + 2]
             if size == 0:
                 while (end := data.find(b"\r\n")) != 0:  # trailers, then the empty line
@@ -279,5 +282,7 @@ class SocketTransport(httpx.BaseTransport):
                 return body
             while len(data) < size + 2:
                 self._more(conn, data, "a chunk")
+            if data[size : size + 2] != b"\r\n":
+                raise httpx.RemoteProtocolError("chunk data not followed by CRLF")
             body += data[:size]
             del data[: size + 2]
