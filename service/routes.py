@@ -262,6 +262,7 @@ async def delete_session(session_id: str, store: StoreDep) -> Response:
     return Response(status_code=204)
 
 
+SESSION_ID_PARAMETER = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
 MISSING_PARAMETER = {
     "name": "missing",
     "in": "query",
@@ -271,8 +272,12 @@ MISSING_PARAMETER = {
 }
 
 
-@router.post("/v1/sessions/{session_id}/step", tags=["steps"], openapi_extra={"parameters": [MISSING_PARAMETER]})
-async def step(session_id: str, request: Request) -> Response:
+@router.post(
+    "/v1/sessions/{session_id}/step",
+    tags=["steps"],
+    openapi_extra={"parameters": [SESSION_ID_PARAMETER, MISSING_PARAMETER]},
+)
+async def step(request: Request) -> Response:
     """Apply one optimizer step from the gradients in the body; answer with the updated parameters.
 
     Headers: ``If-Match: "<step>"`` (412 unless the session is at that step), ``Idempotency-Key`` (a retry is
@@ -284,7 +289,7 @@ async def step(session_id: str, request: Request) -> Response:
     """
     # The hot path of the service: no dependency injection, the query read by hand (FastAPI's dependency solving
     # measured about a tenth of a small step's server time).
-    session = get_store(request).get(session_id)
+    session = get_store(request).get(request.path_params["session_id"])
     missing = request.query_params.get("missing", "error")
     if missing not in ("error", "skip"):
         raise InvalidInput(f"missing must be error or skip, got {missing!r}")
