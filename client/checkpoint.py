@@ -7,7 +7,8 @@ Tensors are float32, named ``params/<name>`` and ``<state>/<name>`` (``exp_avg/<
 - ``config``: the session config as JSON, with ``param_groups`` listing every tensor in layout order;
 - ``step`` and ``tensor_steps`` (one step number per tensor, layout order);
 - ``counters``, ``idempotency_keys`` (``[key, step, outcome, grad_norm]``) and, while contributions are pending,
-  ``pending`` (``{"count", "nonfinite", "present"}``).
+  ``pending`` (``{"count", "nonfinite", "present"}``);
+- ``token_sha256``: the digest of the session's bearer token, when it has one (the token itself is never stored).
 
 The server writes and reads it; the client builds one to load a torch ``state_dict`` into a session. Both use this
 module, so the format is defined once.
@@ -43,6 +44,7 @@ class Checkpoint:
     idempotency_keys: list[list[Any]] = field(default_factory=list)
     pending: dict[str, Any] | None = None
     session_id: str | None = None
+    token_sha256: str | None = None  # the digest of the session's bearer token (never the token)
 
     @property
     def names(self) -> list[str]:
@@ -64,6 +66,8 @@ def encode_parts(cp: Checkpoint) -> list[bytes | memoryview]:
         metadata["id"] = cp.session_id
     if cp.pending is not None:
         metadata["pending"] = json.dumps(cp.pending)
+    if cp.token_sha256 is not None:
+        metadata["token_sha256"] = cp.token_sha256
     tensors: dict[str, np.ndarray] = {}
     for prefix, arrays in [("params", cp.params), *cp.state.items()]:
         for name in cp.names:
@@ -132,4 +136,7 @@ def decode(body: bytes | bytearray | memoryview) -> Checkpoint:
         raise CheckpointError("checkpoint counters must be an object and idempotency_keys a list")
     pending = _json(meta, "pending") if "pending" in meta else None
     params = groups.pop("params")
-    return Checkpoint(config, step, steps, params, groups, counters, keys, pending, meta.get("id"))
+    token = meta.get("token_sha256")
+    if token is not None and not (len(token) == 64 and all(c in "0123456789abcdef" for c in token)):
+        raise CheckpointError("checkpoint token_sha256 must be 64 hex digits")
+    return Checkpoint(config, step, steps, params, groups, counters, keys, pending, meta.get("id"), token)

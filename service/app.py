@@ -7,7 +7,10 @@ domain or by the framework, leaves as ``application/problem+json``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -23,10 +26,12 @@ from starlette.requests import ClientDisconnect
 from optserve.client.wire import WireError
 
 from . import fused
+from .auth import Guard
 from .errors import ServiceError
-from .routes import plain_errors, router
+from .persistence import Saver, Snapshots
+from .routes import Service, plain_errors, router
 from .settings import Settings
-from .store import MemoryStore, SessionStore
+from .store import Limits, MemoryStore, SessionStore
 
 log = logging.getLogger("optserve")
 
@@ -52,14 +57,54 @@ def problem_response(
 
 
 def create_app(settings: Settings | None = None, store: SessionStore | None = None) -> FastAPI:
-    """Build the application around a session store (in memory by default)."""
+    """Build the application: the session store (in memory, with snapshots in the data folder unless a store is
+    given), auth, limits and the snapshot policy of ``settings``."""
     settings = settings or Settings()
+    snapshots = Snapshots(settings.data_dir) if store is None else None
+    limits = Limits(
+        max_sessions=settings.max_sessions,
+        max_tensors_per_session=settings.max_tensors_per_session,
+        max_params_per_session=settings.max_params_per_session,
+        memory_budget_bytes=settings.memory_budget_bytes,
+    )
+    store = store if store is not None else MemoryStore(limits, snapshots)
+    saver = (
+        Saver(
+            snapshots,
+            settings.snapshot_every_steps,
+            settings.snapshot_every_seconds,
+            settings.fsync_every_step,
+            settings.session_ttl_seconds,
+        )
+        if snapshots is not None
+        else None
+    )
+    api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+    svc = Service(settings, store, Guard(api_key), saver)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         await run_in_threadpool(fused.warm_up)  # the first step should not pay for compiling the kernels
-        yield
+        if snapshots is not None and isinstance(store, MemoryStore):
+            report = await run_in_threadpool(snapshots.load_all)
+            for session in report.loaded:
+                store.replace(session)
+            log.info("loaded %d session(s) from %s; %d set aside", len(report.loaded), snapshots.dir,
+                     len(report.corrupt))  # fmt: skip
+        app.state.ready = True
+        loop_task = asyncio.create_task(_background(svc)) if saver is not None else None
+        try:
+            yield {"max_body_bytes": settings.max_body_bytes}  # read by LargeBodyProtocol before a body arrives
+        finally:
+            app.state.ready = False
+            if loop_task is not None:
+                loop_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop_task
+            if saver is not None:  # graceful shutdown: everything answered is on disk before the process ends
+                failed = await run_in_threadpool(saver.flush, store.list())
+                log.info("shutdown: snapshots flushed (%d failed)", failed)
 
     app = FastAPI(
         title="optserve",
@@ -68,7 +113,9 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.store = store if store is not None else MemoryStore()
+    app.state.store = store
+    app.state.service = svc
+    app.state.ready = False
     app.router.routes.extend(router.routes)  # directly: include_router adds a matching layer to every request
 
     @app.exception_handler(ServiceError)
@@ -107,3 +154,23 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
         )
 
     return app
+
+
+async def _background(svc: Service) -> None:
+    """Time-based snapshots and idle-session eviction, checked every half second."""
+    saver, store = svc.saver, svc.store
+    assert saver is not None
+    while True:
+        await asyncio.sleep(0.5)
+        now = time.time()
+        for session in store.list():
+            idle = bool(saver.ttl_seconds) and now - session.updated_at > saver.ttl_seconds
+            if (idle or saver.due(session, now)) and not session.saving:
+                session.saving = True
+                try:
+                    saved = await run_in_threadpool(saver.save, session)
+                finally:
+                    session.saving = False
+                if idle and saved and session.saved_version == session.version and isinstance(store, MemoryStore):
+                    store.evict(session.id)  # its snapshot is complete; the next request loads it back
+                    log.info("session %s evicted after %.0f s idle", session.id, now - session.updated_at)

@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from optserve.client.buffers import BufferPool
 
-from .errors import BadRequest
+from .errors import BadRequest, PayloadTooLarge
 
 SMALL_BODY = 1 << 16  # below this, Starlette's own body() is as fast
 
@@ -33,11 +33,19 @@ POOL: BufferPool[np.ndarray] = BufferPool(
 )
 
 
-async def read_body(request: Request) -> bytes | bytearray | memoryview:
+async def read_body(request: Request, max_bytes: int | None = None) -> bytes | bytearray | memoryview:
     """The whole request body, read into one buffer sized by ``Content-Length`` when there is one (and taken as it
-    is when :class:`LargeBodyProtocol` already delivered it in one piece)."""
+    is when :class:`LargeBodyProtocol` already delivered it in one piece).
+
+    A body above ``max_bytes`` is refused with 413: from its ``Content-Length`` before anything is read, or as soon
+    as a body without one grows past the limit.
+    """
     length = request.headers.get("content-length", "")
-    if not length.isdigit() or int(length) < SMALL_BODY:
+    if max_bytes is not None and length.isdigit() and int(length) > max_bytes:
+        raise PayloadTooLarge(f"the body of {int(length)} bytes exceeds the limit of {max_bytes}", limit=max_bytes)
+    if not length.isdigit():
+        return await _read_unsized(request, max_bytes)
+    if int(length) < SMALL_BODY:
         message = await request.receive()  # a small body nearly always comes in one message: take it as it is
         if message["type"] == "http.request" and not message.get("more_body", False):
             return message.get("body", b"")
@@ -63,6 +71,17 @@ async def read_body(request: Request) -> bytes | bytearray | memoryview:
     if pos != size:
         raise BadRequest(f"the body ended after {pos} of its {size} bytes")
     return buf
+
+
+async def _read_unsized(request: Request, max_bytes: int | None) -> bytes:
+    """A body without Content-Length (chunked): collected, and refused as soon as it passes the limit."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if max_bytes is not None and size > max_bytes:
+            raise PayloadTooLarge(f"the body exceeds the limit of {max_bytes} bytes", limit=max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class BufferResponse(Response):
@@ -107,7 +126,8 @@ try:
         def on_headers_complete(self) -> None:
             super().on_headers_complete()
             length = dict(self.headers).get(b"content-length", b"")
-            if length.isdigit() and DIRECT_MIN <= int(length) <= MAX_DIRECT:
+            limit = min(MAX_DIRECT, self.app_state.get("max_body_bytes", MAX_DIRECT))
+            if length.isdigit() and DIRECT_MIN <= int(length) <= limit:  # above the limit, the app answers 413
                 _DirectBody.attach(self.cycle, int(length))
 
         def on_body(self, body: bytes) -> None:

@@ -20,7 +20,13 @@ OUTCOMES = ("applied", "skipped", "accepted")
 
 def dump_parts(session: Session) -> list[bytes | memoryview]:
     """The checkpoint body as buffers (header first), from a consistent copy taken under the session's lock."""
+    return dump_versioned(session)[0]
+
+
+def dump_versioned(session: Session) -> tuple[list[bytes | memoryview], int, int]:
+    """(checkpoint buffers, the session's version and step they hold), copied under the session's lock."""
     with session.lock:
+        version, step = session.version, session.step_count
         buffers = {"params": session.params.copy(), **{k: v.copy() for k, v in session.state.items()}}
         pending = session.pending
         if pending is not None:
@@ -36,11 +42,12 @@ def dump_parts(session: Session) -> list[bytes | memoryview]:
             if pending is None
             else {"count": pending.count, "nonfinite": pending.nonfinite, "present": pending.present.tolist()},
             session_id=session.id,
+            token_sha256=session.token_digest,
         )
     views = {prefix: session.layout.views(flat) for prefix, flat in buffers.items()}
     cp.params = views.pop("params")
     cp.state = views
-    return encode_parts(cp)
+    return encode_parts(cp), version, step
 
 
 def dump(session: Session) -> bytes:
@@ -92,4 +99,5 @@ def load(body: bytes | bytearray | memoryview, session_id: str) -> Session:
             flat[slot.offset : slot.stop] = arrays[slot.name].reshape(-1)
     session.step_count = cp.step
     session.tensor_steps[:] = cp.tensor_steps
+    session.token_digest = cp.token_sha256
     return session

@@ -11,9 +11,11 @@ about HTTP beyond the status number.
     +-- NotAcceptable            406
     +-- Conflict                 409  session id taken; StepConflict: idempotency key applied at an older step
     +-- PreconditionFailed       412  If-Match names another step
-    +-- PayloadTooLarge          413
+    +-- PayloadTooLarge          413  body, safetensors header, tensors or parameters per session above the limit
     +-- UnsupportedMediaType     415
     +-- InvalidInput             422  wrong tensor names/shapes/dtypes, invalid hyperparameters, non-finite values
+    +-- TooManySessions          429  the server's session limit
+    +-- LimitExceeded            507  the memory budget for all sessions
 """
 
 from __future__ import annotations
@@ -81,6 +83,14 @@ class PayloadTooLarge(ServiceError):
 
 class UnsupportedMediaType(ServiceError):
     status, slug, title = 415, "unsupported-media-type", "Unsupported media type"
+
+
+class TooManySessions(ServiceError):
+    status, slug, title = 429, "too-many-sessions", "Session limit reached"
+
+
+class LimitExceeded(ServiceError):
+    status, slug, title = 507, "memory-budget-exceeded", "Memory budget exceeded"
 
 
 class InvalidInput(ServiceError):

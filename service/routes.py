@@ -11,10 +11,11 @@ import contextlib
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -22,10 +23,14 @@ from starlette.concurrency import run_in_threadpool
 from optserve.client import wire
 
 from . import checkpoint
+from .auth import Guard, new_token
 from .bodies import BufferResponse, read_body
-from .errors import BadRequest, InvalidInput, NotAcceptable, UnsupportedMediaType
+from .errors import BadRequest, InvalidInput, NotAcceptable, PayloadTooLarge, SessionNotFound, UnsupportedMediaType
+from .hyperparams import HyperparamError, make_hyperparams
 from .layout import FlatLayout
+from .persistence import Saver
 from .session import Session, SessionBusy, SessionConfig, StepResult
+from .settings import Settings
 from .store import SessionStore, check_session_id, new_session_id
 
 router = APIRouter()
@@ -37,11 +42,63 @@ INLINE_BODY_BYTES = 256 * 1024
 SMALL_ANSWER = 256 * 1024  # steps up to ~64K float32 parameters run on the event loop
 
 
-def get_store(request: Request) -> SessionStore:
-    return request.app.state.store  # type: ignore[no-any-return]
+@dataclass
+class Service:
+    """What the routes work with: settings, the session store, the auth guard and the snapshot policy."""
+
+    settings: Settings
+    store: SessionStore
+    guard: Guard
+    saver: Saver | None
 
 
-StoreDep = Annotated[SessionStore, Depends(get_store)]
+def service(request: Request) -> Service:
+    return request.app.state.service  # type: ignore[no-any-return]
+
+
+def open_session(request: Request, session_id: str) -> Session:
+    """The session, once the request shows its token (or the admin key) when auth is on."""
+    svc = service(request)
+    if svc.guard.enabled:
+        svc.guard.session(request, _token_of(svc, session_id))
+    return svc.store.get(session_id)
+
+
+def _token_of(svc: Service, session_id: str) -> str | None:
+    """A session's token digest; the session's absence is answered only after auth (no probing without a token)."""
+    try:
+        return svc.store.get(session_id).token_digest
+    except SessionNotFound:
+        return None
+
+
+async def snapshot_now(svc: Service, session: Session) -> None:
+    if svc.saver is not None:
+        await run_in_threadpool(svc.saver.save, session)
+
+
+async def after_change(svc: Service, session: Session) -> None:
+    """Apply the snapshot policy after an answered change: before answering with fsync_every_step, else in the
+    background when the session is due (every N steps)."""
+    saver = svc.saver
+    if saver is None:
+        return
+    if saver.fsync_every_step:
+        await run_in_threadpool(saver.save, session)
+    elif saver.every_steps and session.step_count - session.saved_step >= saver.every_steps and not session.saving:
+        session.saving = True
+
+        async def save() -> None:
+            try:
+                await run_in_threadpool(saver.save, session)
+            finally:
+                session.saving = False
+
+            _background.add(task := asyncio.get_running_loop().create_task(save()))
+            task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task[None]] = set()
 
 
 # --- negotiation helpers -------------------------------------------------------------------------------------------
@@ -118,10 +175,20 @@ def etag(step: int) -> str:
     return f'"{step}"'
 
 
+def parse_safetensors(body: bytes | bytearray | memoryview, max_header_bytes: int) -> wire.Safetensors:
+    """Parse a safetensors body; a header over the limit is 413, anything else malformed 400."""
+    header_bytes = int.from_bytes(bytes(memoryview(body)[:8]), "little") if len(body) >= 8 else 0
+    if max_header_bytes < header_bytes <= len(body) - 8:  # a real header over the limit (a length past the end is 400)
+        raise PayloadTooLarge(f"safetensors header above the limit of {max_header_bytes} bytes", limit=max_header_bytes)
+    return wire.parse(body, max_header_bytes)
+
+
 def decode_tensors(
-    body: bytes | bytearray | memoryview, ctype: str
+    body: bytes | bytearray | memoryview, ctype: str, max_header_bytes: int
 ) -> wire.Safetensors | tuple[dict[str, np.ndarray], dict[str, str]]:
-    return wire.parse(body) if ctype == wire.SAFETENSORS else wire.decode_json(bytes(body))
+    if ctype == wire.SAFETENSORS:
+        return parse_safetensors(body, max_header_bytes)
+    return wire.decode_json(bytes(body))
 
 
 def tensor_response(
@@ -177,10 +244,10 @@ def plain_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 def _create(
-    body: bytes | bytearray | memoryview, ctype: str
+    body: bytes | bytearray | memoryview, ctype: str, max_header_bytes: int
 ) -> tuple[str | None, SessionConfig, dict[str, np.ndarray]]:
     if ctype == wire.SAFETENSORS:
-        st = wire.parse(body)
+        st = parse_safetensors(body, max_header_bytes)
         config_obj = json_object(st.metadata["config"].encode()) if "config" in st.metadata else {}
         params = st.tensors()
     else:
@@ -195,25 +262,48 @@ def _create(
 
 
 @router.post("/v1/sessions", status_code=201, tags=["sessions"])
-async def create_session(request: Request, store: StoreDep) -> JSONResponse:
+async def create_session(request: Request) -> JSONResponse:
     """Create a session from a config and initial parameters (JSON body, or safetensors with the config in
-    ``__metadata__["config"]``). Optional ``"id"`` picks the session id."""
+    ``__metadata__["config"]``). Optional ``"id"`` picks the session id. With auth on, the answer carries the
+    session's ``token``, once."""
+    svc = service(request)
+    svc.guard.admin(request)
     ctype = tensor_media_type(request)
-    body = await read_body(request)
-    session_id, config, params = _create(body, ctype)
+    body = await read_body(request, svc.settings.max_body_bytes)
+    session_id, config, params = _create(body, ctype, svc.settings.max_header_bytes)
     session_id = check_session_id(session_id) if session_id is not None else new_session_id()
+    svc.store.admit(len(params), sum(int(a.size) for a in params.values()), _state_buffers(config))
     session = await run_in_threadpool(Session, session_id, config, params)
-    store.add(session)
+    token = None
+    if svc.guard.enabled:
+        token, session.token_digest = new_token()
+    svc.store.add(session)
+    await snapshot_now(svc, session)  # from now on the session survives a restart
+    info = session.info()
+    if token is not None:
+        info["token"] = token
     return JSONResponse(
-        session.info(),
-        status_code=201,
-        headers={"Location": f"/v1/sessions/{session.id}", "ETag": etag(session.step_count)},
+        info, status_code=201, headers={"Location": f"/v1/sessions/{session.id}", "ETag": etag(session.step_count)}
     )
 
 
+def _state_buffers(config: SessionConfig) -> int:
+    """How many state buffers a config keeps (for the memory budget, before anything is allocated)."""
+    try:
+        base = make_hyperparams(config.optimizer, config.hyperparams)
+        names = set(base.state_names())
+        for group in config.param_groups:
+            names |= set(make_hyperparams(config.optimizer, dict(group.model_extra or {}), base=base).state_names())
+    except HyperparamError as e:
+        raise InvalidInput(str(e)) from None
+    return len(names) + (1 if config.accumulate > 1 else 0)
+
+
 @router.get("/v1/sessions", tags=["sessions"])
-async def list_sessions(store: StoreDep) -> dict[str, Any]:
-    """Every session: id, optimizer, step and size."""
+async def list_sessions(request: Request) -> dict[str, Any]:
+    """Every session: id, optimizer, step and size (never tokens)."""
+    svc = service(request)
+    svc.guard.admin(request)
     return {
         "sessions": [
             {
@@ -224,15 +314,15 @@ async def list_sessions(store: StoreDep) -> dict[str, Any]:
                 "created_at": s.created_at,
                 "updated_at": s.updated_at,
             }
-            for s in store.list()
+            for s in svc.store.list()
         ]
     }
 
 
 @router.get("/v1/sessions/{session_id}", tags=["sessions"])
-async def session_info(session_id: str, store: StoreDep) -> JSONResponse:
+async def session_info(session_id: str, request: Request) -> JSONResponse:
     """Config, parameter groups, step, tensors and counters of one session."""
-    session = store.get(session_id)
+    session = open_session(request, session_id)
     return JSONResponse(session.info(), headers={"ETag": etag(session.step_count)})
 
 
@@ -245,20 +335,22 @@ class PatchSession(BaseModel):
 
 
 @router.patch("/v1/sessions/{session_id}", tags=["sessions"])
-async def patch_session(session_id: str, request: Request, store: StoreDep) -> JSONResponse:
+async def patch_session(session_id: str, request: Request) -> JSONResponse:
     """Change hyperparameters (e.g. ``{"hyperparams": {"lr": 1e-4}}``), of all groups or of ``"group": i``."""
-    session = store.get(session_id)
+    session = open_session(request, session_id)
     if media_type(request) != wire.JSON:
         raise UnsupportedMediaType(f"send the changes as {wire.JSON}")
-    patch = validated(PatchSession, json_object(await request.body()))
+    patch = validated(PatchSession, json_object(await read_body(request, service(request).settings.max_body_bytes)))
     session.update_hyperparams(patch.hyperparams, patch.group)
+    await snapshot_now(service(request), session)
     return JSONResponse(session.info(), headers={"ETag": etag(session.step_count)})
 
 
 @router.delete("/v1/sessions/{session_id}", status_code=204, tags=["sessions"])
-async def delete_session(session_id: str, store: StoreDep) -> Response:
-    """Delete a session and its state."""
-    store.remove(session_id)
+async def delete_session(session_id: str, request: Request) -> Response:
+    """Delete a session, its state and its snapshot."""
+    open_session(request, session_id)
+    await run_in_threadpool(service(request).store.remove, session_id)
     return Response(status_code=204)
 
 
@@ -289,7 +381,8 @@ async def step(request: Request) -> Response:
     """
     # The hot path of the service: no dependency injection, the query read by hand (FastAPI's dependency solving
     # measured about a tenth of a small step's server time).
-    session = get_store(request).get(request.path_params["session_id"])
+    svc = service(request)
+    session = open_session(request, request.path_params["session_id"])
     missing = request.query_params.get("missing", "error")
     if missing not in ("error", "skip"):
         raise InvalidInput(f"missing must be error or skip, got {missing!r}")
@@ -297,11 +390,11 @@ async def step(request: Request) -> Response:
     encoding = negotiate(request, default=ctype)
     key, if_match, minimal = idempotency_key(request), parse_if_match(request), prefers_minimal(request)
     started = time.perf_counter()
-    body = await read_body(request)
+    body = await read_body(request, svc.settings.max_body_bytes)
     received = time.perf_counter()
 
     def run(blocking: bool = True) -> StepResult:
-        decoded = decode_tensors(body, ctype)
+        decoded = decode_tensors(body, ctype, svc.settings.max_header_bytes)
         tensors, metadata = (decoded, decoded.metadata) if isinstance(decoded, wire.Safetensors) else decoded
         return session.step(
             tensors,
@@ -319,6 +412,8 @@ async def step(request: Request) -> Response:
             result = run(blocking=False)
     if result is None:
         result = await run_in_threadpool(run)
+    if result.status != "replayed":
+        await after_change(svc, session)
     stepped = time.perf_counter()
     headers = {
         "ETag": etag(result.step),
@@ -363,7 +458,6 @@ def hyperparam_changes(metadata: dict[str, str]) -> Any:
 async def get_params(
     session_id: str,
     request: Request,
-    store: StoreDep,
     min_step: Annotated[int | None, Query(ge=0, description="wait until the session reaches this step")] = None,
     timeout: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS, description="longest wait, seconds")] = 30.0,
 ) -> Response:
@@ -372,7 +466,7 @@ async def get_params(
     With ``min_step`` the answer waits until the session has reached that step (a worker of an accumulating
     session waits for the others this way), or until ``timeout``; the ``ETag`` says which step the answer holds.
     """
-    session = store.get(session_id)
+    session = open_session(request, session_id)
     encoding = negotiate(request, default=wire.JSON)
     if min_step is not None:
         deadline = time.monotonic() + timeout
@@ -385,9 +479,9 @@ async def get_params(
 
 
 @router.get("/v1/sessions/{session_id}/checkpoint", tags=["checkpoints"])
-async def get_checkpoint(session_id: str, store: StoreDep) -> Response:
+async def get_checkpoint(session_id: str, request: Request) -> Response:
     """Everything needed to resume the session, as one safetensors file."""
-    session = store.get(session_id)
+    session = open_session(request, session_id)
     body = await run_in_threadpool(checkpoint.dump, session)
     return Response(
         body,
@@ -400,14 +494,28 @@ async def get_checkpoint(session_id: str, store: StoreDep) -> Response:
 
 
 @router.put("/v1/sessions/{session_id}/checkpoint", tags=["checkpoints"])
-async def put_checkpoint(session_id: str, request: Request, store: StoreDep) -> JSONResponse:
-    """Bring a session back from a checkpoint file, under this id: created (201) or replaced (200)."""
+async def put_checkpoint(session_id: str, request: Request) -> JSONResponse:
+    """Bring a session back from a checkpoint file, under this id: created (201) or replaced (200). Creating needs
+    the admin key when auth is on; replacing, the session's token or the admin key."""
+    svc = service(request)
     check_session_id(session_id)
+    try:
+        svc.store.get(session_id)
+        exists = True
+    except SessionNotFound:
+        exists = False
+    if exists:
+        open_session(request, session_id)
+    else:
+        svc.guard.admin(request)
     if media_type(request) != wire.SAFETENSORS:
         raise UnsupportedMediaType(f"send the checkpoint as {wire.SAFETENSORS}")
-    body = await read_body(request)
+    body = await read_body(request, svc.settings.max_body_bytes)
+    parse_safetensors(body, svc.settings.max_header_bytes)
     session = await run_in_threadpool(checkpoint.load, body, session_id)
-    replaced = store.replace(session)
+    svc.store.admit(len(session.layout.slots), session.layout.size, len(session.state), replacing=session_id)
+    replaced = svc.store.replace(session)
+    await snapshot_now(svc, session)
     return JSONResponse(
         session.info(),
         status_code=200 if replaced else 201,
@@ -425,6 +533,8 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", tags=["health"])
-async def readyz(store: StoreDep) -> dict[str, Any]:
-    """The server is ready to serve sessions."""
-    return {"status": "ready", "sessions": len(store.list())}
+async def readyz(request: Request) -> JSONResponse:
+    """Ready to serve: the snapshots are loaded (503 until then)."""
+    if not getattr(request.app.state, "ready", False):
+        return JSONResponse({"status": "starting"}, status_code=503)
+    return JSONResponse({"status": "ready", "sessions": len(service(request).store.list())})

@@ -237,6 +237,19 @@ class Session:
         self.created_at = self.updated_at = time.time()
         self.lock = threading.Lock()
         self.closed = False
+        # Persistence bookkeeping: every accepted change bumps version; a snapshot records what it saved.
+        self.token_digest: str | None = None  # SHA-256 of the session's bearer token (auth on)
+        self.version = 0
+        self.saved_version = -1
+        self.saved_step = -1
+        self.saved_at = 0.0
+        self.saving = False  # a background snapshot is under way
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of state held: parameters, every state buffer and pending contributions."""
+        pending = self.pending.total.nbytes if self.pending is not None else 0
+        return self.params.nbytes + sum(b.nbytes for b in self.state.values()) + pending
 
     # --- stepping -------------------------------------------------------------------------------------------------
 
@@ -286,6 +299,7 @@ class Session:
                 raise
             self._assign(planned, new_base)
             self.updated_at = time.time()
+            self.version += 1
 
             contributors: list[str] = []
             if self.config.accumulate > 1:
@@ -482,6 +496,7 @@ class Session:
             else:
                 self._assign(*self._plan_changes([values if g.index == group else None for g in self.groups]))
             self.updated_at = time.time()
+            self.version += 1
 
     def close(self) -> None:
         """Mark the session gone (deleted or replaced); a step waiting for the lock then fails with 404."""

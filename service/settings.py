@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):  # pragma: no cover - not a POSIX system
+        return 8 << 30
 
 
 class Settings(BaseSettings):
@@ -17,3 +26,29 @@ class Settings(BaseSettings):
     port: int = 8000
     data_dir: Path = Path("data")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    # durability
+    snapshot_every_steps: int = Field(
+        default=100, ge=0, description="snapshot a session after this many steps (0: never)"
+    )
+    snapshot_every_seconds: float = Field(
+        default=30.0, ge=0, description="snapshot changed sessions this often (0: never)"
+    )
+    fsync_every_step: bool = Field(default=False, description="snapshot before answering every step")
+    graceful_shutdown_seconds: float = Field(default=8.0, gt=0, description="time for in-flight requests at shutdown")
+
+    # auth
+    api_key: SecretStr | None = Field(default=None, description="admin key; unset: auth off")
+
+    # limits
+    max_body_bytes: int = Field(default=4 << 30, gt=0)
+    max_header_bytes: int = Field(default=16 << 20, gt=0, description="largest safetensors JSON header")
+    max_tensors_per_session: int = Field(default=100_000, gt=0)
+    max_params_per_session: int = Field(default=4 << 30, gt=0)
+    max_sessions: int = Field(default=1000, gt=0)
+    memory_budget_bytes: int = Field(
+        default_factory=lambda: int(_physical_memory() * 0.75), gt=0, description="state of all sessions, in bytes"
+    )
+    session_ttl_seconds: float = Field(
+        default=86400.0, ge=0, description="evict sessions idle this long from memory (snapshotted first; 0: never)"
+    )

@@ -1,0 +1,76 @@
+"""Who may do what: an optional admin key, and a bearer token per session.
+
+With ``OPTSERVE_API_KEY`` unset, auth is off (the local default). With it set:
+
+- creating, listing and importing sessions needs ``Authorization: Bearer <admin key>``;
+- everything on a session needs that session's token (returned once, at creation) or the admin key;
+- a missing token answers 401, a wrong one 403.
+
+Only a SHA-256 digest of a session token is kept (in memory and in snapshots), tokens are compared in constant
+time, and neither tokens nor the key are logged or listed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from starlette.requests import Request
+
+from .errors import Forbidden, Unauthorized
+
+
+def new_token() -> tuple[str, str]:
+    """(token to give the client once, the digest to keep)."""
+    token = secrets.token_urlsafe(32)
+    return token, digest(token)
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def bearer(request: Request) -> str | None:
+    value = request.headers.get("authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("use Authorization: Bearer <token>")
+    return token.strip()
+
+
+class Guard:
+    """The auth checks of one app (no checks when ``api_key`` is None)."""
+
+    def __init__(self, api_key: str | None) -> None:
+        self.enabled = api_key is not None
+        self._key_digest = digest(api_key) if api_key is not None else ""
+
+    def _is_admin(self, token: str) -> bool:
+        return hmac.compare_digest(digest(token), self._key_digest)
+
+    def admin(self, request: Request) -> None:
+        """Require the admin key."""
+        if not self.enabled:
+            return
+        token = bearer(request)
+        if token is None:
+            raise Unauthorized("this server requires Authorization: Bearer <admin key>")
+        if not self._is_admin(token):
+            raise Forbidden("this operation needs the admin key")
+
+    def session(self, request: Request, token_digest: str | None) -> None:
+        """Require the session's token (or the admin key)."""
+        if not self.enabled:
+            return
+        token = bearer(request)
+        if token is None:
+            raise Unauthorized("this session requires Authorization: Bearer <session token>")
+        presented = digest(token)
+        if token_digest is not None and hmac.compare_digest(presented, token_digest):
+            return
+        if hmac.compare_digest(presented, self._key_digest):
+            return
+        raise Forbidden("this token does not open this session")

@@ -1,0 +1,161 @@
+"""Durable sessions: atomic snapshots in the data folder, and loading them back when the server starts.
+
+A snapshot is the session's checkpoint file (:mod:`optserve.client.checkpoint`) at
+``<data_dir>/sessions/<id>.safetensors``. It is written to a temporary file in the same folder, flushed and
+fsynced, renamed over the previous snapshot and the folder fsynced: a crash at any moment leaves either the previous
+snapshot or the new one, never a mix. At start every snapshot is loaded; a file that does not load is reported and
+moved to ``<data_dir>/corrupt/`` so that it never stops the others.
+
+When snapshots are taken (settings): at creation and restore, every N applied steps, every T seconds while
+changed, on graceful shutdown, before an idle session is evicted from memory and, with ``fsync_every_step``,
+before every step's answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import dump_versioned, load
+from .session import Session
+
+log = logging.getLogger("optserve.persistence")
+
+SUFFIX = ".safetensors"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass
+class LoadReport:
+    loaded: list[Session]
+    corrupt: list[tuple[Path, str]]
+
+
+class Snapshots:
+    """Snapshot files of sessions in one folder."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.dir = Path(data_dir) / "sessions"
+        self.corrupt_dir = Path(data_dir) / "corrupt"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, session_id: str) -> Path:
+        return self.dir / f"{session_id}{SUFFIX}"
+
+    def write(self, session: Session) -> float:
+        """Snapshot ``session`` atomically; returns the seconds it took. Skips work if nothing changed."""
+        started = time.perf_counter()
+        if session.saved_version == session.version:
+            return 0.0
+        parts, version, step = dump_versioned(session)
+        tmp = self.dir / f".{session.id}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                for part in parts:
+                    f.write(part)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path(session.id))
+            _fsync_dir(self.dir)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if version > session.saved_version:
+            session.saved_version, session.saved_step, session.saved_at = version, step, time.time()
+        return time.perf_counter() - started
+
+    def delete(self, session_id: str) -> None:
+        self.path(session_id).unlink(missing_ok=True)
+        _fsync_dir(self.dir)
+
+    def exists(self, session_id: str) -> bool:
+        return self.path(session_id).exists()
+
+    def load(self, session_id: str) -> Session:
+        """Load one snapshot (FileNotFoundError when there is none)."""
+        session = load(self.path(session_id).read_bytes(), session_id)
+        session.saved_version, session.saved_step, session.saved_at = session.version, session.step_count, time.time()
+        return session
+
+    def load_all(self) -> LoadReport:
+        """Every snapshot in the folder; the ones that fail to load are moved aside and reported."""
+        report = LoadReport([], [])
+        for tmp in self.dir.glob(".*.tmp"):  # a write cut short by a crash: the previous snapshot is intact
+            tmp.unlink(missing_ok=True)
+        for path in sorted(self.dir.glob(f"*{SUFFIX}")):
+            session_id = path.name[: -len(SUFFIX)]
+            try:
+                if not _NAME.match(session_id):
+                    raise ValueError(f"not a session id: {session_id!r}")
+                report.loaded.append(self.load(session_id))
+            except Exception as e:  # noqa: BLE001 - any failure sets this one file aside, never the others
+                report.corrupt.append((self._set_aside(path), f"{type(e).__name__}: {e}"))
+        for path, reason in report.corrupt:
+            log.error("snapshot could not be loaded and was moved to %s: %s", path, reason)
+        return report
+
+    def _set_aside(self, path: Path) -> Path:
+        self.corrupt_dir.mkdir(parents=True, exist_ok=True)
+        target = self.corrupt_dir / f"{path.name}.{int(time.time())}"
+        os.replace(path, target)
+        return target
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Saver:
+    """When to snapshot: the policy of the settings, applied by the app.
+
+    ``after_step`` runs after every answered change of a session; ``run`` is the background loop (time-based
+    snapshots and idle eviction); ``flush`` snapshots everything changed (graceful shutdown).
+    """
+
+    def __init__(
+        self,
+        snapshots: Snapshots,
+        every_steps: int,
+        every_seconds: float,
+        fsync_every_step: bool,
+        ttl_seconds: float,
+    ) -> None:
+        self.snapshots = snapshots
+        self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self.fsync_every_step = fsync_every_step
+        self.ttl_seconds = ttl_seconds
+        self.failures = 0
+        self.durations: list[float] = []  # recent snapshot durations, for metrics
+
+    def due(self, session: Session, now: float) -> bool:
+        if session.saved_version == session.version:
+            return False
+        if self.every_steps and session.step_count - session.saved_step >= self.every_steps:
+            return True
+        return bool(self.every_seconds) and now - session.saved_at >= self.every_seconds
+
+    def save(self, session: Session) -> bool:
+        """Snapshot one session (thread-safe; callers run it off the event loop). False if it failed."""
+        try:
+            seconds = self.snapshots.write(session)
+        except Exception:  # noqa: BLE001 - a failed snapshot is reported; the previous one stays valid
+            self.failures += 1
+            log.exception("snapshot of session %s failed", session.id)
+            return False
+        if seconds:
+            self.durations = [*self.durations[-255:], seconds]
+        return True
+
+    def flush(self, sessions: list[Session]) -> int:
+        """Snapshot every changed session; the number that failed."""
+        return sum(not self.save(s) for s in sessions if s.saved_version != s.version)
