@@ -18,7 +18,7 @@ import numpy as np
 
 from . import protocol
 from .errors import TransportError
-from .protocol import Call, Reply, Retry, StepResult
+from .protocol import Call, Credentials, Reply, Retry, StepResult
 from .transport import SocketTransport
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -41,8 +41,9 @@ def _step_call(session_id: str, grads: Mapping[str, Any], key: str | None, **kwa
 class Client:
     """A synchronous client of one optserve server.
 
-    ``transport`` is httpx's seam (a fault-injecting transport in tests, for example). Use it as a context manager
-    or call :meth:`close` to release its connections.
+    ``transport`` is httpx's seam (a fault-injecting transport in tests, for example). ``token`` is sent as a bearer
+    token (the admin key, or a session's token); the token a create answer carries is used for that session from
+    then on. Use it as a context manager or call :meth:`close` to release its connections.
     """
 
     def __init__(
@@ -53,9 +54,11 @@ class Client:
         retry: Retry | None = None,
         headers: Mapping[str, str] | None = None,
         transport: httpx.BaseTransport | None = None,
+        token: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.retry = retry or Retry()
+        self.credentials = Credentials(token)
         if transport is None and self.url.startswith("http://"):
             transport = SocketTransport(timeout=timeout if isinstance(timeout, (int, float)) else None)
         self._http = httpx.Client(transport=transport, **_http_kwargs(url, timeout, headers))
@@ -70,8 +73,9 @@ class Client:
         self._http.close()
 
     def _send(self, call: Call) -> Reply:
+        headers = {**self.credentials.headers(call.path), **call.headers}
         request = self._http.build_request(
-            call.method, call.path, headers=call.headers, content=_content(call.content), json=call.json
+            call.method, call.path, headers=headers, content=_content(call.content), json=call.json
         )
         try:
             response = self._http.send(request, stream=True)
@@ -100,7 +104,13 @@ class Client:
         ``{"name": "cosine", "total_steps": 1000, "warmup_steps": 100}``), ``accumulate``.
         """
         call = protocol.create(params, optimizer, hyperparams, param_groups, session_id, **options)
-        return protocol.read_json(self._send(call))  # type: ignore[no-any-return]
+        info: dict[str, Any] = protocol.read_json(self._send(call))
+        self.credentials.learn(info)
+        return info
+
+    def use_token(self, session_id: str, token: str) -> None:
+        """Use ``token`` for everything on ``session_id`` (a session created elsewhere, when auth is on)."""
+        self.credentials.sessions[session_id] = token
 
     def list_sessions(self) -> list[dict[str, Any]]:
         return protocol.read_json(self._send(Call("GET", "/v1/sessions")))["sessions"]  # type: ignore[no-any-return]
@@ -184,9 +194,11 @@ class AsyncClient:
         retry: Retry | None = None,
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        token: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.retry = retry or Retry()
+        self.credentials = Credentials(token)
         self._http = httpx.AsyncClient(transport=transport, **_http_kwargs(url, timeout, headers))
 
     async def __aenter__(self) -> AsyncClient:
@@ -200,9 +212,10 @@ class AsyncClient:
 
     async def _send(self, call: Call) -> Reply:
         content = b"".join(call.content) if isinstance(call.content, list) else call.content
+        headers = {**self.credentials.headers(call.path), **call.headers}
         try:
             response = await self._http.request(
-                call.method, call.path, headers=call.headers, content=content, json=call.json
+                call.method, call.path, headers=headers, content=content, json=call.json
             )
         except httpx.TransportError as e:
             raise TransportError(f"{call.method} {self.url}{call.path}: {e!r}") from e
@@ -219,7 +232,12 @@ class AsyncClient:
         **options: Any,
     ) -> dict[str, Any]:
         call = protocol.create(params, optimizer, hyperparams, param_groups, session_id, **options)
-        return protocol.read_json(await self._send(call))  # type: ignore[no-any-return]
+        info: dict[str, Any] = protocol.read_json(await self._send(call))
+        self.credentials.learn(info)
+        return info
+
+    def use_token(self, session_id: str, token: str) -> None:
+        self.credentials.sessions[session_id] = token
 
     async def list_sessions(self) -> list[dict[str, Any]]:
         return protocol.read_json(await self._send(Call("GET", "/v1/sessions")))["sessions"]  # type: ignore[no-any-return]

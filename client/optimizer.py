@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import PreconditionFailed
 from .http import DEFAULT_URL, Client
 from .protocol import Retry, StepResult
 
@@ -26,7 +27,12 @@ class RemoteOptimizer:
     order with ``If-Match`` (the step this optimizer last saw) and a fresh ``Idempotency-Key``; transport errors
     and 5xx answers are retried with the same key, so a step is applied exactly once or raises.
 
-    ``nonfinite``, ``max_grad_norm``, ``schedule`` and ``accumulate`` configure a new session (see the README).
+    ``nonfinite``, ``max_grad_norm``, ``schedule`` and ``accumulate`` configure a new session (see the README);
+    ``token`` is the admin key (to create) or the session's token (to attach) on a server with auth on.
+
+    If the server answers that it is at an older step than this optimizer (it restarted from a snapshot taken
+    before the latest steps), the optimizer copies the server's parameters into ``params``, adopts its step counter
+    and applies the current gradients there, by itself (``resyncs`` counts it).
     In a session that accumulates k contributions per step, :meth:`step` waits (up to ``timeout``)
     for the other contributors and returns the parameters of the step they completed together.
     """
@@ -46,12 +52,15 @@ class RemoteOptimizer:
         max_grad_norm: float | None = None,
         schedule: Mapping[str, Any] | None = None,
         accumulate: int | None = None,
+        token: str | None = None,
         **hyperparams: Any,
     ) -> None:
         self.params = params
         self.timeout = timeout
         self._owns_client = client is None
-        self.client = client if client is not None else Client(url, timeout=timeout, retry=retry)
+        self.client = client if client is not None else Client(url, timeout=timeout, retry=retry, token=token)
+        if session_id is not None and token is not None:
+            self.client.use_token(session_id, token)
         self.retry = retry
         if session_id is None:
             info = self.client.create_session(
@@ -71,6 +80,7 @@ class RemoteOptimizer:
         self.names: list[str] = list(info["tensors"])
         self.step_count: int = info["step"]
         self.last: StepResult | None = None
+        self.resyncs = 0  # times the server was found behind (restarted from an older snapshot) and caught up with
         if session_id is not None:
             self.pull()
 
@@ -93,9 +103,20 @@ class RemoteOptimizer:
         ordered = {name: np.asarray(grads[name], dtype=np.float32) for name in self.names if name in grads}
         extra = set(grads) - set(ordered)
         ordered.update({name: np.asarray(grads[name]) for name in extra})  # the server names them in its refusal
-        result = self.client.step(
-            self.session_id, ordered, if_match=self.step_count, idempotency_key=uuid.uuid4().hex, retry=self.retry
-        )
+        try:
+            result = self.client.step(
+                self.session_id, ordered, if_match=self.step_count, idempotency_key=uuid.uuid4().hex, retry=self.retry
+            )
+        except PreconditionFailed as e:
+            if e.current_step is None or e.current_step >= self.step_count:
+                raise  # someone else stepped this session: not ours to paper over
+            # The server is behind us: it restarted from a snapshot older than our last step. Take its parameters
+            # and step counter, and apply this step there.
+            self.resyncs += 1
+            self.pull()
+            result = self.client.step(
+                self.session_id, ordered, if_match=self.step_count, idempotency_key=uuid.uuid4().hex, retry=self.retry
+            )
         self.last = result
         if result.params is None:  # a contribution: the step completes when the other contributors have sent theirs
             return self.pull(min_step=self.step_count + 1)

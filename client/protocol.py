@@ -30,6 +30,26 @@ class Call:
     json: Any = None
 
 
+class Credentials:
+    """Which bearer token goes with a request: the session's own token when known, else the client's token (an
+    admin key, or a session token given by the user). I/O-free, shared by both clients."""
+
+    def __init__(self, token: str | None = None) -> None:
+        self.default = token
+        self.sessions: dict[str, str] = {}
+
+    def learn(self, info: Mapping[str, Any]) -> None:
+        """Keep the token a create answer carries (it is shown once)."""
+        if info.get("token") and info.get("id"):
+            self.sessions[str(info["id"])] = str(info["token"])
+
+    def headers(self, path: str) -> dict[str, str]:
+        parts = path.split("?")[0].split("/")
+        session = parts[3] if len(parts) > 3 and parts[1:3] == ["v1", "sessions"] else None
+        token = self.sessions.get(session, self.default) if session else self.default
+        return {"authorization": f"Bearer {token}"} if token else {}
+
+
 @dataclass
 class Reply:
     """An answer as the protocol functions read it: status, headers and the body's buffer."""

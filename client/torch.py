@@ -35,8 +35,9 @@ import torch
 from torch.optim import Optimizer
 
 from . import checkpoint
+from .errors import PreconditionFailed
 from .http import DEFAULT_URL, Client
-from .protocol import Retry
+from .protocol import Retry, StepResult
 
 __all__ = ["RemoteAdam", "RemoteAdamW", "RemoteSGD", "RemoteRMSprop"]
 
@@ -81,12 +82,15 @@ class _RemoteOptimizer(Optimizer):
         retry: Retry | None,
         nonfinite: str | None = None,
         max_grad_norm: float | None = None,
+        token: str | None = None,
     ) -> None:
         super().__init__(params, defaults)
         self._optimizer = optimizer
         self._hp_names = tuple(defaults)
         self._owns_client = client is None
-        self.client = client if client is not None else Client(url, timeout=timeout, retry=retry)
+        self.client = client if client is not None else Client(url, timeout=timeout, retry=retry, token=token)
+        if session_id is not None and token is not None:
+            self.client.use_token(session_id, token)
         self._timeout = timeout
         self._retry = retry
         self._names: list[str] = []
@@ -169,16 +173,27 @@ class _RemoteOptimizer(Optimizer):
         if not grads:
             return loss
         changes = self._changes()
-        result = self.client.step(
-            self.session_id,
-            grads,
-            if_match=self._step_count,
-            idempotency_key=uuid.uuid4().hex,
-            partial=len(grads) < len(self._names),
-            changes=changes,
-            dtype=dtypes,
-            retry=self._retry,
-        )
+
+        def send() -> StepResult:
+            return self.client.step(
+                self.session_id,
+                grads,
+                if_match=self._step_count,
+                idempotency_key=uuid.uuid4().hex,
+                partial=len(grads) < len(self._names),
+                changes=changes,
+                dtype=dtypes,
+                retry=self._retry,
+            )
+
+        try:
+            result = send()
+        except PreconditionFailed as e:
+            if e.current_step is None or e.current_step >= self._step_count:
+                raise
+            # The server restarted from a snapshot older than our last step: take its parameters and step there.
+            self._copy_in(*self.client.params(self.session_id))
+            result = send()
         if changes:
             self._sent = [self._hyperparams(g) for g in self.param_groups]
         self.last_grad_norm = result.grad_norm
@@ -288,12 +303,13 @@ class RemoteAdam(_RemoteOptimizer):
         retry: Retry | None = None,
         nonfinite: str | None = None,
         max_grad_norm: float | None = None,
+        token: str | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         eps_root=eps_root)  # fmt: skip
         super().__init__(params, defaults, optimizer="adamw" if decoupled_weight_decay else "adam", url=url,
                          session_id=session_id, client=client, timeout=timeout, retry=retry, nonfinite=nonfinite,
-                         max_grad_norm=max_grad_norm)  # fmt: skip
+                         max_grad_norm=max_grad_norm, token=token)  # fmt: skip
 
 
 class RemoteAdamW(_RemoteOptimizer):
@@ -317,11 +333,13 @@ class RemoteAdamW(_RemoteOptimizer):
         retry: Retry | None = None,
         nonfinite: str | None = None,
         max_grad_norm: float | None = None,
+        token: str | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         eps_root=eps_root)  # fmt: skip
         super().__init__(params, defaults, optimizer="adamw", url=url, session_id=session_id, client=client,
-                         timeout=timeout, retry=retry, nonfinite=nonfinite, max_grad_norm=max_grad_norm)  # fmt: skip
+                         timeout=timeout, retry=retry, nonfinite=nonfinite, max_grad_norm=max_grad_norm,
+                         token=token)  # fmt: skip
 
 
 class RemoteSGD(_RemoteOptimizer):
@@ -344,11 +362,13 @@ class RemoteSGD(_RemoteOptimizer):
         retry: Retry | None = None,
         nonfinite: str | None = None,
         max_grad_norm: float | None = None,
+        token: str | None = None,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize)  # fmt: skip
         super().__init__(params, defaults, optimizer="sgd", url=url, session_id=session_id, client=client,
-                         timeout=timeout, retry=retry, nonfinite=nonfinite, max_grad_norm=max_grad_norm)  # fmt: skip
+                         timeout=timeout, retry=retry, nonfinite=nonfinite, max_grad_norm=max_grad_norm,
+                         token=token)  # fmt: skip
 
 
 class RemoteRMSprop(_RemoteOptimizer):
@@ -372,8 +392,10 @@ class RemoteRMSprop(_RemoteOptimizer):
         retry: Retry | None = None,
         nonfinite: str | None = None,
         max_grad_norm: float | None = None,
+        token: str | None = None,
     ) -> None:
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
                         maximize=maximize)  # fmt: skip
         super().__init__(params, defaults, optimizer="rmsprop", url=url, session_id=session_id, client=client,
-                         timeout=timeout, retry=retry, nonfinite=nonfinite, max_grad_norm=max_grad_norm)  # fmt: skip
+                         timeout=timeout, retry=retry, nonfinite=nonfinite, max_grad_norm=max_grad_norm,
+                         token=token)  # fmt: skip

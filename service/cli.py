@@ -34,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             port=settings.port,
             log_level=settings.log_level,
             http=HTTP_PROTOCOL,
+            # SIGTERM/SIGINT: stop accepting, give in-flight requests this long, then snapshot and exit (the
+            # default leaves 2 s of Docker's 10 s for the snapshots)
+            timeout_graceful_shutdown=max(1, int(settings.graceful_shutdown_seconds)),
         )
 
 

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
         default=30.0, ge=0, description="snapshot changed sessions this often (0: never)"
     )
     fsync_every_step: bool = Field(default=False, description="snapshot before answering every step")
-    graceful_shutdown_seconds: float = Field(default=8.0, gt=0, description="time for in-flight requests at shutdown")
+    graceful_shutdown_seconds: float = Field(default=5.0, gt=0, description="time for in-flight requests at shutdown")
 
     # auth
     api_key: SecretStr | None = Field(default=None, description="admin key; unset: auth off")
