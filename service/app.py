@@ -28,6 +28,7 @@ from optserve.client.wire import WireError
 from . import fused
 from .auth import Guard
 from .errors import ServiceError
+from .observability import Metrics, RequestObserver
 from .persistence import Saver, Snapshots
 from .routes import Service, plain_errors, router
 from .settings import Settings
@@ -112,9 +113,12 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
         summary="Remote optimizer stepping: Adam, AdamW, SGD and RMSprop state held per session.",
         lifespan=lifespan,
     )
+    metrics = Metrics(store, saver)
+    app.add_middleware(RequestObserver, metrics=metrics, json_logs=settings.log_format == "json")
     app.state.settings = settings
     app.state.store = store
     app.state.service = svc
+    app.state.metrics = metrics
     app.state.ready = False
     app.router.routes.extend(router.routes)  # directly: include_router adds a matching layer to every request
 

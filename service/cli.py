@@ -22,10 +22,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         from .app import create_app
         from .bodies import HTTP_PROTOCOL
+        from .observability import configure_logging
         from .settings import Settings
 
         overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
         settings = Settings(**overrides)
+        configure_logging(settings.log_level, settings.log_format == "json")
         os.makedirs(settings.data_dir, exist_ok=True)
         # One process: sessions live in its memory, so several workers would each hold a different subset.
         uvicorn.run(
@@ -33,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,
+            log_config=None,  # configure_logging's handlers: text or JSON lines
+            access_log=False,  # one line per request comes from optserve's own middleware, with a request id
             http=HTTP_PROTOCOL,
             # SIGTERM/SIGINT: stop accepting, give in-flight requests this long, then snapshot and exit (the
             # default leaves 2 s of Docker's 10 s for the snapshots)

@@ -63,7 +63,7 @@ def serve_in_thread(data_dir: str | Path | None = None, port: int = 0) -> Iterat
         app = create_app(Settings(data_dir=Path(data_dir or tmp)), store=store)
         port = port or free_port()
         server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=HTTP_PROTOCOL)
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=HTTP_PROTOCOL, access_log=False)
         )
         thread = threading.Thread(target=server.run, name="optserve-embedded", daemon=True)
         thread.start()

@@ -18,6 +18,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,7 +136,8 @@ class Saver:
         self.fsync_every_step = fsync_every_step
         self.ttl_seconds = ttl_seconds
         self.failures = 0
-        self.durations: list[float] = []  # recent snapshot durations, for metrics
+        self.on_saved: Callable[[float], object] = lambda seconds: None  # metrics hooks
+        self.on_failed: Callable[[], object] = lambda: None
 
     def due(self, session: Session, now: float) -> bool:
         if session.saved_version == session.version:
@@ -150,10 +152,11 @@ class Saver:
             seconds = self.snapshots.write(session)
         except Exception:  # noqa: BLE001 - a failed snapshot is reported; the previous one stays valid
             self.failures += 1
+            self.on_failed()
             log.exception("snapshot of session %s failed", session.id)
             return False
         if seconds:
-            self.durations = [*self.durations[-255:], seconds]
+            self.on_saved(seconds)
         return True
 
     def flush(self, sessions: list[Session]) -> int:

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -25,7 +26,15 @@ from optserve.client import wire
 from . import checkpoint
 from .auth import Guard, new_token
 from .bodies import BufferResponse, read_body
-from .errors import BadRequest, InvalidInput, NotAcceptable, PayloadTooLarge, SessionNotFound, UnsupportedMediaType
+from .errors import (
+    BadRequest,
+    InvalidInput,
+    NotAcceptable,
+    PayloadTooLarge,
+    ServiceError,
+    SessionNotFound,
+    UnsupportedMediaType,
+)
 from .hyperparams import HyperparamError, make_hyperparams
 from .layout import FlatLayout
 from .persistence import Saver
@@ -370,6 +379,19 @@ MISSING_PARAMETER = {
     openapi_extra={"parameters": [SESSION_ID_PARAMETER, MISSING_PARAMETER]},
 )
 async def step(request: Request) -> Response:
+    metrics = request.app.state.metrics
+    try:
+        response = await _step(request)
+    except ServiceError as e:
+        metrics.rejected.labels(e.slug).inc()
+        raise
+    except wire.WireError:
+        metrics.rejected.labels("malformed-body").inc()
+        raise
+    return response
+
+
+async def _step(request: Request) -> Response:
     """Apply one optimizer step from the gradients in the body; answer with the updated parameters.
 
     Headers: ``If-Match: "<step>"`` (412 unless the session is at that step), ``Idempotency-Key`` (a retry is
@@ -415,6 +437,9 @@ async def step(request: Request) -> Response:
     if result.status != "replayed":
         await after_change(svc, session)
     stepped = time.perf_counter()
+    metrics = request.app.state.metrics
+    metrics.steps.labels(result.status).inc()
+    metrics.step_seconds.observe(stepped - received)
     headers = {
         "ETag": etag(result.step),
         "Server-Timing": f"recv;dur={(received - started) * 1e3:.3f}, step;dur={(stepped - received) * 1e3:.3f}",
@@ -530,6 +555,12 @@ async def put_checkpoint(session_id: str, request: Request) -> JSONResponse:
 async def healthz() -> dict[str, str]:
     """The process is alive."""
     return {"status": "ok"}
+
+
+@router.get("/metrics", tags=["health"], response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (text exposition format)."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/readyz", tags=["health"])

@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     port: int = 8000
     data_dir: Path = Path("data")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = "text"
 
     # durability
     snapshot_every_steps: int = Field(

@@ -1,0 +1,182 @@
+"""Metrics, request ids and request logs.
+
+- ``/metrics`` in the Prometheus text format (prometheus-client, one registry per app): HTTP requests by route and
+  status, steps by outcome, refused requests by reason, step latency, bytes in and out, sessions, parameters and
+  bytes held, snapshot durations and failures.
+- Every request gets an id (the client's ``X-Request-ID`` when it sends a sane one, else a new one), echoed in the
+  answer's ``X-Request-ID`` and in the one log line written per request (text, or JSON with
+  ``OPTSERVE_LOG_FORMAT=json``). Log lines carry method, path, status, duration and sizes: never a body, never a
+  header value such as a token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+access_log = logging.getLogger("optserve.access")
+
+_SESSION_PATH = re.compile(r"^/v1/sessions/[^/]+")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def route_of(path: str) -> str:
+    """The path with the session id folded, so that routes stay a small set of label values."""
+    return _SESSION_PATH.sub("/v1/sessions/{id}", path)
+
+
+class Metrics:
+    """The app's Prometheus metrics."""
+
+    def __init__(self, store: Any, saver: Any) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("optserve_http_requests", "HTTP requests", ["method", "route", "status"], registry=r)
+        self.bytes_in = Counter("optserve_http_received_bytes", "Request body bytes received", registry=r)
+        self.bytes_out = Counter("optserve_http_sent_bytes", "Response body bytes sent", registry=r)
+        self.steps = Counter(
+            "optserve_steps", "Step requests by outcome (applied, skipped, replayed, accepted)", ["outcome"], registry=r
+        )
+        self.rejected = Counter("optserve_steps_rejected", "Refused step requests by reason", ["reason"], registry=r)
+        self.step_seconds = Histogram(
+            "optserve_step_seconds", "Server time of a step (checks, fused step, answer copy)", buckets=LATENCY_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.snapshot_seconds = Histogram(
+            "optserve_snapshot_seconds", "Time to write a snapshot", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.snapshot_failures = Counter("optserve_snapshot_failures", "Snapshots that failed", registry=r)
+        r.register(_StoreCollector(store))
+        if saver is not None:
+            saver.on_saved = self.snapshot_seconds.observe
+            saver.on_failed = self.snapshot_failures.inc
+
+
+class _StoreCollector(Collector):
+    """Sessions, parameters and bytes held, read from the store at scrape time."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        sessions = self.store.list()
+        yield GaugeMetricFamily("optserve_sessions", "Sessions held in memory", value=len(sessions))
+        yield GaugeMetricFamily(
+            "optserve_parameters", "Parameters held by all sessions", value=sum(s.layout.size for s in sessions)
+        )
+        yield GaugeMetricFamily(
+            "optserve_state_bytes",
+            "Bytes of optimizer state held by all sessions",
+            value=sum(s.nbytes for s in sessions),
+        )
+
+
+class RequestObserver:
+    """ASGI middleware: request id, one log line and the HTTP metrics per request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, json_logs: bool) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.json_logs = json_logs
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = request_id
+        sizes = {"in": 0, "out": 0}
+        status = {"code": 500}
+
+        async def counting_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                sizes["in"] += len(message.get("body", b""))
+            return message
+
+        async def observed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            elif message["type"] == "http.response.body":
+                sizes["out"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, observed_send)
+        finally:
+            self._record(scope, request_id, status["code"], sizes, time.perf_counter() - started)
+
+    def _record(self, scope: Scope, request_id: str, status: int, sizes: dict[str, int], seconds: float) -> None:
+        path = scope.get("path", "")
+        method = scope.get("method", "")
+        m = self.metrics
+        m.requests.labels(method, route_of(path), str(status)).inc()
+        m.bytes_in.inc(sizes["in"])
+        m.bytes_out.inc(sizes["out"])
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        fields = {
+            "request_id": request_id,
+            "method": method,
+            "path": path,
+            "status": status,
+            "ms": round(seconds * 1e3, 3),
+            "bytes_in": sizes["in"],
+            "bytes_out": sizes["out"],
+        }
+        if self.json_logs:
+            access_log.info(json.dumps({"event": "request", **fields}))
+        else:
+            access_log.info(
+                "%s %s %s %d %.1fms in=%d out=%d",
+                request_id,
+                method,
+                path,
+                status,
+                fields["ms"],
+                sizes["in"],
+                sizes["out"],
+            )
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (request lines are already JSON: merged)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        base = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name}
+        message = record.getMessage()
+        try:
+            parsed = json.loads(message) if message.startswith("{") else None
+        except ValueError:
+            parsed = None
+        entry = {**base, **parsed} if isinstance(parsed, dict) else {**base, "message": message}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, json_format: bool) -> None:
+    """optserve's loggers (and uvicorn's error log) on stderr, as text or JSON lines."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter() if json_format else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    )
+    for name in ("optserve", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.setLevel(level.upper())
+        logger.propagate = False
