@@ -25,8 +25,8 @@ test: install-test
 	$(BIN)/python -m pytest
 
 lint: install-test
-	$(BIN)/ruff check service client tests examples bench
-	$(BIN)/ruff format --check service client tests examples bench
+	$(BIN)/ruff check service client tests examples bench locustfile.py
+	$(BIN)/ruff format --check service client tests examples bench locustfile.py
 	$(BIN)/mypy service client
 
 format: install-test
