@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -56,15 +57,25 @@ class EmbeddedServer:
 
 
 @contextmanager
-def serve_in_thread(data_dir: str | Path | None = None, port: int = 0) -> Iterator[EmbeddedServer]:
-    """Run a server on 127.0.0.1 (a free port unless ``port``) until the block exits."""
+def serve_in_thread(
+    data_dir: str | Path | None = None, port: int = 0, settings: Settings | None = None, **uvicorn_options: Any
+) -> Iterator[EmbeddedServer]:
+    """Run a server on 127.0.0.1 (a free port unless ``port``) until the block exits.
+
+    Without ``settings`` the sessions live in memory only; with them (``data_dir`` then comes from the settings)
+    the app is exactly what ``optserve serve`` runs, snapshots included. ``uvicorn_options`` override the
+    uvicorn configuration (``log_level``, ``access_log``, ``log_config``).
+    """
     with tempfile.TemporaryDirectory(prefix="optserve-") as tmp:
-        store = MemoryStore()
-        app = create_app(Settings(data_dir=Path(data_dir or tmp)), store=store)
+        if settings is None:
+            store = MemoryStore()
+            app = create_app(Settings(data_dir=Path(data_dir or tmp)), store=store)
+        else:
+            app = create_app(settings)
+            store = app.state.store
         port = port or free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=HTTP_PROTOCOL, access_log=False)
-        )
+        options = {"log_level": "warning", "access_log": False, **uvicorn_options}
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=HTTP_PROTOCOL, **options))
         thread = threading.Thread(target=server.run, name="optserve-embedded", daemon=True)
         thread.start()
         url = f"http://127.0.0.1:{port}"
