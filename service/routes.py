@@ -103,8 +103,8 @@ async def after_change(svc: Service, session: Session) -> None:
             finally:
                 session.saving = False
 
-            _background.add(task := asyncio.get_running_loop().create_task(save()))
-            task.add_done_callback(_background.discard)
+        _background.add(task := asyncio.get_running_loop().create_task(save()))
+        task.add_done_callback(_background.discard)
 
 
 _background: set[asyncio.Task[None]] = set()
