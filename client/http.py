@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 
 from . import protocol
-from .errors import TransportError
+from .errors import APIError, TransportError
 from .protocol import Call, Credentials, Reply, Retry, StepResult
 from .transport import SocketTransport
 
@@ -32,6 +32,22 @@ def _http_kwargs(url: str, timeout: float | httpx.Timeout, headers: Mapping[str,
 def _content(content: bytes | list[bytes | memoryview] | None) -> Any:
     """A list of buffers becomes a stream of them (sent one by one with the Content-Length already set)."""
     return iter(content) if isinstance(content, list) else content
+
+
+def _read_retry(
+    call: Call, reply: Reply | None, error: TransportError | None, attempt: int, retry: Retry
+) -> float | None:
+    """Seconds to wait before retrying a read, or None to stop: return the reply, or raise the transport error."""
+    if call.method != "GET":
+        if error is not None:
+            raise error
+        return None
+    if error is None and reply is not None and reply.status < 500:
+        return None
+    delay = protocol.retry_delay(error or APIError(reply.status if reply else 500, {}), attempt, retry)
+    if delay is None and error is not None:
+        raise error
+    return delay
 
 
 def _step_call(session_id: str, grads: Mapping[str, Any], key: str | None, **kwargs: Any) -> Call:
@@ -73,6 +89,20 @@ class Client:
         self._http.close()
 
     def _send(self, call: Call) -> Reply:
+        """One request; a read (GET) is retried on transport errors and 5xx like a step (it changes nothing)."""
+        attempt = 0
+        while True:
+            try:
+                reply = self._send_once(call)
+                delay = _read_retry(call, reply, None, attempt, self.retry)
+            except TransportError as exc:
+                delay = _read_retry(call, None, exc, attempt, self.retry)
+            if delay is None:
+                return reply
+            time.sleep(delay)
+            attempt += 1
+
+    def _send_once(self, call: Call) -> Reply:
         headers = {**self.credentials.headers(call.path), **call.headers}
         request = self._http.build_request(
             call.method, call.path, headers=headers, content=_content(call.content), json=call.json
@@ -211,6 +241,19 @@ class AsyncClient:
         await self._http.aclose()
 
     async def _send(self, call: Call) -> Reply:
+        attempt = 0
+        while True:
+            try:
+                reply = await self._send_once(call)
+                delay = _read_retry(call, reply, None, attempt, self.retry)
+            except TransportError as exc:
+                delay = _read_retry(call, None, exc, attempt, self.retry)
+            if delay is None:
+                return reply
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def _send_once(self, call: Call) -> Reply:
         content = b"".join(call.content) if isinstance(call.content, list) else call.content
         headers = {**self.credentials.headers(call.path), **call.headers}
         try:

@@ -152,3 +152,25 @@ def test_caller_arrays_keep_their_dtype_and_identity(server) -> None:
         opt.step({"w": np.ones((2, 3)), "b": np.ones(3)})
     assert params["w"] is w and w.dtype == np.float64
     np.testing.assert_allclose(w, 0.5)
+
+
+def test_reads_are_retried_like_steps(server) -> None:
+    transport = FaultyTransport([])
+    with Client(server.url, transport=transport, retry=NO_WAIT) as client:
+        sid = client.create_session(small_params(), "sgd")["id"]
+    calls = {"n": 0}
+
+    class FlakyReads(FaultyTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            if request.method == "GET":
+                calls["n"] += 1
+                if calls["n"] <= 2:
+                    raise httpx.ConnectError("injected", request=request)
+            return super().handle_request(request)
+
+    with Client(server.url, transport=FlakyReads([]), retry=NO_WAIT) as client:
+        assert client.session(sid)["id"] == sid
+        assert calls["n"] == 3
+        with pytest.raises(NotFound):  # a 4xx is an answer, not retried
+            client.session("missing")
+        assert calls["n"] == 4
