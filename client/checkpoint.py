@@ -17,6 +17,7 @@ module, so the format is defined once.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +91,22 @@ def _json(metadata: dict[str, str], key: str, default: Any = None) -> Any:
         raise CheckpointError(f"checkpoint metadata {key!r} is not JSON ({e})") from None
 
 
+MAX_COUNT = 1 << 62
+
+
+def _count(value: Any) -> bool:
+    """A non-negative integer that fits the int64 counters it will be stored in."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
+
+
+def _key_record(record: Any) -> bool:
+    if not (isinstance(record, list) and len(record) == 4):
+        return False
+    key, step, outcome, norm = record
+    norm_ok = norm is None or (isinstance(norm, float) and math.isfinite(norm)) or (_count(norm))
+    return isinstance(key, str) and _count(step) and outcome in ("applied", "skipped", "accepted") and norm_ok
+
+
 def decode(body: bytes | bytearray | memoryview) -> Checkpoint:
     """Read a checkpoint. Raises WireError for a malformed file and CheckpointError for wrong content."""
     st = wire.parse(body)
@@ -105,6 +122,8 @@ def decode(body: bytes | bytearray | memoryview) -> Checkpoint:
         names = [n for g in config["param_groups"] for n in g["params"]]
     except (TypeError, KeyError):
         raise CheckpointError("checkpoint param_groups must each list their tensors under 'params'") from None
+    if not all(isinstance(n, str) for n in names):
+        raise CheckpointError("checkpoint param_groups must name their tensors with strings")
     groups: dict[str, dict[str, np.ndarray]] = {}
     for entry in st.entries:
         if entry.dtype != "F32":
@@ -112,7 +131,10 @@ def decode(body: bytes | bytearray | memoryview) -> Checkpoint:
         prefix, sep, name = entry.name.partition("/")
         if not sep:
             raise CheckpointError(f"checkpoint tensor {entry.name!r} is not named <buffer>/<tensor>")
-        groups.setdefault(prefix, {})[name] = st.array(entry)
+        array = st.array(entry)
+        if not np.isfinite(array).all():
+            raise CheckpointError(f"checkpoint tensor {entry.name!r} contains NaN or infinity")
+        groups.setdefault(prefix, {})[name] = array
     for prefix, arrays in groups.items():
         if set(arrays) != set(names) or len(names) != len(set(names)):
             missing, extra = sorted(set(names) - set(arrays)), sorted(set(arrays) - set(names))
@@ -122,19 +144,25 @@ def decode(body: bytes | bytearray | memoryview) -> Checkpoint:
     if "params" not in groups:
         raise CheckpointError("checkpoint has no params/<name> tensors")
     step, steps = _json(meta, "step"), _json(meta, "tensor_steps")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+    if not _count(step):
         raise CheckpointError(f"checkpoint step must be a non-negative integer, got {step!r}")
-    if not (
-        isinstance(steps, list)
-        and len(steps) == len(names)
-        and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= step for s in steps)
-    ):
+    if not (isinstance(steps, list) and len(steps) == len(names) and all(_count(s) and s <= step for s in steps)):
         raise CheckpointError("checkpoint tensor_steps must list one step number per tensor, none above the step")
     counters = _json(meta, "counters", {})
     keys = _json(meta, "idempotency_keys", [])
-    if not isinstance(counters, dict) or not isinstance(keys, list):
-        raise CheckpointError("checkpoint counters must be an object and idempotency_keys a list")
+    if not isinstance(counters, dict) or not all(isinstance(k, str) and _count(v) for k, v in counters.items()):
+        raise CheckpointError("checkpoint counters must be an object of non-negative integers")
+    if not isinstance(keys, list) or not all(_key_record(k) for k in keys):
+        raise CheckpointError("checkpoint idempotency_keys must be a list of [key, step, outcome, grad_norm]")
     pending = _json(meta, "pending") if "pending" in meta else None
+    if pending is not None and not (
+        isinstance(pending, dict)
+        and _count(pending.get("count"))
+        and isinstance(pending.get("nonfinite"), bool)
+        and isinstance(pending.get("present"), list)
+        and all(isinstance(p, bool) for p in pending["present"])
+    ):
+        raise CheckpointError("checkpoint pending must be {count, nonfinite, present}")
     params = groups.pop("params")
     token = meta.get("token_sha256")
     if token is not None and not (len(token) == 64 and all(c in "0123456789abcdef" for c in token)):

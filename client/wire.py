@@ -238,6 +238,9 @@ def _metadata(value: Any) -> dict[str, str]:
         return {}
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise WireError("__metadata__ must be an object of string values")
+    for key, text in value.items():
+        _check_name(key)
+        _check_name(text)
     return value
 
 
@@ -302,7 +305,15 @@ def _parse_header(raw: bytes) -> tuple[tuple[TensorEntry, ...], dict[str, str]]:
     return tuple(entries), metadata
 
 
+def _check_name(name: str) -> None:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise WireError(f"tensor name {name!r} is not valid Unicode (lone surrogate)") from None
+
+
 def _entry(name: str, info: Any) -> TensorEntry:
+    _check_name(name)
     if not isinstance(info, dict):
         raise WireError(f"tensor {name!r}: header entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
@@ -372,6 +383,7 @@ def _has_bool(data: list[Any]) -> bool:
 
 
 def _json_tensor(name: str, info: Any) -> np.ndarray:
+    _check_name(name)
     if not isinstance(info, dict):
         raise WireError(f"tensor {name!r}: expected an object with dtype, shape and data")
     unknown = set(info) - {"dtype", "shape", "data"}

@@ -142,7 +142,14 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
         title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
-        return problem_response(exc.status_code, title, str(exc.detail), slug, headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # every method of every route on this path, not just the first route's
+            methods = {
+                m for r in request.app.routes if getattr(r, "path_regex", None) and r.path_regex.match(request.url.path)
+                for m in (getattr(r, "methods", None) or ()) if m != "HEAD"
+            }  # fmt: skip
+            headers["Allow"] = ", ".join(sorted(methods))
+        return problem_response(exc.status_code, title, str(exc.detail), slug, headers=headers or None)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, exc: ClientDisconnect) -> Response:

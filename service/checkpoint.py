@@ -81,7 +81,7 @@ def load(body: bytes | bytearray | memoryview, session_id: str) -> Session:
             if outcome not in OUTCOMES:
                 raise ValueError(f"unknown outcome {outcome!r}")
             session.keys[str(key)] = KeyRecord(int(at), outcome, None if norm is None else float(norm))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise InvalidInput(
             f"checkpoint counters, idempotency keys or pending contributions are malformed ({e})"
         ) from None

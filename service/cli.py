@@ -91,6 +91,11 @@ def serve(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
     settings = Settings(**overrides)
     configure_logging(settings.log_level, settings.log_format == "json")
+    # Hostile gradients can overflow float32 sums (norms of 1e30s): that is handled as data (the step is refused or
+    # skipped), not worth a warning per request in the log.
+    import numpy as np
+
+    np.seterr(over="ignore", invalid="ignore")
     os.makedirs(settings.data_dir, exist_ok=True)
     # One process: sessions live in its memory, so several workers would each hold a different subset.
     uvicorn.run(

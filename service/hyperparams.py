@@ -164,7 +164,10 @@ def _coerce(field: dataclasses.Field[Any], value: Any) -> Any:
 def _coerce_number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise HyperparamError(f"{name} must be a number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise HyperparamError(f"{name} is out of range") from None
 
 
 def make_hyperparams(

@@ -44,6 +44,51 @@ from .store import SessionStore, check_session_id, new_session_id
 
 router = APIRouter()
 
+# --- OpenAPI: what the routes read and answer (the routes read raw bodies, so FastAPI cannot infer these) -------
+
+PROBLEM_SCHEMA = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+    },
+    "additionalProperties": True,
+}
+BINARY = {"type": "string", "format": "binary"}
+TENSORS_JSON = {"type": "object", "additionalProperties": True, "description": "{name: {dtype, shape, data}}"}
+OBJECT = {"type": "object", "additionalProperties": True}
+# Every error is problem+json; "default" also keeps FastAPI from declaring its own 422 shape.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    "default": {
+        "description": "Problem details (RFC 9457)",
+        "content": {"application/problem+json": {"schema": PROBLEM_SCHEMA}},
+    }
+}
+
+
+def answers(**statuses: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses: ``s200={"application/json": OBJECT}`` and so on, plus problem+json for the rest."""
+    out: dict[int | str, dict[str, Any]] = dict(ERRORS)
+    for key, content in statuses.items():
+        out[int(key[1:])] = {
+            "description": key[1:],
+            **({"content": {ctype: {"schema": schema} for ctype, schema in content.items()}} if content else {}),
+        }
+    return out
+
+
+def body(content: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI requestBody: media type -> schema."""
+    return {
+        "requestBody": {"required": True, "content": {ctype: {"schema": schema} for ctype, schema in content.items()}}
+    }
+
+
+SAFETENSORS_OR_JSON = {wire.SAFETENSORS: BINARY, wire.JSON: TENSORS_JSON}
+
 TENSOR_TYPES = (wire.SAFETENSORS, wire.JSON)
 MAX_KEY_LENGTH = 255
 MAX_WAIT_SECONDS = 300.0
@@ -226,7 +271,7 @@ def tensor_response(
 def json_object(body: bytes | bytearray | memoryview) -> dict[str, Any]:
     try:
         obj = json.loads(bytes(body) if isinstance(body, memoryview) else body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and integers with too many digits
         raise BadRequest(f"body is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise BadRequest("body must be a JSON object")
@@ -270,7 +315,13 @@ def _create(
     return session_id, validated(SessionConfig, config_obj), params
 
 
-@router.post("/v1/sessions", status_code=201, tags=["sessions"])
+@router.post(
+    "/v1/sessions",
+    status_code=201,
+    tags=["sessions"],
+    responses=answers(s201={wire.JSON: OBJECT}),
+    openapi_extra=body({wire.JSON: OBJECT, wire.SAFETENSORS: BINARY}),
+)
 async def create_session(request: Request) -> JSONResponse:
     """Create a session from a config and initial parameters (JSON body, or safetensors with the config in
     ``__metadata__["config"]``). Optional ``"id"`` picks the session id. With auth on, the answer carries the
@@ -286,9 +337,9 @@ async def create_session(request: Request) -> JSONResponse:
     token = None
     if svc.guard.enabled:
         token, session.token_digest = new_token()
+    info = session.info()  # before the store changes: an answer that cannot be built leaves nothing behind
     svc.store.add(session)
     await snapshot_now(svc, session)  # from now on the session survives a restart
-    info = session.info()
     if token is not None:
         info["token"] = token
     return JSONResponse(
@@ -308,7 +359,7 @@ def _state_buffers(config: SessionConfig) -> int:
     return len(names) + (1 if config.accumulate > 1 else 0)
 
 
-@router.get("/v1/sessions", tags=["sessions"])
+@router.get("/v1/sessions", tags=["sessions"], responses=answers(s200={wire.JSON: OBJECT}))
 async def list_sessions(request: Request) -> dict[str, Any]:
     """Every session: id, optimizer, step and size (never tokens)."""
     svc = service(request)
@@ -328,7 +379,7 @@ async def list_sessions(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/sessions/{session_id}", tags=["sessions"])
+@router.get("/v1/sessions/{session_id}", tags=["sessions"], responses=answers(s200={wire.JSON: OBJECT}))
 async def session_info(session_id: str, request: Request) -> JSONResponse:
     """Config, parameter groups, step, tensors and counters of one session."""
     session = open_session(request, session_id)
@@ -343,7 +394,12 @@ class PatchSession(BaseModel):
     group: int | None = None
 
 
-@router.patch("/v1/sessions/{session_id}", tags=["sessions"])
+@router.patch(
+    "/v1/sessions/{session_id}",
+    tags=["sessions"],
+    responses=answers(s200={wire.JSON: OBJECT}),
+    openapi_extra=body({wire.JSON: PatchSession.model_json_schema()}),
+)
 async def patch_session(session_id: str, request: Request) -> JSONResponse:
     """Change hyperparameters (e.g. ``{"hyperparams": {"lr": 1e-4}}``), of all groups or of ``"group": i``."""
     session = open_session(request, session_id)
@@ -355,7 +411,7 @@ async def patch_session(session_id: str, request: Request) -> JSONResponse:
     return JSONResponse(session.info(), headers={"ETag": etag(session.step_count)})
 
 
-@router.delete("/v1/sessions/{session_id}", status_code=204, tags=["sessions"])
+@router.delete("/v1/sessions/{session_id}", status_code=204, tags=["sessions"], responses=answers(s204={}))
 async def delete_session(session_id: str, request: Request) -> Response:
     """Delete a session, its state and its snapshot."""
     open_session(request, session_id)
@@ -376,7 +432,8 @@ MISSING_PARAMETER = {
 @router.post(
     "/v1/sessions/{session_id}/step",
     tags=["steps"],
-    openapi_extra={"parameters": [SESSION_ID_PARAMETER, MISSING_PARAMETER]},
+    responses=answers(s200=SAFETENSORS_OR_JSON, s202={wire.JSON: OBJECT}, s204={}),
+    openapi_extra={"parameters": [SESSION_ID_PARAMETER, MISSING_PARAMETER], **body(SAFETENSORS_OR_JSON)},
 )
 async def step(request: Request) -> Response:
     metrics = request.app.state.metrics
@@ -479,7 +536,7 @@ def hyperparam_changes(metadata: dict[str, str]) -> Any:
     return changes
 
 
-@router.get("/v1/sessions/{session_id}/params", tags=["steps"])
+@router.get("/v1/sessions/{session_id}/params", tags=["steps"], responses=answers(s200=SAFETENSORS_OR_JSON))
 async def get_params(
     session_id: str,
     request: Request,
@@ -503,7 +560,9 @@ async def get_params(
     return await run_in_threadpool(tensor_response, session.layout, flat, step_count, encoding, {})
 
 
-@router.get("/v1/sessions/{session_id}/checkpoint", tags=["checkpoints"])
+@router.get(
+    "/v1/sessions/{session_id}/checkpoint", tags=["checkpoints"], responses=answers(s200={wire.SAFETENSORS: BINARY})
+)
 async def get_checkpoint(session_id: str, request: Request) -> Response:
     """Everything needed to resume the session, as one safetensors file."""
     session = open_session(request, session_id)
@@ -518,7 +577,12 @@ async def get_checkpoint(session_id: str, request: Request) -> Response:
     )
 
 
-@router.put("/v1/sessions/{session_id}/checkpoint", tags=["checkpoints"])
+@router.put(
+    "/v1/sessions/{session_id}/checkpoint",
+    tags=["checkpoints"],
+    responses=answers(s200={wire.JSON: OBJECT}, s201={wire.JSON: OBJECT}),
+    openapi_extra=body({wire.SAFETENSORS: BINARY}),
+)
 async def put_checkpoint(session_id: str, request: Request) -> JSONResponse:
     """Bring a session back from a checkpoint file, under this id: created (201) or replaced (200). Creating needs
     the admin key when auth is on; replacing, the session's token or the admin key."""
@@ -539,10 +603,11 @@ async def put_checkpoint(session_id: str, request: Request) -> JSONResponse:
     parse_safetensors(body, svc.settings.max_header_bytes)
     session = await run_in_threadpool(checkpoint.load, body, session_id)
     svc.store.admit(len(session.layout.slots), session.layout.size, len(session.state), replacing=session_id)
+    info = session.info()  # before the store changes
     replaced = svc.store.replace(session)
     await snapshot_now(svc, session)
     return JSONResponse(
-        session.info(),
+        info,
         status_code=200 if replaced else 201,
         headers={"ETag": etag(session.step_count), "Location": f"/v1/sessions/{session.id}"},
     )

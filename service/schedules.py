@@ -65,7 +65,10 @@ class StepDecay(_Schedule):
     gamma: float = Field(default=0.1, gt=0.0)
 
     def factor(self, s: int) -> float:
-        return float(self.gamma ** ((s - 1) // self.step_size))
+        try:
+            return float(self.gamma ** ((s - 1) // self.step_size))
+        except OverflowError:  # gamma > 1 for long enough: the session refuses the step (lr out of range)
+            return math.inf
 
 
 Schedule = Annotated[Constant | LinearWarmup | Cosine | StepDecay, Field(discriminator="name")]

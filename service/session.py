@@ -52,6 +52,7 @@ MAX_IDEMPOTENCY_KEYS = 1024  # per session; older keys are forgotten first
 MAX_NAME_LENGTH = 1024
 NORM_CHUNK = 1 << 16
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class SessionBusy(Exception):
@@ -166,6 +167,14 @@ def clip_scale(norm: float, max_norm: float | None) -> float:
     return float(min(coef, np.float32(1.0)))
 
 
+def _lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -174,8 +183,8 @@ def _check_tensors(params: Mapping[str, np.ndarray]) -> None:
     if not params:
         raise InvalidInput("a session needs at least one tensor")
     for name, value in params.items():
-        if not name or len(name) > MAX_NAME_LENGTH:
-            raise InvalidInput(f"tensor names must have 1 to {MAX_NAME_LENGTH} characters, got {name!r}")
+        if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable() or _lone_surrogate(name):
+            raise InvalidInput(f"tensor names must have 1 to {MAX_NAME_LENGTH} printable characters, got {name!r}")
         if value.dtype.kind != "f":
             raise InvalidInput(f"tensor {name!r} has dtype {value.dtype}; parameters must be floating point")
         if not np.isfinite(value).all():
@@ -382,11 +391,14 @@ class Session:
         if factor == 1.0:
             return hyperparams
         try:
-            return [dataclasses.replace(hp, lr=hp.lr * factor) for hp in hyperparams]
+            scheduled = [dataclasses.replace(hp, lr=hp.lr * factor) for hp in hyperparams]
         except HyperparamError as e:
             raise InvalidInput(
                 f"the schedule gives an invalid learning rate at step {self.step_count + 1}: {e}"
             ) from None
+        if any(hp.lr > FLOAT32_MAX for hp in scheduled):
+            raise InvalidInput(f"the schedule drives the learning rate beyond float32 at step {self.step_count + 1}")
+        return scheduled
 
     def _apply(
         self, grads: np.ndarray, present: np.ndarray | None, grad_scale: float, hyperparams: list[Hyperparams]
@@ -506,6 +518,7 @@ class Session:
     def info(self) -> dict[str, Any]:
         """What the info endpoint reports: config, groups, step, tensors and counters."""
         factor = self.config.schedule.factor(self.step_count + 1)
+        norm = self.last_grad_norm if self.last_grad_norm is not None and math.isfinite(self.last_grad_norm) else None
         return {
             "id": self.id,
             "optimizer": self.optimizer,
@@ -525,7 +538,7 @@ class Session:
             "accumulate": self.config.accumulate,
             "pending_contributions": self.pending.count if self.pending else 0,
             "step": self.step_count,
-            "last_grad_norm": self.last_grad_norm,
+            "last_grad_norm": norm,
             "tensors": {
                 s.name: {"shape": list(s.shape), "dtype": "float32", "group": s.group} for s in self.layout.slots
             },
