@@ -5,8 +5,9 @@ the socket and one that takes several times that.
   chunks and joins them: a second full copy).
 - :class:`BufferResponse` sends the safetensors header and the flat parameter buffer as they are (a ``Response``
   needs one joined ``bytes``).
-- :class:`LargeBodyProtocol` is uvicorn's httptools protocol receiving a large body straight into one buffer: one
-  copy per piece off the socket, no 64 KiB pause/resume rounds, no joining (uvicorn's own path copies every piece
+- :class:`LargeBodyProtocol` is uvicorn's httptools protocol receiving a large body straight into one buffer (taken
+  when the application first reads the body, after its auth and limit checks): one copy per piece off the socket,
+  no 64 KiB pause/resume rounds, no joining (uvicorn's own path copies every piece
   three times: into its bytearray, into a ``bytes`` per message, and Starlette's join).
 """
 
@@ -132,7 +133,7 @@ try:
 
         def on_body(self, body: bytes) -> None:
             direct = getattr(self.cycle, "direct_body", None)
-            if direct is None:
+            if direct is None or direct.buffer is None:  # not asked for yet: uvicorn's own path (paused at 64 KiB)
                 super().on_body(body)
             elif not self.cycle.response_complete:
                 direct.append(body)
@@ -142,9 +143,22 @@ try:
     class _DirectBody:
         def __init__(self, cycle: RequestResponseCycle, size: int) -> None:
             self.cycle = cycle
-            self.buffer = POOL.take(size)
+            self.size = size
+            # Allocated when the application first asks for the body, that is once it has checked auth and limits:
+            # a client that is refused never makes the server reserve the size it announced.
+            self.buffer: np.ndarray | None = None
             self.pos = 0
             self.delivered = False
+
+        def _start(self) -> None:
+            """Take the buffer, move over what uvicorn has buffered so far, and let the socket flow again."""
+            cycle = self.cycle
+            self.buffer = POOL.take(self.size)
+            early = bytes(cycle.body)
+            cycle.body = bytearray()
+            self.buffer[: len(early)] = np.frombuffer(early, dtype=np.uint8)
+            self.pos = len(early)
+            cycle.flow.resume_reading()
 
         @classmethod
         def attach(cls, cycle: RequestResponseCycle, size: int) -> None:
@@ -154,6 +168,7 @@ try:
 
         def append(self, body: bytes) -> None:
             end = self.pos + len(body)
+            assert self.buffer is not None
             self.buffer[self.pos : end] = np.frombuffer(body, dtype=np.uint8)  # framing is enforced by httptools
             self.pos = end
 
@@ -168,6 +183,8 @@ try:
                 cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 cycle.waiting_for_100_continue = False
             if not self.delivered:
+                if self.buffer is None:
+                    self._start()
                 while cycle.more_body and not cycle.disconnected and not cycle.response_complete:
                     await self._wait()
                 if not (cycle.disconnected or cycle.response_complete):
