@@ -17,7 +17,6 @@ import json
 import logging
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -28,13 +27,10 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 from optserve.client import Client, wire
 from optserve.client.errors import AuthenticationError, PermissionDenied
-from optserve.service.app import create_app
-from optserve.service.bodies import HTTP_PROTOCOL
-from optserve.service.embedded import free_port, wait_healthy
+from optserve.service.embedded import serve_in_thread
 from optserve.service.settings import Settings
 
 ST = wire.SAFETENSORS
@@ -59,26 +55,14 @@ def running(data_dir: Path, *, verbose_logs: bool = False, **settings: Any) -> I
 
     ``verbose_logs``: uvicorn leaves logging alone (``log_config=None``) and logs at debug level with access lines,
     so that every record reaches the test's handlers."""
-    app = create_app(Settings(data_dir=data_dir, snapshot_every_seconds=0, **settings))
-    port = free_port()
-    config = (
-        uvicorn.Config(app, host="127.0.0.1", port=port, http=HTTP_PROTOCOL, log_config=None, log_level="debug")
+    options: dict[str, Any] = (
+        {"log_config": None, "log_level": "debug", "access_log": True}
         if verbose_logs
-        else uvicorn.Config(
-            app, host="127.0.0.1", port=port, http=HTTP_PROTOCOL, log_level="critical", access_log=False
-        )
+        else {"log_level": "critical", "access_log": False}
     )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name=f"optserve-test-{port}", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, alive=thread.is_alive)
-        yield Server(url, port, data_dir)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-    assert not thread.is_alive(), "the server thread did not stop"
+    full = Settings(data_dir=data_dir, snapshot_every_seconds=0, **settings)
+    with serve_in_thread(settings=full, **options) as embedded:
+        yield Server(embedded.url, int(embedded.url.rsplit(":", 1)[1]), data_dir)
 
 
 @pytest.fixture
