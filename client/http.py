@@ -17,12 +17,11 @@ import httpx
 import numpy as np
 
 from . import protocol
-from .errors import APIError, TransportError
-from .protocol import Call, Credentials, Reply, Retry, StepResult
+from .errors import TransportError
+from .protocol import Call, Credentials, HyperparamChanges, Reply, Retry, StepResult
 from .transport import SocketTransport
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-HyperparamChanges = Mapping[str, Any] | Sequence[Mapping[str, Any] | None]
 
 
 def _http_kwargs(url: str, timeout: float | httpx.Timeout, headers: Mapping[str, str] | None) -> dict[str, Any]:
@@ -32,22 +31,6 @@ def _http_kwargs(url: str, timeout: float | httpx.Timeout, headers: Mapping[str,
 def _content(content: bytes | list[bytes | memoryview] | None) -> Any:
     """A list of buffers becomes a stream of them (sent one by one with the Content-Length already set)."""
     return iter(content) if isinstance(content, list) else content
-
-
-def _read_retry(
-    call: Call, reply: Reply | None, error: TransportError | None, attempt: int, retry: Retry
-) -> float | None:
-    """Seconds to wait before retrying a read, or None to stop: return the reply, or raise the transport error."""
-    if call.method != "GET":
-        if error is not None:
-            raise error
-        return None
-    if error is None and reply is not None and reply.status < 500:
-        return None
-    delay = protocol.retry_delay(error or APIError(reply.status if reply else 500, {}), attempt, retry)
-    if delay is None and error is not None:
-        raise error
-    return delay
 
 
 def _step_call(session_id: str, grads: Mapping[str, Any], key: str | None, **kwargs: Any) -> Call:
@@ -88,17 +71,19 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def _send(self, call: Call) -> Reply:
-        """One request; a read (GET) is retried on transport errors and 5xx like a step (it changes nothing)."""
+    def _send(self, call: Call, retry: Retry | None = None) -> Reply:
+        """One request; sent again after a transport error or a 5xx when that is safe (``Call.retry_safe``: reads,
+        and steps, which carry an Idempotency-Key), with the backoff of ``retry`` (default: the client's)."""
         attempt = 0
         while True:
             try:
                 reply = self._send_once(call)
-                delay = _read_retry(call, reply, None, attempt, self.retry)
-            except TransportError as exc:
-                delay = _read_retry(call, None, exc, attempt, self.retry)
-            if delay is None:
-                return reply
+            except TransportError:
+                if (delay := protocol.retry_delay(call, attempt, retry or self.retry)) is None:
+                    raise
+            else:
+                if (delay := protocol.retry_delay(call, attempt, retry or self.retry, reply)) is None:
+                    return reply
             time.sleep(delay)
             attempt += 1
 
@@ -186,16 +171,7 @@ class Client:
             changes=changes,
             dtype=dtype,
         )
-        attempt = 0
-        while True:
-            try:
-                return protocol.read_step(self._send(call))
-            except Exception as exc:
-                delay = protocol.retry_delay(exc, attempt, retry or self.retry)
-                if delay is None:
-                    raise
-                time.sleep(delay)
-                attempt += 1
+        return protocol.read_step(self._send(call, retry))
 
     def params(
         self, session_id: str, *, min_step: int | None = None, timeout: float | None = None
@@ -240,16 +216,17 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _send(self, call: Call) -> Reply:
+    async def _send(self, call: Call, retry: Retry | None = None) -> Reply:
         attempt = 0
         while True:
             try:
                 reply = await self._send_once(call)
-                delay = _read_retry(call, reply, None, attempt, self.retry)
-            except TransportError as exc:
-                delay = _read_retry(call, None, exc, attempt, self.retry)
-            if delay is None:
-                return reply
+            except TransportError:
+                if (delay := protocol.retry_delay(call, attempt, retry or self.retry)) is None:
+                    raise
+            else:
+                if (delay := protocol.retry_delay(call, attempt, retry or self.retry, reply)) is None:
+                    return reply
             await asyncio.sleep(delay)
             attempt += 1
 
@@ -317,16 +294,7 @@ class AsyncClient:
             changes=changes,
             dtype=dtype,
         )
-        attempt = 0
-        while True:
-            try:
-                return protocol.read_step(await self._send(call))
-            except Exception as exc:
-                delay = protocol.retry_delay(exc, attempt, retry or self.retry)
-                if delay is None:
-                    raise
-                await asyncio.sleep(delay)
-                attempt += 1
+        return protocol.read_step(await self._send(call, retry))
 
     async def params(
         self, session_id: str, *, min_step: int | None = None, timeout: float | None = None

@@ -15,8 +15,10 @@ import httpx
 import numpy as np
 
 from . import wire
-from .errors import APIError, TransportError, error_for
+from .errors import APIError, error_for
 from .transport import BODY_EXTENSION
+
+HyperparamChanges = Mapping[str, Any] | Sequence[Mapping[str, Any] | None]
 
 
 @dataclass
@@ -28,6 +30,11 @@ class Call:
     headers: dict[str, str] = field(default_factory=dict)
     content: bytes | list[bytes | memoryview] | None = None  # a list is sent part by part, never joined
     json: Any = None
+
+    @property
+    def retry_safe(self) -> bool:
+        """Sending it again cannot apply anything twice: a read, or a request carrying an Idempotency-Key."""
+        return self.method == "GET" or "idempotency-key" in self.headers
 
 
 class Credentials:
@@ -107,9 +114,6 @@ class Retry:
         return [min(self.max_backoff, self.backoff * 2**i) for i in range(max(0, self.attempts - 1))]
 
 
-NO_RETRY = Retry(attempts=1)
-
-
 def check(reply: Reply) -> Reply:
     """Raise the typed error for an error status, with the problem details when the server sent them."""
     if reply.status < 400:
@@ -123,14 +127,17 @@ def check(reply: Reply) -> Reply:
     raise error_for(reply.status, problem)
 
 
-def retry_delay(exc: Exception, attempt: int, retry: Retry) -> float | None:
-    """Seconds to wait before attempt ``attempt + 1``, or None when ``exc`` is final (a 4xx, or no attempts left).
+def retry_delay(call: Call, attempt: int, retry: Retry, reply: Reply | None = None) -> float | None:
+    """Seconds to wait before sending ``call`` again after attempt ``attempt`` failed in transit (``reply`` None) or
+    answered ``reply``; None when that answer is final.
 
-    Only failures that may be transient are retried: transport errors and 5xx answers.
+    Only failures that may be transient are retried (transport errors and 5xx), and only for calls that are safe to
+    send twice (``Call.retry_safe``).
     """
+    if not call.retry_safe or (reply is not None and reply.status < 500):
+        return None
     delays = retry.delays()
-    transient = isinstance(exc, TransportError) or (isinstance(exc, APIError) and exc.status >= 500)
-    return delays[attempt] if transient and attempt < len(delays) else None
+    return delays[attempt] if attempt < len(delays) else None
 
 
 def step_number(reply: Reply) -> int:
@@ -173,7 +180,7 @@ def step(
     idempotency_key: str | None,
     minimal: bool = False,
     partial: bool = False,
-    changes: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None,
+    changes: HyperparamChanges | None = None,
     dtype: str | Mapping[str, str] | None = None,
 ) -> Call:
     """A step with the gradients as safetensors in the order given (send them in the session's order).
