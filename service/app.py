@@ -27,7 +27,7 @@ from optserve.client.wire import WireError
 
 from . import fused
 from .auth import Guard
-from .errors import ServiceError
+from .errors import ServiceError, problem
 from .observability import Metrics, RequestObserver
 from .persistence import Saver, Snapshots
 from .routes import Service, plain_errors, router
@@ -47,14 +47,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 def problem_response(
     status: int, title: str, detail: str, slug: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
-    body = {
-        "type": f"urn:optserve:problem:{slug}",
-        "title": title,
-        "status": status,
-        "detail": detail,
-        **extra,
-    }
-    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+    return JSONResponse(problem(status, slug, title, detail, **extra), status_code=status, media_type=PROBLEM,
+                        headers=headers)  # fmt: skip
 
 
 def create_app(settings: Settings | None = None, store: SessionStore | None = None) -> FastAPI:
@@ -115,8 +109,6 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     )
     metrics = Metrics(store, saver)
     app.add_middleware(RequestObserver, metrics=metrics, json_logs=settings.log_format == "json")
-    app.state.settings = settings
-    app.state.store = store
     app.state.service = svc
     app.state.metrics = metrics
     app.state.ready = False
@@ -176,12 +168,8 @@ async def _background(svc: Service) -> None:
         now = time.time()
         for session in store.list():
             idle = bool(saver.ttl_seconds) and now - session.updated_at > saver.ttl_seconds
-            if (idle or saver.due(session, now)) and not session.saving:
-                session.saving = True
-                try:
-                    saved = await run_in_threadpool(saver.save, session)
-                finally:
-                    session.saving = False
+            if idle or saver.due(session, now):
+                saved = await run_in_threadpool(saver.save, session, False)
                 if idle and saved and session.saved_version == session.version and isinstance(store, MemoryStore):
                     store.evict(session.id)  # its snapshot is complete; the next request loads it back
                     log.info("session %s evicted after %.0f s idle", session.id, now - session.updated_at)

@@ -72,7 +72,7 @@ def serve_in_thread(
             app = create_app(Settings(data_dir=Path(data_dir or tmp)), store=store)
         else:
             app = create_app(settings)
-            store = app.state.store
+            store = app.state.service.store
         port = port or free_port()
         options = {"log_level": "warning", "access_log": False, **uvicorn_options}
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=HTTP_PROTOCOL, **options))

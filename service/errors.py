@@ -36,13 +36,12 @@ class ServiceError(Exception):
         self.extra = extra
 
     def problem(self) -> dict[str, Any]:
-        return {
-            "type": f"urn:optserve:problem:{self.slug}",
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-            **self.extra,
-        }
+        return problem(self.status, self.slug, self.title, self.detail, **self.extra)
+
+
+def problem(status: int, slug: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:
+    """A problem details document (RFC 9457): the one shape of every error answer."""
+    return {"type": f"urn:optserve:problem:{slug}", "title": title, "status": status, "detail": detail, **extra}
 
 
 class BadRequest(ServiceError):

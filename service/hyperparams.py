@@ -125,18 +125,14 @@ class OptimizerKind:
     name: str
     hyperparams: type
     defaults: Mapping[str, Any]
-    decoupled_weight_decay: bool = False
 
 
 OPTIMIZERS: dict[str, OptimizerKind] = {
     "adam": OptimizerKind("adam", AdamHyperparams, {}),
-    "adamw": OptimizerKind("adamw", AdamHyperparams, {"weight_decay": 1e-2}, decoupled_weight_decay=True),
+    "adamw": OptimizerKind("adamw", AdamHyperparams, {"weight_decay": 1e-2}),
     "sgd": OptimizerKind("sgd", SGDHyperparams, {}),
     "rmsprop": OptimizerKind("rmsprop", RMSpropHyperparams, {}),
 }
-
-# Hyperparameters that decide which state buffers exist; they may not change after a session is created.
-STRUCTURAL = frozenset({"amsgrad", "centered"})
 
 
 def optimizer_kind(name: str) -> OptimizerKind:

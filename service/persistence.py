@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -23,12 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import dump_versioned, load
-from .session import Session
+from .session import SESSION_ID, Session
 
 log = logging.getLogger("optserve.persistence")
 
 SUFFIX = ".safetensors"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass
@@ -91,7 +89,7 @@ class Snapshots:
         for path in sorted(self.dir.glob(f"*{SUFFIX}")):
             session_id = path.name[: -len(SUFFIX)]
             try:
-                if not _NAME.match(session_id):
+                if not SESSION_ID.match(session_id):
                     raise ValueError(f"not a session id: {session_id!r}")
                 report.loaded.append(self.load(session_id))
             except Exception as e:  # noqa: BLE001 - any failure sets this one file aside, never the others
@@ -146,8 +144,15 @@ class Saver:
             return True
         return bool(self.every_seconds) and now - session.saved_at >= self.every_seconds
 
-    def save(self, session: Session) -> bool:
-        """Snapshot one session (thread-safe; callers run it off the event loop). False if it failed."""
+    def save(self, session: Session, wait: bool = True) -> bool | None:
+        """Snapshot one session (thread-safe; callers run it off the event loop). False if it failed.
+
+        Writes of one session never overlap (an older copy renamed last would undo a newer snapshot): with
+        ``wait=False`` a session being saved already is left to that save (None); with ``wait=True`` this waits for
+        it and then saves whatever changed since.
+        """
+        if not session.save_lock.acquire(blocking=wait):
+            return None
         try:
             seconds = self.snapshots.write(session)
         except Exception:  # noqa: BLE001 - a failed snapshot is reported; the previous one stays valid
@@ -155,6 +160,8 @@ class Saver:
             self.on_failed()
             log.exception("snapshot of session %s failed", session.id)
             return False
+        finally:
+            session.save_lock.release()
         if seconds:
             self.on_saved(seconds)
         return True

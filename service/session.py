@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -48,6 +49,7 @@ from .hyperparams import HyperparamError, Hyperparams, make_hyperparams, optimiz
 from .layout import FlatLayout
 from .schedules import Constant, Schedule
 
+SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also a safe file name for snapshots
 MAX_IDEMPOTENCY_KEYS = 1024  # per session; older keys are forgotten first
 MAX_NAME_LENGTH = 1024
 NORM_CHUNK = 1 << 16
@@ -252,7 +254,7 @@ class Session:
         self.saved_version = -1
         self.saved_step = -1
         self.saved_at = 0.0
-        self.saving = False  # a background snapshot is under way
+        self.save_lock = threading.Lock()  # one snapshot write of this session at a time
 
     @property
     def nbytes(self) -> int:
@@ -322,8 +324,8 @@ class Session:
                 sumsq = sum_of_squares(flat) if finite else math.nan
 
             norm = math.sqrt(sumsq) if finite else None
-            if finite:
-                self._apply(flat, present, clip_scale(math.sqrt(sumsq), self.config.max_grad_norm), scheduled)
+            if norm is not None:
+                self._apply(flat, present, clip_scale(norm, self.config.max_grad_norm), scheduled)
                 self.step_count += 1
                 self.counters.steps_applied += 1
                 self.last_grad_norm = norm

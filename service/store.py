@@ -10,7 +10,6 @@ nobody sees.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import uuid
 from dataclasses import dataclass
@@ -18,11 +17,9 @@ from typing import Protocol
 
 from .errors import Conflict, InvalidInput, LimitExceeded, PayloadTooLarge, SessionNotFound, TooManySessions
 from .persistence import Snapshots
-from .session import Session
+from .session import SESSION_ID, Session
 
 log = logging.getLogger("optserve.store")
-
-SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def new_session_id() -> str:
@@ -167,6 +164,3 @@ class MemoryStore:
     def list(self) -> list[Session]:
         with self._lock:
             return list(self._sessions.values())
-
-    def held_bytes(self) -> int:
-        return sum(s.nbytes for s in self.list())
