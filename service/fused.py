@@ -231,7 +231,7 @@ def step_range(
     ``grad_scale`` multiplies the gradient first (gradient clipping). Both backends give the same bits.
     """
     if BACKEND == "numba":
-        kernels.step_range(optimizer, params, grads, dict(state), start, stop, t, hp, grad_scale)
+        kernels.step_range(optimizer, params, grads, state, start, stop, t, hp, grad_scale)
     else:
         step_range_numpy(optimizer, params, grads, state, start, stop, t, hp, grad_scale)
 

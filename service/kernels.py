@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -125,7 +126,7 @@ def step_range(
     optimizer: str,
     params: np.ndarray,
     grads: np.ndarray,
-    state: dict[str, np.ndarray],
+    state: Mapping[str, np.ndarray],
     start: int,
     stop: int,
     t: int,
@@ -163,7 +164,7 @@ def _step_one(
     optimizer: str,
     params: np.ndarray,
     grads: np.ndarray,
-    state: dict[str, np.ndarray],
+    state: Mapping[str, np.ndarray],
     start: int,
     stop: int,
     t: int,

@@ -37,6 +37,7 @@ from .errors import (
 )
 from .hyperparams import HyperparamError, make_hyperparams
 from .layout import FlatLayout
+from .observability import Metrics
 from .persistence import Saver
 from .session import Session, SessionBusy, SessionConfig, StepResult
 from .settings import Settings
@@ -113,17 +114,13 @@ def service(request: Request) -> Service:
 def open_session(request: Request, session_id: str) -> Session:
     """The session, once the request shows its token (or the admin key) when auth is on."""
     svc = service(request)
-    if svc.guard.enabled:
-        svc.guard.session(request, _token_of(svc, session_id))
-    return svc.store.get(session_id)
-
-
-def _token_of(svc: Service, session_id: str) -> str | None:
-    """A session's token digest; the session's absence is answered only after auth (no probing without a token)."""
     try:
-        return svc.store.get(session_id).token_digest
+        session = svc.store.get(session_id)
     except SessionNotFound:
-        return None
+        svc.guard.session(request, None)  # a session's absence is told only after auth: no probing without a key
+        raise
+    svc.guard.session(request, session.token_digest)
+    return session
 
 
 async def snapshot_now(svc: Service, session: Session) -> None:
@@ -139,20 +136,13 @@ async def after_change(svc: Service, session: Session) -> None:
         return
     if saver.fsync_every_step:
         await run_in_threadpool(saver.save, session)
-    elif saver.every_steps and session.step_count - session.saved_step >= saver.every_steps and not session.saving:
-        session.saving = True
-
-        async def save() -> None:
-            try:
-                await run_in_threadpool(saver.save, session)
-            finally:
-                session.saving = False
-
-        _background.add(task := asyncio.get_running_loop().create_task(save()))
+    elif saver.due(session, time.time()):
+        save = run_in_threadpool(saver.save, session, False)  # a save already under way covers this one
+        _background.add(task := asyncio.get_running_loop().create_task(save))
         task.add_done_callback(_background.discard)
 
 
-_background: set[asyncio.Task[None]] = set()
+_background: set[asyncio.Task[bool | None]] = set()  # keeps background saves referenced until done
 
 
 # --- negotiation helpers -------------------------------------------------------------------------------------------
@@ -436,9 +426,9 @@ MISSING_PARAMETER = {
     openapi_extra={"parameters": [SESSION_ID_PARAMETER, MISSING_PARAMETER], **body(SAFETENSORS_OR_JSON)},
 )
 async def step(request: Request) -> Response:
-    metrics = request.app.state.metrics
+    metrics: Metrics = request.app.state.metrics
     try:
-        response = await _step(request)
+        response = await _step(request, metrics)
     except ServiceError as e:
         metrics.rejected.labels(e.slug).inc()
         raise
@@ -448,7 +438,7 @@ async def step(request: Request) -> Response:
     return response
 
 
-async def _step(request: Request) -> Response:
+async def _step(request: Request, metrics: Metrics) -> Response:
     """Apply one optimizer step from the gradients in the body; answer with the updated parameters.
 
     Headers: ``If-Match: "<step>"`` (412 unless the session is at that step), ``Idempotency-Key`` (a retry is
@@ -494,7 +484,6 @@ async def _step(request: Request) -> Response:
     if result.status != "replayed":
         await after_change(svc, session)
     stepped = time.perf_counter()
-    metrics = request.app.state.metrics
     metrics.steps.labels(result.status).inc()
     metrics.step_seconds.observe(stepped - received)
     headers = {
@@ -589,14 +578,9 @@ async def put_checkpoint(session_id: str, request: Request) -> JSONResponse:
     svc = service(request)
     check_session_id(session_id)
     try:
-        svc.store.get(session_id)
-        exists = True
+        open_session(request, session_id)  # replacing: the session's token (or the admin key)
     except SessionNotFound:
-        exists = False
-    if exists:
-        open_session(request, session_id)
-    else:
-        svc.guard.admin(request)
+        svc.guard.admin(request)  # creating: the admin key
     if media_type(request) != wire.SAFETENSORS:
         raise UnsupportedMediaType(f"send the checkpoint as {wire.SAFETENSORS}")
     body = await read_body(request, svc.settings.max_body_bytes)
