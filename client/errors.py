@@ -79,6 +79,10 @@ class PreconditionFailed(APIError):
     def current_step(self) -> int | None:
         return self.problem.get("current_step")
 
+    def server_behind(self, step: int) -> bool:
+        """The server is at an older step than ``step``: it restarted from a snapshot taken before it."""
+        return self.current_step is not None and self.current_step < step
+
 
 class PayloadTooLarge(APIError):
     pass

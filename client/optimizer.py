@@ -103,20 +103,22 @@ class RemoteOptimizer:
         ordered = {name: np.asarray(grads[name], dtype=np.float32) for name in self.names if name in grads}
         extra = set(grads) - set(ordered)
         ordered.update({name: np.asarray(grads[name]) for name in extra})  # the server names them in its refusal
-        try:
-            result = self.client.step(
+
+        def send() -> StepResult:
+            return self.client.step(
                 self.session_id, ordered, if_match=self.step_count, idempotency_key=uuid.uuid4().hex, retry=self.retry
             )
+
+        try:
+            result = send()
         except PreconditionFailed as e:
-            if e.current_step is None or e.current_step >= self.step_count:
+            if not e.server_behind(self.step_count):
                 raise  # someone else stepped this session: not ours to paper over
-            # The server is behind us: it restarted from a snapshot older than our last step. Take its parameters
-            # and step counter, and apply this step there.
+            # The server restarted from a snapshot older than our last step: take its parameters and step counter,
+            # and apply this step there.
             self.resyncs += 1
             self.pull()
-            result = self.client.step(
-                self.session_id, ordered, if_match=self.step_count, idempotency_key=uuid.uuid4().hex, retry=self.retry
-            )
+            result = send()
         self.last = result
         if result.params is None:  # a contribution: the step completes when the other contributors have sent theirs
             return self.pull(min_step=self.step_count + 1)

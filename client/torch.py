@@ -189,7 +189,7 @@ class _RemoteOptimizer(Optimizer):
         try:
             result = send()
         except PreconditionFailed as e:
-            if e.current_step is None or e.current_step >= self._step_count:
+            if not e.server_behind(self._step_count):
                 raise
             # The server restarted from a snapshot older than our last step: take its parameters and step there.
             self._copy_in(*self.client.params(self.session_id))

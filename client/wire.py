@@ -63,6 +63,7 @@ _NUMPY = {
     "I32": np.dtype("<i4"), "U32": np.dtype("<u4"), "F32": np.dtype("<f4"),
     "I64": np.dtype("<i8"), "U64": np.dtype("<u8"), "F64": np.dtype("<f8"),
 }  # fmt: skip
+_CODE_OF = {nd: code for code, nd in _NUMPY.items() if code != "BF16"}  # numpy dtype -> safetensors code
 # JSON / user-facing names of the float types the service works in.
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 _NAME_OF = {v: k for k, v in DTYPE_NAMES.items()}
@@ -92,11 +93,8 @@ def _as_wire_array(array: Any, dtype: str | None) -> tuple[str, np.ndarray]:
     """(safetensors dtype, contiguous little-endian array of its bits) for one tensor."""
     a = np.asarray(array)
     if dtype is None:
-        for code, nd in _NUMPY.items():
-            if code != "BF16" and nd == a.dtype.newbyteorder("<"):
-                dtype = code
-                break
-        else:
+        dtype = _CODE_OF.get(a.dtype.newbyteorder("<"))
+        if dtype is None:
             raise WireError(f"cannot encode numpy dtype {a.dtype}")
     dtype = DTYPE_NAMES.get(dtype, dtype)
     if dtype == "BF16":
