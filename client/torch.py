@@ -28,11 +28,12 @@ from __future__ import annotations
 import uuid
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 from torch.optim import Optimizer
+from typing_extensions import Unpack
 
 from . import checkpoint
 from .errors import PreconditionFailed
@@ -64,35 +65,37 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class RemoteOptions(TypedDict, total=False):
+    """Where and how the drop-ins reach the server: the keyword arguments they add to their torch twins."""
+
+    url: str  # default http://127.0.0.1:8000
+    session_id: str | None  # attach to this session instead of creating one
+    client: Client | None  # an existing client (url, timeout, retry and token are then its own)
+    timeout: float  # seconds, default 60
+    retry: Retry | None
+    nonfinite: str | None  # "error" or "skip", for a new session
+    max_grad_norm: float | None  # server-side clipping, for a new session
+    token: str | None  # admin key (to create) or the session's token (to attach)
+
+
 class _RemoteOptimizer(Optimizer):
     """The shared body of the four drop-ins: a ``torch.optim.Optimizer`` that steps on the server."""
 
-    optimizer_name: ClassVar[str]
-
     def __init__(
-        self,
-        params: Iterable[Any],
-        defaults: dict[str, Any],
-        *,
-        optimizer: str,
-        url: str,
-        session_id: str | None,
-        client: Client | None,
-        timeout: float,
-        retry: Retry | None,
-        nonfinite: str | None = None,
-        max_grad_norm: float | None = None,
-        token: str | None = None,
+        self, params: Iterable[Any], defaults: dict[str, Any], optimizer: str, **remote: Unpack[RemoteOptions]
     ) -> None:
         super().__init__(params, defaults)
         self._optimizer = optimizer
         self._hp_names = tuple(defaults)
+        client, session_id, token = remote.get("client"), remote.get("session_id"), remote.get("token")
+        self._timeout = remote.get("timeout", 60.0)
+        self._retry = remote.get("retry")
         self._owns_client = client is None
-        self.client = client if client is not None else Client(url, timeout=timeout, retry=retry, token=token)
+        self.client = client if client is not None else Client(
+            remote.get("url", DEFAULT_URL), timeout=self._timeout, retry=self._retry, token=token
+        )  # fmt: skip
         if session_id is not None and token is not None:
             self.client.use_token(session_id, token)
-        self._timeout = timeout
-        self._retry = retry
         self._names: list[str] = []
         self._params: list[torch.Tensor] = []
         for group in self.param_groups:
@@ -107,8 +110,8 @@ class _RemoteOptimizer(Optimizer):
                 optimizer,
                 hyperparams={k: _plain(v) for k, v in defaults.items()},
                 param_groups=self._group_specs(),
-                nonfinite=nonfinite,
-                max_grad_norm=max_grad_norm,
+                nonfinite=remote.get("nonfinite"),
+                max_grad_norm=remote.get("max_grad_norm"),
             )
             self._sent = [self._hyperparams(g) for g in self.param_groups]
         else:
@@ -296,20 +299,11 @@ class RemoteAdam(_RemoteOptimizer):
         maximize: bool = False,
         eps_root: float = 0.0,
         decoupled_weight_decay: bool = False,
-        url: str = DEFAULT_URL,
-        session_id: str | None = None,
-        client: Client | None = None,
-        timeout: float = 60.0,
-        retry: Retry | None = None,
-        nonfinite: str | None = None,
-        max_grad_norm: float | None = None,
-        token: str | None = None,
+        **remote: Unpack[RemoteOptions],
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         eps_root=eps_root)  # fmt: skip
-        super().__init__(params, defaults, optimizer="adamw" if decoupled_weight_decay else "adam", url=url,
-                         session_id=session_id, client=client, timeout=timeout, retry=retry, nonfinite=nonfinite,
-                         max_grad_norm=max_grad_norm, token=token)  # fmt: skip
+        super().__init__(params, defaults, "adamw" if decoupled_weight_decay else "adam", **remote)
 
 
 class RemoteAdamW(_RemoteOptimizer):
@@ -326,20 +320,11 @@ class RemoteAdamW(_RemoteOptimizer):
         *,
         maximize: bool = False,
         eps_root: float = 0.0,
-        url: str = DEFAULT_URL,
-        session_id: str | None = None,
-        client: Client | None = None,
-        timeout: float = 60.0,
-        retry: Retry | None = None,
-        nonfinite: str | None = None,
-        max_grad_norm: float | None = None,
-        token: str | None = None,
+        **remote: Unpack[RemoteOptions],
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         eps_root=eps_root)  # fmt: skip
-        super().__init__(params, defaults, optimizer="adamw", url=url, session_id=session_id, client=client,
-                         timeout=timeout, retry=retry, nonfinite=nonfinite, max_grad_norm=max_grad_norm,
-                         token=token)  # fmt: skip
+        super().__init__(params, defaults, "adamw", **remote)
 
 
 class RemoteSGD(_RemoteOptimizer):
@@ -355,20 +340,11 @@ class RemoteSGD(_RemoteOptimizer):
         nesterov: bool = False,
         *,
         maximize: bool = False,
-        url: str = DEFAULT_URL,
-        session_id: str | None = None,
-        client: Client | None = None,
-        timeout: float = 60.0,
-        retry: Retry | None = None,
-        nonfinite: str | None = None,
-        max_grad_norm: float | None = None,
-        token: str | None = None,
+        **remote: Unpack[RemoteOptions],
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize)  # fmt: skip
-        super().__init__(params, defaults, optimizer="sgd", url=url, session_id=session_id, client=client,
-                         timeout=timeout, retry=retry, nonfinite=nonfinite, max_grad_norm=max_grad_norm,
-                         token=token)  # fmt: skip
+        super().__init__(params, defaults, "sgd", **remote)
 
 
 class RemoteRMSprop(_RemoteOptimizer):
@@ -385,17 +361,8 @@ class RemoteRMSprop(_RemoteOptimizer):
         centered: bool = False,
         *,
         maximize: bool = False,
-        url: str = DEFAULT_URL,
-        session_id: str | None = None,
-        client: Client | None = None,
-        timeout: float = 60.0,
-        retry: Retry | None = None,
-        nonfinite: str | None = None,
-        max_grad_norm: float | None = None,
-        token: str | None = None,
+        **remote: Unpack[RemoteOptions],
     ) -> None:
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
                         maximize=maximize)  # fmt: skip
-        super().__init__(params, defaults, optimizer="rmsprop", url=url, session_id=session_id, client=client,
-                         timeout=timeout, retry=retry, nonfinite=nonfinite, max_grad_norm=max_grad_norm,
-                         token=token)  # fmt: skip
+        super().__init__(params, defaults, "rmsprop", **remote)
