@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import subprocess
 import sys
@@ -36,17 +38,21 @@ class ServerProcess:
     data_dir: Path
 
 
-def start_server_process(data_dir: Path, env: dict[str, str] | None = None) -> ServerProcess:
-    """``optserve serve`` as its own process (the console script of this environment)."""
+def start_server_process(data_dir: Path, env: dict[str, str] | None = None, log: Path | None = None) -> ServerProcess:
+    """``optserve serve`` as its own process (the console script of this environment); its output goes to ``log``
+    when given (and is shown if the server does not come up)."""
     port = free_port()
     exe = Path(sys.executable).with_name("optserve")
     cmd = [str(exe), "serve", "--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
+    with open(log, "wb") if log is not None else contextlib.nullcontext() as out:
+        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, alive=lambda: proc.poll() is None)
-    except Exception:
+    except Exception as e:
         stop_server_process(proc)
+        if log is not None:
+            raise AssertionError(f"server did not come up: {e}\n{log.read_text(errors='replace')}") from e
         raise
     return ServerProcess(url, proc, data_dir)
 
@@ -60,6 +66,18 @@ def stop_server_process(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.fixture
+def no_gc() -> Iterator[None]:
+    """The cyclic garbage collector off: pooled buffers must come back through reference counts alone."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @pytest.fixture

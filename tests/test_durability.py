@@ -8,11 +8,9 @@ starts is stopped by its pid when the test ends, whatever happened.
 from __future__ import annotations
 
 import itertools
-import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, MutableMapping
@@ -22,18 +20,17 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import start_server_process, stop_server_process
 from safetensors import safe_open
 
 from optserve.client import Client, RemoteOptimizer
 from optserve.client.errors import NotFound, TransportError
 from optserve.client.protocol import Retry
-from optserve.service.embedded import free_port, wait_healthy
 from optserve.service.persistence import Snapshots
 from optserve.service.session import Session, SessionConfig
 
 pytestmark = pytest.mark.server
 
-EXE = Path(sys.executable).with_name("optserve")
 HYPER = {"lr": 1e-2, "weight_decay": 0.01, "amsgrad": True}
 _log_numbers = itertools.count()
 
@@ -52,17 +49,6 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """By pid: SIGTERM, then SIGKILL if it is still there after 10 s."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @pytest.fixture
 def launch(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start ``optserve serve`` on a free port with its output in a log file; every process started is stopped (by
@@ -70,24 +56,16 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(data_dir: Path, env: dict[str, str] | None = None) -> Server:
-        port = free_port()
         log = tmp_path / f"server-{next(_log_numbers)}.log"
-        cmd = [str(EXE), "serve", "--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning"]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=out)
-        procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_healthy(url, timeout=30, alive=lambda: proc.poll() is None)
-        except Exception as e:
-            raise AssertionError(f"server did not come up: {e}\n{log.read_text(errors='replace')}") from e
-        return Server(url, proc, data_dir, log)
+        sp = start_server_process(data_dir, env, log=log)
+        procs.append(sp.proc)
+        return Server(sp.url, sp.proc, data_dir, log)
 
     try:
         yield start
     finally:
         for proc in procs:
-            _stop(proc)
+            stop_server_process(proc)
 
 
 def sigkill(server: Server) -> None:

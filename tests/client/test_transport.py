@@ -11,7 +11,6 @@ alone must free it).
 
 from __future__ import annotations
 
-import gc
 import socket
 import threading
 import time
@@ -648,18 +647,6 @@ def test_generator_body_without_length_goes_chunked(serve) -> None:
 
 
 # --- 5. receive buffers --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def no_gc() -> Iterator[None]:
-    """The cyclic garbage collector off: a dropped body must come back to the pool through reference counts alone."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def pooled_client(server: RawServer) -> tuple[httpx.Client, SocketTransport, list[int]]:

@@ -12,7 +12,6 @@ Sizes: 600_000 float32 (2.4 MB) is above the 1 MiB threshold of the large-body p
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import os
 import pickle
@@ -424,18 +423,6 @@ def test_answer_still_being_sent_to_a_slow_reader_is_not_overwritten(
         status, _, answer = read_response(sock)
     assert status == 200
     assert_equal_tensors(wire.decode(answer)[0], Reference(pa).step(grads_a), "slow reader's answer")
-
-
-@pytest.fixture
-def no_gc() -> Iterator[None]:
-    """The cyclic garbage collector off: buffers must come back through reference counts alone."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def test_steady_steps_reuse_pooled_buffers(
