@@ -22,16 +22,18 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from optserve.client.wire import WireError
 
 from . import fused
 from .auth import Guard
-from .errors import ServiceError, problem
+from .errors import ServiceError, error_answer, internal_error, problem
 from .observability import Metrics, RequestObserver
 from .persistence import Saver, Snapshots
 from .routes import Service, plain_errors, router
 from .settings import Settings
+from .step_route import StepRoute, step_session_id
 from .store import Limits, MemoryStore, SessionStore
 
 log = logging.getLogger("optserve")
@@ -49,6 +51,21 @@ def problem_response(
 ) -> JSONResponse:
     return JSONResponse(problem(status, slug, title, detail, **extra), status_code=status, media_type=PROBLEM,
                         headers=headers)  # fmt: skip
+
+
+class OptserveApp(FastAPI):
+    """The FastAPI application, with step requests handed straight to the bare step route (observed like every
+    other request) instead of going through FastAPI's middleware, routing and dependency solving."""
+
+    step_app: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.step_app is not None and (session_id := step_session_id(scope)):
+            scope["app"] = self
+            scope["path_params"] = {"session_id": session_id}
+            await self.step_app(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, store: SessionStore | None = None) -> FastAPI:
@@ -101,27 +118,27 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
                 failed = await run_in_threadpool(saver.flush, store.list())
                 log.info("shutdown: snapshots flushed (%d failed)", failed)
 
-    app = FastAPI(
+    app = OptserveApp(
         title="optserve",
         version=__version__,
         summary="Remote optimizer stepping: Adam, AdamW, SGD and RMSprop state held per session.",
         lifespan=lifespan,
     )
     metrics = Metrics(store, saver)
-    app.add_middleware(RequestObserver, metrics=metrics, json_logs=settings.log_format == "json")
+    json_logs = settings.log_format == "json"
+    app.add_middleware(RequestObserver, metrics=metrics, json_logs=json_logs)
     app.state.service = svc
     app.state.metrics = metrics
+    app.state.step_route = StepRoute(svc, metrics)
+    app.step_app = RequestObserver(app.state.step_route, metrics, json_logs)
     app.state.ready = False
     app.router.routes.extend(router.routes)  # directly: include_router adds a matching layer to every request
 
     @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"ETag": f'"{exc.extra["current_step"]}"'} if "current_step" in exc.extra else None
-        return JSONResponse(exc.problem(), status_code=exc.status, media_type=PROBLEM, headers=headers)
-
     @app.exception_handler(WireError)
-    async def wire_error(request: Request, exc: WireError) -> JSONResponse:
-        return problem_response(400, "Malformed tensor body", str(exc), "malformed-body")
+    async def service_error(request: Request, exc: Exception) -> JSONResponse:
+        status, document, headers = error_answer(exc) or (500, internal_error(), {})
+        return JSONResponse(document, status_code=status, media_type=PROBLEM, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -152,9 +169,7 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(
-            500, "Internal server error", "an unexpected error occurred; see the server log", "internal-error"
-        )
+        return JSONResponse(internal_error(), status_code=500, media_type=PROBLEM)
 
     return app
 

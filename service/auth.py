@@ -16,9 +16,8 @@ import hashlib
 import hmac
 import secrets
 
-from starlette.requests import Request
-
 from .errors import Forbidden, Unauthorized
+from .headers import HeaderMap
 
 
 def new_token() -> tuple[str, str]:
@@ -31,8 +30,8 @@ def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def bearer(request: Request) -> str | None:
-    value = request.headers.get("authorization")
+def bearer(headers: HeaderMap) -> str | None:
+    value = headers.get("authorization")
     if value is None:
         return None
     scheme, _, token = value.partition(" ")
@@ -51,21 +50,21 @@ class Guard:
     def _is_admin(self, token: str) -> bool:
         return hmac.compare_digest(digest(token), self._key_digest)
 
-    def admin(self, request: Request) -> None:
+    def admin(self, headers: HeaderMap) -> None:
         """Require the admin key."""
         if not self.enabled:
             return
-        token = bearer(request)
+        token = bearer(headers)
         if token is None:
             raise Unauthorized("this server requires Authorization: Bearer <admin key>")
         if not self._is_admin(token):
             raise Forbidden("this operation needs the admin key")
 
-    def session(self, request: Request, token_digest: str | None) -> None:
+    def session(self, headers: HeaderMap, token_digest: str | None) -> None:
         """Require the session's token (or the admin key)."""
         if not self.enabled:
             return
-        token = bearer(request)
+        token = bearer(headers)
         if token is None:
             raise Unauthorized("this session requires Authorization: Bearer <session token>")
         presented = digest(token)

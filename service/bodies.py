@@ -1,7 +1,7 @@
 """Request and response bodies without extra copies: the difference between a 40 MB step that takes the time of
 the socket and one that takes several times that.
 
-- :func:`read_body` fills one preallocated buffer from the request stream (Starlette's ``body()`` collects the
+- :func:`receive_body` fills one preallocated buffer from the request stream (Starlette's ``body()`` collects the
   chunks and joins them: a second full copy).
 - :class:`BufferResponse` sends the safetensors header and the flat parameter buffer as they are (a ``Response``
   needs one joined ``bytes``).
@@ -14,19 +14,16 @@ the socket and one that takes several times that.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from optserve.client.buffers import BufferPool
 
 from .errors import BadRequest, PayloadTooLarge
-
-SMALL_BODY = 1 << 16  # below this, Starlette's own body() is as fast
-
 
 # Request bodies and answer copies: reused by exact size once nothing references them (see BufferPool).
 POOL: BufferPool[np.ndarray] = BufferPool(
@@ -35,35 +32,35 @@ POOL: BufferPool[np.ndarray] = BufferPool(
 
 
 async def read_body(request: Request, max_bytes: int | None = None) -> bytes | bytearray | memoryview:
-    """The whole request body, read into one buffer sized by ``Content-Length`` when there is one (and taken as it
-    is when :class:`LargeBodyProtocol` already delivered it in one piece).
+    """The whole body of a Starlette request (see :func:`receive_body`)."""
+    return await receive_body(request.receive, request.headers.get("content-length"), max_bytes)
+
+
+async def receive_body(
+    receive: Receive, content_length: str | None, max_bytes: int | None = None
+) -> bytes | bytearray | memoryview:
+    """The whole request body from ASGI ``receive``, read into one buffer sized by ``Content-Length`` when there is
+    one (and taken as it is when :class:`LargeBodyProtocol` already delivered it in one piece).
 
     A body above ``max_bytes`` is refused with 413: from its ``Content-Length`` before anything is read, or as soon
-    as a body without one grows past the limit.
+    as a body without one grows past the limit. A client that disconnects first raises ``ClientDisconnect``.
     """
-    length = request.headers.get("content-length", "")
-    if max_bytes is not None and length.isdigit() and int(length) > max_bytes:
-        raise PayloadTooLarge(f"the body of {int(length)} bytes exceeds the limit of {max_bytes}", limit=max_bytes)
+    length = content_length or ""
     if not length.isdigit():
-        return await _read_unsized(request, max_bytes)
-    if int(length) < SMALL_BODY:
-        message = await request.receive()  # a small body nearly always comes in one message: take it as it is
-        if message["type"] == "http.request" and not message.get("more_body", False):
-            return message.get("body", b"")
-        chunks = [message.get("body", b"")]
-        async for chunk in request.stream():
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await _read_unsized(receive, max_bytes)
     size = int(length)
-    buf = bytearray()
+    if max_bytes is not None and size > max_bytes:
+        raise PayloadTooLarge(f"the body of {size} bytes exceeds the limit of {max_bytes}", limit=max_bytes)
+    message = await receive()
+    if message["type"] == "http.request" and not message.get("more_body", False):  # the whole body in one message
+        whole: bytes | memoryview = message.get("body", b"")  # (small bodies nearly always, large ones from
+        if len(whole) != size:  # LargeBodyProtocol)
+            raise BadRequest(f"the body of {len(whole)} bytes does not match its Content-Length of {size}")
+        return whole
+    buf = bytearray(size)
     view = memoryview(buf)
     pos = 0
-    async for chunk in request.stream():
-        if pos == 0 and len(chunk) == size:
-            return chunk  # type: ignore[no-any-return]  # the whole body, already in one buffer
-        if not buf:
-            buf = bytearray(size)
-            view = memoryview(buf)
+    async for chunk in _stream(receive, message):
         end = pos + len(chunk)
         if end > size:
             raise BadRequest(f"the body is longer than its Content-Length of {size} bytes")
@@ -74,10 +71,28 @@ async def read_body(request: Request, max_bytes: int | None = None) -> bytes | b
     return buf
 
 
-async def _read_unsized(request: Request, max_bytes: int | None) -> bytes:
+async def _stream(receive: Receive, message: Message | None = None) -> AsyncIterator[bytes | memoryview]:
+    """The pieces of a body (starting with ``message`` if one was received already), as Starlette's
+    ``Request.stream``: a disconnect before the end raises ``ClientDisconnect``."""
+    while True:
+        if message is None:
+            message = await receive()
+        if message["type"] == "http.request":
+            body = message.get("body", b"")
+            if body:
+                yield body
+            if not message.get("more_body", False):
+                return
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        message = None
+
+
+async def _read_unsized(receive: Receive, max_bytes: int | None) -> bytes:
     """A body without Content-Length (chunked): collected, and refused as soon as it passes the limit."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    chunks: list[bytes | memoryview] = []
+    size = 0
+    async for chunk in _stream(receive):
         size += len(chunk)
         if max_bytes is not None and size > max_bytes:
             raise PayloadTooLarge(f"the body exceeds the limit of {max_bytes} bytes", limit=max_bytes)

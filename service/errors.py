@@ -22,6 +22,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from optserve.client.wire import WireError
+
+PROBLEM_TYPE = "urn:optserve:problem:"
+
 
 class ServiceError(Exception):
     """Base of the domain errors; ``extra`` members are added to the problem document."""
@@ -41,7 +45,23 @@ class ServiceError(Exception):
 
 def problem(status: int, slug: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:
     """A problem details document (RFC 9457): the one shape of every error answer."""
-    return {"type": f"urn:optserve:problem:{slug}", "title": title, "status": status, "detail": detail, **extra}
+    return {"type": PROBLEM_TYPE + slug, "title": title, "status": status, "detail": detail, **extra}
+
+
+def internal_error() -> dict[str, Any]:
+    """The problem document of an unexpected error (whose details go to the server log, not to the client)."""
+    return problem(500, "internal-error", "Internal server error", "an unexpected error occurred; see the server log")
+
+
+def error_answer(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str]] | None:
+    """(status, problem document, headers) answering a domain error or a malformed tensor body; None for any other
+    exception (an unexpected one: 500)."""
+    if isinstance(exc, ServiceError):
+        headers = {"ETag": f'"{exc.extra["current_step"]}"'} if "current_step" in exc.extra else {}
+        return exc.status, exc.problem(), headers
+    if isinstance(exc, WireError):
+        return 400, problem(400, "malformed-body", "Malformed tensor body", str(exc)), {}
+    return None
 
 
 class BadRequest(ServiceError):

@@ -7,7 +7,6 @@ Content negotiation, precondition headers and tensor responses live here; the st
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from optserve.client import wire
 
@@ -31,15 +31,14 @@ from .errors import (
     InvalidInput,
     NotAcceptable,
     PayloadTooLarge,
-    ServiceError,
     SessionNotFound,
     UnsupportedMediaType,
 )
+from .headers import HeaderMap
 from .hyperparams import HyperparamError, make_hyperparams
 from .layout import FlatLayout
-from .observability import Metrics
 from .persistence import Saver
-from .session import Session, SessionBusy, SessionConfig, StepResult
+from .session import Session, SessionConfig
 from .settings import Settings
 from .store import SessionStore, check_session_id, new_session_id
 
@@ -106,21 +105,23 @@ class Service:
     guard: Guard
     saver: Saver | None
 
+    def open(self, headers: HeaderMap, session_id: str) -> Session:
+        """The session, once the request shows its token (or the admin key) when auth is on."""
+        try:
+            session = self.store.get(session_id)
+        except SessionNotFound:
+            self.guard.session(headers, None)  # a session's absence is told only after auth: no probing without a key
+            raise
+        self.guard.session(headers, session.token_digest)
+        return session
+
 
 def service(request: Request) -> Service:
     return request.app.state.service  # type: ignore[no-any-return]
 
 
 def open_session(request: Request, session_id: str) -> Session:
-    """The session, once the request shows its token (or the admin key) when auth is on."""
-    svc = service(request)
-    try:
-        session = svc.store.get(session_id)
-    except SessionNotFound:
-        svc.guard.session(request, None)  # a session's absence is told only after auth: no probing without a key
-        raise
-    svc.guard.session(request, session.token_digest)
-    return session
+    return service(request).open(request.headers, session_id)
 
 
 async def snapshot_now(svc: Service, session: Session) -> None:
@@ -148,13 +149,13 @@ _background: set[asyncio.Task[bool | None]] = set()  # keeps background saves re
 # --- negotiation helpers -------------------------------------------------------------------------------------------
 
 
-def media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+def media_type(headers: HeaderMap) -> str:
+    return (headers.get("content-type") or "").split(";")[0].strip().lower()
 
 
-def tensor_media_type(request: Request) -> str:
+def tensor_media_type(headers: HeaderMap) -> str:
     """The request body's tensor encoding, or 415."""
-    ctype = media_type(request)
+    ctype = media_type(headers)
     if ctype not in TENSOR_TYPES:
         raise UnsupportedMediaType(
             f"Content-Type {ctype or '(none)'!r} is not supported; send {wire.SAFETENSORS} or {wire.JSON}",
@@ -163,9 +164,9 @@ def tensor_media_type(request: Request) -> str:
     return ctype
 
 
-def negotiate(request: Request, default: str) -> str:
+def negotiate(headers: HeaderMap, default: str) -> str:
     """The response encoding from ``Accept`` (q-values honoured), falling back to ``default``; or 406."""
-    accept = request.headers.get("accept", "").strip()
+    accept = (headers.get("accept") or "").strip()
     if not accept:
         return default
     ranges = []
@@ -191,9 +192,9 @@ def negotiate(request: Request, default: str) -> str:
     )
 
 
-def parse_if_match(request: Request) -> frozenset[int] | None:
+def parse_if_match(headers: HeaderMap) -> frozenset[int] | None:
     """The step numbers named by ``If-Match`` (``"7"`` or ``W/"7"``); None when absent or ``*``."""
-    value = request.headers.get("if-match")
+    value = headers.get("if-match")
     if value is None or value.strip() == "*":
         return None
     steps = set()
@@ -204,15 +205,16 @@ def parse_if_match(request: Request) -> frozenset[int] | None:
     return frozenset(steps)  # tags that are not step numbers can never match: 412
 
 
-def idempotency_key(request: Request) -> str | None:
-    key = request.headers.get("idempotency-key")
+def idempotency_key(headers: HeaderMap) -> str | None:
+    key = headers.get("idempotency-key")
     if key is not None and not (0 < len(key) <= MAX_KEY_LENGTH and key.isprintable() and key.isascii()):
         raise BadRequest(f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} printable ASCII characters")
     return key
 
 
-def prefers_minimal(request: Request) -> bool:
-    return any(p.strip().lower() == "return=minimal" for p in request.headers.get("prefer", "").split(","))
+def prefers_minimal(headers: HeaderMap) -> bool:
+    prefer = headers.get("prefer")
+    return prefer is not None and any(p.strip().lower() == "return=minimal" for p in prefer.split(","))
 
 
 def etag(step: int) -> str:
@@ -235,27 +237,23 @@ def decode_tensors(
     return wire.decode_json(bytes(body))
 
 
-def tensor_response(
-    layout: FlatLayout,
-    flat: np.ndarray,
-    step: int,
-    encoding: str,
-    headers: dict[str, str],
-    status: int = 200,
-    metadata: dict[str, str] | None = None,
-) -> Response:
-    """The parameters in the negotiated encoding. As safetensors, the body is the header followed by the flat
-    buffer itself: the layout keeps the tensors contiguous and in order, so no per-tensor copy or join is needed."""
+def tensor_parts(
+    layout: FlatLayout, flat: np.ndarray, step: int, encoding: str, metadata: dict[str, str] | None = None
+) -> list[bytes | memoryview]:
+    """The parameters in the negotiated encoding, as the parts of the answer's body. As safetensors, the header
+    followed by the flat buffer itself: the layout keeps the tensors contiguous and in order, so no per-tensor copy
+    or join is needed."""
     meta = {"step": str(step), **(metadata or {})}
-    headers = {"ETag": etag(step), **headers}
     if encoding == wire.SAFETENSORS:
         header = wire.header(layout.specs, meta)
         if flat.nbytes < SMALL_ANSWER:  # one send of one bytes: fewer trips through the ASGI stack
-            return Response(header + flat.tobytes(), status_code=status, media_type=encoding, headers=headers)
-        return BufferResponse([header, memoryview(flat)], status, encoding, headers)  # type: ignore[arg-type]
-    return Response(
-        wire.encode_json(layout.views(flat), meta), status_code=status, media_type=encoding, headers=headers
-    )
+            return [header + flat.tobytes()]
+        return [header, memoryview(flat).cast("B")]  # type: ignore[arg-type]
+    return [wire.encode_json(layout.views(flat), meta)]
+
+
+def tensor_response(layout: FlatLayout, flat: np.ndarray, step: int, encoding: str) -> Response:
+    return BufferResponse(tensor_parts(layout, flat, step, encoding), 200, encoding, {"ETag": etag(step)})
 
 
 def json_object(body: bytes | bytearray | memoryview) -> dict[str, Any]:
@@ -317,8 +315,8 @@ async def create_session(request: Request) -> JSONResponse:
     ``__metadata__["config"]``). Optional ``"id"`` picks the session id. With auth on, the answer carries the
     session's ``token``, once."""
     svc = service(request)
-    svc.guard.admin(request)
-    ctype = tensor_media_type(request)
+    svc.guard.admin(request.headers)
+    ctype = tensor_media_type(request.headers)
     body = await read_body(request, svc.settings.max_body_bytes)
     session_id, config, params = _create(body, ctype, svc.settings.max_header_bytes)
     session_id = check_session_id(session_id) if session_id is not None else new_session_id()
@@ -353,7 +351,7 @@ def _state_buffers(config: SessionConfig) -> int:
 async def list_sessions(request: Request) -> dict[str, Any]:
     """Every session: id, optimizer, step and size (never tokens)."""
     svc = service(request)
-    svc.guard.admin(request)
+    svc.guard.admin(request.headers)
     return {
         "sessions": [
             {
@@ -393,7 +391,7 @@ class PatchSession(BaseModel):
 async def patch_session(session_id: str, request: Request) -> JSONResponse:
     """Change hyperparameters (e.g. ``{"hyperparams": {"lr": 1e-4}}``), of all groups or of ``"group": i``."""
     session = open_session(request, session_id)
-    if media_type(request) != wire.JSON:
+    if media_type(request.headers) != wire.JSON:
         raise UnsupportedMediaType(f"send the changes as {wire.JSON}")
     patch = validated(PatchSession, json_object(await read_body(request, service(request).settings.max_body_bytes)))
     session.update_hyperparams(patch.hyperparams, patch.group)
@@ -426,19 +424,6 @@ MISSING_PARAMETER = {
     openapi_extra={"parameters": [SESSION_ID_PARAMETER, MISSING_PARAMETER], **body(SAFETENSORS_OR_JSON)},
 )
 async def step(request: Request) -> Response:
-    metrics: Metrics = request.app.state.metrics
-    try:
-        response = await _step(request, metrics)
-    except ServiceError as e:
-        metrics.rejected.labels(e.slug).inc()
-        raise
-    except wire.WireError:
-        metrics.rejected.labels("malformed-body").inc()
-        raise
-    return response
-
-
-async def _step(request: Request, metrics: Metrics) -> Response:
     """Apply one optimizer step from the gradients in the body; answer with the updated parameters.
 
     Headers: ``If-Match: "<step>"`` (412 unless the session is at that step), ``Idempotency-Key`` (a retry is
@@ -448,81 +433,18 @@ async def _step(request: Request, metrics: Metrics) -> Response:
     every group, or a list with one object or null per group) changes hyperparameters together with the step. In a
     session with ``accumulate`` = k, contributions before the k-th answer ``202`` with how many are still awaited.
     """
-    # The hot path of the service: no dependency injection, the query read by hand (FastAPI's dependency solving
-    # measured about a tenth of a small step's server time).
-    svc = service(request)
-    session = open_session(request, request.path_params["session_id"])
-    missing = request.query_params.get("missing", "error")
-    if missing not in ("error", "skip"):
-        raise InvalidInput(f"missing must be error or skip, got {missing!r}")
-    ctype = tensor_media_type(request)
-    encoding = negotiate(request, default=ctype)
-    key, if_match, minimal = idempotency_key(request), parse_if_match(request), prefers_minimal(request)
-    started = time.perf_counter()
-    body = await read_body(request, svc.settings.max_body_bytes)
-    received = time.perf_counter()
-
-    def run(blocking: bool = True) -> StepResult:
-        decoded = decode_tensors(body, ctype, svc.settings.max_header_bytes)
-        tensors, metadata = (decoded, decoded.metadata) if isinstance(decoded, wire.Safetensors) else decoded
-        return session.step(
-            tensors,
-            if_match=if_match,
-            key=key,
-            want_params=not minimal,
-            partial=missing == "skip",
-            changes=hyperparam_changes(metadata),
-            blocking=blocking,
-        )
-
-    result: StepResult | None = None
-    if len(body) <= INLINE_BODY_BYTES:  # small: a thread hop costs more than the step; never wait for the lock here
-        with contextlib.suppress(SessionBusy):
-            result = run(blocking=False)
-    if result is None:
-        result = await run_in_threadpool(run)
-    if result.status != "replayed":
-        await after_change(svc, session)
-    stepped = time.perf_counter()
-    metrics.steps.labels(result.status).inc()
-    metrics.step_seconds.observe(stepped - received)
-    headers = {
-        "ETag": etag(result.step),
-        "Server-Timing": f"recv;dur={(received - started) * 1e3:.3f}, step;dur={(stepped - received) * 1e3:.3f}",
-    }
-    if result.status == "replayed":
-        headers["Idempotent-Replayed"] = "true"
-    if result.status == "accepted":
-        headers["Optserve-Awaiting"] = str(result.awaiting)
-        return JSONResponse(
-            {"step": result.step, "status": "accepted", "awaiting": result.awaiting}, status_code=202, headers=headers
-        )
-    meta = {}
-    if result.skipped:
-        headers["Optserve-Step-Skipped"] = meta["skipped"] = "non-finite-gradient"
-    if result.grad_norm is not None:
-        headers["Optserve-Grad-Norm"] = meta["grad_norm"] = repr(result.grad_norm)
-    if result.params is None:
-        return Response(status_code=204, headers=headers)
-    if encoding == wire.SAFETENSORS:  # a header and the buffer: nothing to offload
-        return tensor_response(session.layout, result.params, result.step, encoding, headers, 200, meta)
-    return await run_in_threadpool(
-        tensor_response, session.layout, result.params, result.step, encoding, headers, 200, meta
-    )
+    return ASGIResponse(request.app.state.step_route)  # see optserve.service.step_route
 
 
-def hyperparam_changes(metadata: dict[str, str]) -> Any:
-    """The in-band hyperparameter changes of a step body, if any (validated by the session)."""
-    text = metadata.get("hyperparams")
-    if text is None:
-        return None
-    try:
-        changes = json.loads(text)
-    except ValueError as e:
-        raise BadRequest(f'__metadata__["hyperparams"] is not valid JSON: {e}') from None
-    if not isinstance(changes, (dict, list)):
-        raise InvalidInput('__metadata__["hyperparams"] must be an object, or a list with one entry per group')
-    return changes
+class ASGIResponse(Response):
+    """Hands the request over to a bare ASGI application, which answers it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        super().__init__()
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 @router.get("/v1/sessions/{session_id}/params", tags=["steps"], responses=answers(s200=SAFETENSORS_OR_JSON))
@@ -538,7 +460,7 @@ async def get_params(
     session waits for the others this way), or until ``timeout``; the ``ETag`` says which step the answer holds.
     """
     session = open_session(request, session_id)
-    encoding = negotiate(request, default=wire.JSON)
+    encoding = negotiate(request.headers, default=wire.JSON)
     if min_step is not None:
         deadline = time.monotonic() + timeout
         delay = 0.0005
@@ -546,7 +468,7 @@ async def get_params(
             await asyncio.sleep(delay)
             delay = min(2 * delay, 0.02)
     step_count, flat = session.snapshot_params()
-    return await run_in_threadpool(tensor_response, session.layout, flat, step_count, encoding, {})
+    return await run_in_threadpool(tensor_response, session.layout, flat, step_count, encoding)
 
 
 @router.get(
@@ -580,8 +502,8 @@ async def put_checkpoint(session_id: str, request: Request) -> JSONResponse:
     try:
         open_session(request, session_id)  # replacing: the session's token (or the admin key)
     except SessionNotFound:
-        svc.guard.admin(request)  # creating: the admin key
-    if media_type(request) != wire.SAFETENSORS:
+        svc.guard.admin(request.headers)  # creating: the admin key
+    if media_type(request.headers) != wire.SAFETENSORS:
         raise UnsupportedMediaType(f"send the checkpoint as {wire.SAFETENSORS}")
     body = await read_body(request, svc.settings.max_body_bytes)
     parse_safetensors(body, svc.settings.max_header_bytes)

@@ -1,0 +1,183 @@
+"""``POST /v1/sessions/{id}/step``, the service's hot path, as a bare ASGI application.
+
+A step of a small model is mostly framework: routing over every route, dependency solving, Starlette's request,
+response and exception middleware cost several times the fused step itself. The app dispatches step requests
+straight here (see :class:`optserve.service.app.OptserveApp`); the FastAPI route of the same path, which documents
+it in the OpenAPI schema, delegates here as well, so both ways run this one implementation. Answers are the same as
+any route's: problem+json for errors (with the metrics of refused steps), safetensors or JSON tensors otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
+
+from optserve.client import wire
+
+from .bodies import receive_body
+from .errors import PROBLEM_TYPE, BadRequest, InvalidInput, error_answer, internal_error
+from .headers import RawHeaders
+from .observability import Metrics
+from .routes import (
+    INLINE_BODY_BYTES,
+    Service,
+    after_change,
+    decode_tensors,
+    etag,
+    idempotency_key,
+    negotiate,
+    parse_if_match,
+    prefers_minimal,
+    tensor_media_type,
+    tensor_parts,
+)
+from .session import SessionBusy, StepResult
+
+log = logging.getLogger("optserve")
+
+PREFIX, SUFFIX = "/v1/sessions/", "/step"
+Answer = tuple[int, list[tuple[bytes, bytes]], list[Any]]  # status, headers, body parts
+
+
+def step_session_id(scope: Scope) -> str | None:
+    """The session id when the request is a step (POST to /v1/sessions/{id}/step), else None."""
+    path: str = scope["path"]
+    if scope["method"] != "POST" or not (path.startswith(PREFIX) and path.endswith(SUFFIX)):
+        return None
+    session_id = path[len(PREFIX) : -len(SUFFIX)]
+    return session_id if session_id and "/" not in session_id else None
+
+
+class StepRoute:
+    """The step route: reads the request from the ASGI scope and messages, answers with ASGI messages."""
+
+    def __init__(self, svc: Service, metrics: Metrics) -> None:
+        self.svc = svc
+        self.metrics = metrics
+        self._outcomes = {s: metrics.steps.labels(s) for s in ("applied", "skipped", "replayed", "accepted")}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        session_id = scope.get("path_params", {}).get("session_id") or step_session_id(scope)
+        try:
+            status, headers, parts = await self.step(scope, receive, str(session_id))
+        except ClientDisconnect:
+            return  # gone before its body arrived: nothing was applied, nobody to answer
+        except Exception as e:
+            status, headers, parts = self.refusal(e)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        last = len(parts) - 1
+        for i, part in enumerate(parts):
+            await send({"type": "http.response.body", "body": part, "more_body": i < last})
+        if not parts:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def refusal(self, exc: Exception) -> Answer:
+        """The problem+json answer to an error (counted as a refused step), or a 500 for an unexpected one."""
+        answer = error_answer(exc)
+        if answer is None:
+            log.exception("unhandled error on a step", exc_info=exc)
+            answer = 500, internal_error(), {}
+        else:
+            self.metrics.rejected.labels(answer[1]["type"].removeprefix(PROBLEM_TYPE)).inc()
+        status, document, extra = answer
+        body = json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
+        return status, content("application/problem+json", len(body), headers), [body]
+
+    async def step(self, scope: Scope, receive: Receive, session_id: str) -> Answer:
+        """Apply one optimizer step from the gradients in the body; answer with the updated parameters.
+
+        Headers: ``If-Match: "<step>"`` (412 unless the session is at that step), ``Idempotency-Key`` (a retry is
+        never applied twice), ``Prefer: return=minimal`` (204, no parameters back). The answer carries
+        ``ETag: "<step>"`` and ``Optserve-Grad-Norm`` (the global gradient norm before clipping).
+        ``?missing=skip`` accepts a subset of the tensors: the others are left alone for this step. A body
+        ``__metadata__["hyperparams"]`` (JSON: one object for every group, or a list with one object or null per
+        group) changes hyperparameters together with the step. In a session with ``accumulate`` = k,
+        contributions before the k-th answer ``202`` with how many are still awaited.
+        """
+        svc = self.svc
+        headers = RawHeaders(scope["headers"])
+        session = svc.open(headers, session_id)
+        query = scope.get("query_string", b"")
+        missing = dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True)).get("missing", "error")
+        if missing not in ("error", "skip"):
+            raise InvalidInput(f"missing must be error or skip, got {missing!r}")
+        ctype = tensor_media_type(headers)
+        encoding = negotiate(headers, default=ctype)
+        key, if_match, minimal = idempotency_key(headers), parse_if_match(headers), prefers_minimal(headers)
+        started = time.perf_counter()
+        body = await receive_body(receive, headers.get("content-length"), svc.settings.max_body_bytes)
+        received = time.perf_counter()
+
+        def run(blocking: bool = True) -> StepResult:
+            decoded = decode_tensors(body, ctype, svc.settings.max_header_bytes)
+            tensors, metadata = (decoded, decoded.metadata) if isinstance(decoded, wire.Safetensors) else decoded
+            return session.step(
+                tensors,
+                if_match=if_match,
+                key=key,
+                want_params=not minimal,
+                partial=missing == "skip",
+                changes=hyperparam_changes(metadata),
+                blocking=blocking,
+            )
+
+        result: StepResult | None = None
+        if len(body) <= INLINE_BODY_BYTES:  # small: a thread hop costs more than the step; never wait for the lock
+            with contextlib.suppress(SessionBusy):
+                result = run(blocking=False)
+        if result is None:
+            result = await run_in_threadpool(run)
+        if result.status != "replayed":
+            await after_change(svc, session)
+        stepped = time.perf_counter()
+        self._outcomes[result.status].inc()
+        self.metrics.step_seconds.observe(stepped - received)
+        timing = b"recv;dur=%.3f, step;dur=%.3f" % ((received - started) * 1e3, (stepped - received) * 1e3)
+        out = [(b"etag", etag(result.step).encode()), (b"server-timing", timing)]
+        if result.status == "replayed":
+            out.append((b"idempotent-replayed", b"true"))
+        if result.status == "accepted":
+            out.append((b"optserve-awaiting", str(result.awaiting).encode()))
+            answer = json.dumps({"step": result.step, "status": "accepted", "awaiting": result.awaiting}).encode()
+            return 202, content(wire.JSON, len(answer), out), [answer]
+        meta = {}
+        if result.skipped:
+            meta["skipped"] = "non-finite-gradient"
+            out.append((b"optserve-step-skipped", b"non-finite-gradient"))
+        if result.grad_norm is not None:
+            meta["grad_norm"] = repr(result.grad_norm)
+            out.append((b"optserve-grad-norm", meta["grad_norm"].encode()))
+        if result.params is None:
+            return 204, out, []
+        args = (session.layout, result.params, result.step, encoding, meta)
+        # safetensors: a header and the buffer, nothing to offload; JSON: encoding takes time, off the event loop
+        parts = tensor_parts(*args) if encoding == wire.SAFETENSORS else await run_in_threadpool(tensor_parts, *args)
+        return 200, content(encoding, sum(len(p) for p in parts), out), parts
+
+
+def content(media_type: str, length: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """An answer's headers: its body's type and length, then ``headers``."""
+    return [(b"content-type", media_type.encode()), (b"content-length", b"%d" % length), *headers]
+
+
+def hyperparam_changes(metadata: dict[str, str]) -> Any:
+    """The in-band hyperparameter changes of a step body, if any (validated by the session)."""
+    text = metadata.get("hyperparams")
+    if text is None:
+        return None
+    try:
+        changes = json.loads(text)
+    except ValueError as e:
+        raise BadRequest(f'__metadata__["hyperparams"] is not valid JSON: {e}') from None
+    if not isinstance(changes, (dict, list)):
+        raise InvalidInput('__metadata__["hyperparams"] must be an object, or a list with one entry per group')
+    return changes
