@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from optserve.client.wire import WireError
 
-from . import fused
+from . import diskio, fused
 from .auth import Guard
 from .errors import ServiceError, error_answer, internal_error, problem
 from .observability import Metrics, RequestObserver
@@ -98,6 +98,8 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         await run_in_threadpool(fused.warm_up)  # the first step should not pay for compiling the kernels
+        if snapshots is not None:
+            await run_in_threadpool(diskio.warm_up, snapshots.dir)  # nor the first snapshot
         if snapshots is not None and isinstance(store, MemoryStore):
             report = await run_in_threadpool(snapshots.load_all)
             for session in report.loaded:
@@ -115,6 +117,7 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
                 with contextlib.suppress(asyncio.CancelledError):
                     await loop_task
             if saver is not None:  # graceful shutdown: everything answered is on disk before the process ends
+                await run_in_threadpool(saver.close)
                 failed = await run_in_threadpool(saver.flush, store.list())
                 log.info("shutdown: snapshots flushed (%d failed)", failed)
 

@@ -13,20 +13,26 @@ before every step's answer.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import queue
+import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import dump_versioned, load
+from .diskio import fsync_dir, replace_file
 from .session import SESSION_ID, Session
 
 log = logging.getLogger("optserve.persistence")
 
 SUFFIX = ".safetensors"
+DUMP_ON_LOOP_BYTES = 256 * 1024  # sessions up to this many bytes of parameters are copied for a snapshot on the loop
+_tmp_numbers = itertools.count()  # temporary file names: <id>.<pid>.<n>.tmp, never reused within a process
+Dumped = tuple[list[bytes | memoryview], int, int]  # what dump_versioned returns
 
 
 @dataclass
@@ -46,31 +52,23 @@ class Snapshots:
     def path(self, session_id: str) -> Path:
         return self.dir / f"{session_id}{SUFFIX}"
 
-    def write(self, session: Session) -> float:
-        """Snapshot ``session`` atomically; returns the seconds it took. Skips work if nothing changed."""
+    def write(self, session: Session, dumped: Dumped | None = None) -> float:
+        """Snapshot ``session`` atomically (or the copy of it ``dumped`` earlier); returns the seconds it took.
+        Skips the work when a snapshot as new is on disk already. Callers serialize the writes of one session."""
         started = time.perf_counter()
-        if session.saved_version == session.version:
+        if dumped is None and session.saved_version == session.version:
             return 0.0
-        parts, version, step = dump_versioned(session)
-        tmp = self.dir / f".{session.id}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                for part in parts:
-                    f.write(part)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path(session.id))
-            _fsync_dir(self.dir)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        parts, version, step = dumped or dump_versioned(session)
+        if version <= session.saved_version:  # an older copy must never replace a newer snapshot
+            return 0.0
+        replace_file(self.dir / f".{session.id}.{os.getpid()}.{next(_tmp_numbers)}.tmp", self.path(session.id), parts)
         if version > session.saved_version:
             session.saved_version, session.saved_step, session.saved_at = version, step, time.time()
         return time.perf_counter() - started
 
     def delete(self, session_id: str) -> None:
         self.path(session_id).unlink(missing_ok=True)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     def exists(self, session_id: str) -> bool:
         return self.path(session_id).exists()
@@ -105,19 +103,11 @@ class Snapshots:
         return target
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Saver:
     """When to snapshot: the policy of the settings, applied by the app.
 
-    ``after_step`` runs after every answered change of a session; ``run`` is the background loop (time-based
-    snapshots and idle eviction); ``flush`` snapshots everything changed (graceful shutdown).
+    ``due`` says whether a session needs a snapshot; ``request`` has the writer thread take it in the background,
+    ``save`` takes it now (callers off the event loop); ``flush`` snapshots everything changed (graceful shutdown).
     """
 
     def __init__(
@@ -136,6 +126,9 @@ class Saver:
         self.failures = 0
         self.on_saved: Callable[[float], object] = lambda seconds: None  # metrics hooks
         self.on_failed: Callable[[], object] = lambda: None
+        self._queue: queue.SimpleQueue[tuple[Session, Dumped | None] | None] = queue.SimpleQueue()
+        self._queued: set[str] = set()  # ids of the sessions in the queue
+        self._writer: threading.Thread | None = None
 
     def due(self, session: Session, now: float) -> bool:
         if session.saved_version == session.version:
@@ -144,7 +137,7 @@ class Saver:
             return True
         return bool(self.every_seconds) and now - session.saved_at >= self.every_seconds
 
-    def save(self, session: Session, wait: bool = True) -> bool | None:
+    def save(self, session: Session, wait: bool = True, dumped: Dumped | None = None) -> bool | None:
         """Snapshot one session (thread-safe; callers run it off the event loop). False if it failed.
 
         Writes of one session never overlap (an older copy renamed last would undo a newer snapshot): with
@@ -154,7 +147,7 @@ class Saver:
         if not session.save_lock.acquire(blocking=wait):
             return None
         try:
-            seconds = self.snapshots.write(session)
+            seconds = self.snapshots.write(session, dumped)
         except Exception:  # noqa: BLE001 - a failed snapshot is reported; the previous one stays valid
             self.failures += 1
             self.on_failed()
@@ -165,6 +158,34 @@ class Saver:
         if seconds:
             self.on_saved(seconds)
         return True
+
+    def request(self, session: Session) -> None:
+        """Snapshot ``session`` in the background, on the saver's own writer thread (started on first use).
+
+        Cheap enough to call from the event loop after every step: a session already waiting for the writer is not
+        queued again, and the writer hands nothing back to the loop (no thread pool, no future to resolve)."""
+        if session.id in self._queued:
+            return
+        self._queued.add(session.id)
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_queued, name="optserve-snapshots", daemon=True)
+            self._writer.start()
+        # A small session is copied right here: the writer then never holds its lock, and a step never finds it
+        # busy (waiting for the GIL, a writer holding the lock sent every step of that session to the thread pool).
+        self._queue.put((session, dump_versioned(session) if session.params.nbytes <= DUMP_ON_LOOP_BYTES else None))
+
+    def _write_queued(self) -> None:
+        while (item := self._queue.get()) is not None:
+            session, dumped = item
+            self.save(session, dumped=dumped)
+            self._queued.discard(session.id)  # changes made meanwhile: the next step finds the session due again
+
+    def close(self) -> None:
+        """Let the writer finish what is queued, and stop it."""
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+            self._writer = None
 
     def flush(self, sessions: list[Session]) -> int:
         """Snapshot every changed session; the number that failed."""

@@ -138,12 +138,7 @@ async def after_change(svc: Service, session: Session) -> None:
     if saver.fsync_every_step:
         await run_in_threadpool(saver.save, session)
     elif saver.due(session, time.time()):
-        save = run_in_threadpool(saver.save, session, False)  # a save already under way covers this one
-        _background.add(task := asyncio.get_running_loop().create_task(save))
-        task.add_done_callback(_background.discard)
-
-
-_background: set[asyncio.Task[bool | None]] = set()  # keeps background saves referenced until done
+        saver.request(session)
 
 
 # --- negotiation helpers -------------------------------------------------------------------------------------------

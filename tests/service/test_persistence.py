@@ -1,0 +1,137 @@
+"""Snapshot writing in-process: atomic file replacement (the nogil path and the Python one), the saver's writer
+thread, and the rule that an older copy never replaces a newer snapshot."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from optserve.client import checkpoint as client_checkpoint
+from optserve.service import diskio
+from optserve.service.checkpoint import dump_versioned
+from optserve.service.persistence import DUMP_ON_LOOP_BYTES, Saver, Snapshots
+from optserve.service.session import Session, SessionConfig
+
+PATHS = ["nogil", "python"] if diskio._write_replace is not None else ["python"]
+
+
+@pytest.fixture(params=PATHS)
+def write_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test once through the compiled nogil path (when numba is there) and once through the Python path."""
+    if request.param == "python":
+        monkeypatch.setattr(diskio, "_write_replace", None)
+    return str(request.param)
+
+
+def test_replace_file_writes_the_parts_in_order_and_leaves_no_temporary(tmp_path: Path, write_path: str) -> None:
+    target = tmp_path / "x.bin"
+    target.write_bytes(b"previous content, longer than the new one")
+    floats = np.arange(1000, dtype=np.float32)
+    parts = [b"head", memoryview(floats), memoryview(b""), b"tail"]
+    diskio.replace_file(tmp_path / ".x.1.tmp", target, parts)
+    assert target.read_bytes() == b"head" + floats.tobytes() + b"tail"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
+
+
+def test_replace_file_creates_the_target(tmp_path: Path, write_path: str) -> None:
+    diskio.replace_file(tmp_path / ".new.tmp", tmp_path / "new.bin", [])
+    assert (tmp_path / "new.bin").read_bytes() == b""
+    assert [p.name for p in tmp_path.iterdir()] == ["new.bin"]
+
+
+def test_replace_file_into_a_missing_folder_raises_and_writes_nothing(tmp_path: Path, write_path: str) -> None:
+    missing = tmp_path / "gone"
+    with pytest.raises(FileNotFoundError):
+        diskio.replace_file(missing / ".x.tmp", missing / "x.bin", [b"data"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_replace_file_never_overwrites_an_existing_temporary(tmp_path: Path, write_path: str) -> None:
+    """The temporary name is the caller's promise of a fresh file: one that exists is not clobbered, nor removed."""
+    tmp, target = tmp_path / ".x.tmp", tmp_path / "x.bin"
+    tmp.write_bytes(b"somebody else's")
+    target.write_bytes(b"old")
+    with pytest.raises(FileExistsError):
+        diskio.replace_file(tmp, target, [b"new"])
+    assert tmp.read_bytes() == b"somebody else's"
+    assert target.read_bytes() == b"old"
+
+
+def test_replace_file_above_the_nogil_size_takes_the_python_path(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(diskio, "NOGIL_MAX_BYTES", 8)
+    diskio.replace_file(tmp_path / ".x.tmp", tmp_path / "x.bin", [b"0123456789", b"abc"])
+    assert (tmp_path / "x.bin").read_bytes() == b"0123456789abc"
+
+
+# --- the saver -----------------------------------------------------------------------------------------------------
+
+
+def session(n: int, name: str = "s1") -> Session:
+    return Session(name, SessionConfig(optimizer="adamw"), {"w": np.zeros(n, np.float32)})
+
+
+def step(s: Session, seed: int) -> None:
+    s.step({"w": np.random.default_rng(seed).standard_normal(s.layout.size).astype(np.float32)})
+
+
+def saved_step(snapshots: Snapshots, session_id: str) -> int:
+    return client_checkpoint.decode(snapshots.path(session_id).read_bytes()).step
+
+
+def saver(tmp_path: Path) -> Saver:
+    return Saver(Snapshots(tmp_path), every_steps=100, every_seconds=0, fsync_every_step=False, ttl_seconds=0)
+
+
+def test_an_older_copy_never_replaces_a_newer_snapshot(tmp_path: Path, write_path: str) -> None:
+    sv = saver(tmp_path)
+    s = session(10)
+    step(s, 0)
+    older = dump_versioned(s)
+    step(s, 1)
+    assert sv.save(s) is True
+    assert saved_step(sv.snapshots, s.id) == 2
+    assert sv.save(s, dumped=older) is True  # nothing to do: what is on disk is newer
+    assert saved_step(sv.snapshots, s.id) == 2
+    assert (s.saved_step, s.saved_version) == (2, s.version)
+
+
+@pytest.mark.parametrize("n", [10, DUMP_ON_LOOP_BYTES // 4 + 1], ids=["copied-by-the-caller", "copied-by-the-writer"])
+def test_requested_snapshots_are_written_by_the_writer_thread(tmp_path: Path, n: int) -> None:
+    sv = saver(tmp_path)
+    s = session(n)
+    try:
+        step(s, 0)
+        sv.request(s)
+        step(s, 1)  # taken after the request: a small session was copied at request time, a large one maybe not
+        deadline = time.monotonic() + 30
+        while s.saved_version < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sv._writer is not None and sv._writer.name == "optserve-snapshots"
+        assert s.saved_step >= 1
+        if n <= DUMP_ON_LOOP_BYTES // 4:
+            assert saved_step(sv.snapshots, s.id) == 1
+    finally:
+        sv.close()
+    assert sv._writer is None
+
+
+def test_a_session_waiting_for_the_writer_is_queued_once(tmp_path: Path) -> None:
+    sv = saver(tmp_path)
+    sessions = [session(10, f"s{i}") for i in range(3)]
+    written: list[float] = []
+    sv.on_saved = written.append
+    for s in sessions:
+        step(s, 0)
+    with sessions[0].save_lock:  # the writer waits for this one: the others queue behind it
+        sv.request(sessions[0])
+        for _ in range(5):
+            for s in sessions:
+                sv.request(s)
+        assert len(sv._queued) == 3
+    sv.close()  # drains the queue
+    assert len(written) == 3
+    assert all(s.saved_version == s.version for s in sessions)
+    assert sv._queued == set()
