@@ -129,16 +129,11 @@ def header(specs: tuple[tuple[str, str, tuple[int, ...]], ...], metadata: Mappin
     order, padded so that the data starts 8-byte aligned, as the safetensors package does."""
     members = [_entries_json(specs)] if specs else []
     if metadata:
-        meta = ",".join(f"{_json_str(k)}:{_json_str(v)}" for k, v in metadata.items())
-        members.insert(0, '"__metadata__":{' + meta + "}")
+        meta = json.dumps({str(k): str(v) for k, v in metadata.items()}, separators=(",", ":"))
+        members.insert(0, '"__metadata__":' + meta)
     raw = ("{" + ",".join(members) + "}").encode()
     raw += b" " * (-(len(raw) + 8) % 8)
     return struct.pack("<Q", len(raw)) + raw
-
-
-def _json_str(value: object) -> str:
-    text = str(value)
-    return f'"{text}"' if text.isalnum() or text.replace(".", "").replace("-", "").isalnum() else json.dumps(text)
 
 
 @functools.lru_cache(maxsize=256)

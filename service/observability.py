@@ -11,11 +11,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,12 +29,28 @@ access_log = logging.getLogger("optserve.access")
 
 _SESSION_PATH = re.compile(r"^/v1/sessions/[^/]+")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Request ids made here: 8 random hex digits per process, then a counter (unique without a random draw per request).
+_ID_PREFIX = os.urandom(4).hex()
+_id_numbers = itertools.count()
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+ROUTES = frozenset(
+    ["/v1/sessions", "/v1/sessions/{id}", "/v1/sessions/{id}/step", "/v1/sessions/{id}/params",
+     "/v1/sessions/{id}/checkpoint", "/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc",
+     "/openapi.json"]
+)  # fmt: skip
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_numbers) & 0xFFFFFFFF:08x}"
+
+
 def route_of(path: str) -> str:
-    """The path with the session id folded, so that routes stay a small set of label values."""
-    return _SESSION_PATH.sub("/v1/sessions/{id}", path)
+    """The route of a path, session ids folded; ``other`` for any path that is not a route, so that a client
+    probing random paths cannot grow the set of label values."""
+    route = _SESSION_PATH.sub("/v1/sessions/{id}", path) if path.startswith("/v1/sessions/") else path
+    return route if route in ROUTES else "other"
 
 
 class Metrics:
@@ -89,6 +106,7 @@ class RequestObserver:
         self.app = app
         self.metrics = metrics
         self.json_logs = json_logs
+        self._requests: dict[tuple[str, str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -96,8 +114,11 @@ class RequestObserver:
             return
         started = time.perf_counter()
         given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+        request_id = (
+            given if given and _REQUEST_ID.match(given) else f"{_ID_PREFIX}{next(_id_numbers) & 0xFFFFFFFF:08x}"
+        )
         scope.setdefault("state", {})["request_id"] = request_id
+        id_header = (b"x-request-id", request_id.encode())
         sizes = {"in": 0, "out": 0}
         status = {"code": 500}
 
@@ -108,11 +129,11 @@ class RequestObserver:
             return message
 
         async def observed_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
-            elif message["type"] == "http.response.body":
+            if message["type"] == "http.response.body":
                 sizes["out"] += len(message.get("body", b""))
+            elif message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message["headers"] = [*message.get("headers", ()), id_header]
             await send(message)
 
         try:
@@ -124,7 +145,11 @@ class RequestObserver:
         path = scope.get("path", "")
         method = scope.get("method", "")
         m = self.metrics
-        m.requests.labels(method, route_of(path), str(status)).inc()
+        key = (method, route_of(path), status)
+        counter = self._requests.get(key)
+        if counter is None:  # prometheus-client's labels() is slow enough to matter on small steps: kept per key
+            counter = self._requests[key] = m.requests.labels(method, key[1], str(status))
+        counter.inc()
         m.bytes_in.inc(sizes["in"])
         m.bytes_out.inc(sizes["out"])
         if not access_log.isEnabledFor(logging.INFO):

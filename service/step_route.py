@@ -107,7 +107,11 @@ class StepRoute:
         headers = RawHeaders(scope["headers"])
         session = svc.open(headers, session_id)
         query = scope.get("query_string", b"")
-        missing = dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True)).get("missing", "error")
+        missing = (
+            dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True)).get("missing", "error")
+            if query
+            else "error"
+        )
         if missing not in ("error", "skip"):
             raise InvalidInput(f"missing must be error or skip, got {missing!r}")
         ctype = tensor_media_type(headers)

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from optserve.client import Client, wire
+from optserve.service.app import create_app
 from optserve.service.embedded import free_port, wait_healthy
-from optserve.service.observability import JsonFormatter, route_of
+from optserve.service.observability import ROUTES, JsonFormatter, new_request_id, route_of
+from optserve.service.settings import Settings
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -115,3 +117,16 @@ def test_route_labels_fold_session_ids() -> None:
     assert route_of("/v1/sessions/abc123/step") == "/v1/sessions/{id}/step"
     assert route_of("/v1/sessions") == "/v1/sessions"
     assert route_of("/metrics") == "/metrics"
+    assert route_of("/v1/sessions/abc123/nothing") == "other"
+    assert route_of("/wp-admin/" + "x" * 50) == "other"
+
+
+def test_route_labels_name_every_route_of_the_app(tmp_path: Path) -> None:
+    app = create_app(Settings(data_dir=tmp_path))
+    assert {route.path.replace("{session_id}", "{id}") for route in app.routes} == ROUTES  # type: ignore[attr-defined]
+
+
+def test_made_request_ids_are_unique_and_well_formed() -> None:
+    ids = [new_request_id() for _ in range(10000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
