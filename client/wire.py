@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import struct
 import threading
 from collections import OrderedDict
@@ -124,12 +125,20 @@ def encode_parts(
     return [header(tuple(specs), metadata), *buffers]
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps with arguments builds one per call
+_PLAIN = re.compile(r'[^"\\\x00-\x1f\x7f-\U0010ffff]*\Z')  # printable ASCII but the quote and the backslash
+
+
 def header(specs: tuple[tuple[str, str, tuple[int, ...]], ...], metadata: Mapping[str, str] | None = None) -> bytes:
     """The 8-byte length and JSON header for tensors ``(name, dtype code, shape)`` stored back to back in that
     order, padded so that the data starts 8-byte aligned, as the safetensors package does."""
     members = [_entries_json(specs)] if specs else []
     if metadata:
-        meta = json.dumps({str(k): str(v) for k, v in metadata.items()}, separators=(",", ":"))
+        items = [(str(k), str(v)) for k, v in metadata.items()]
+        if _PLAIN.match("".join(k + v for k, v in items)):  # nothing JSON would escape: no encoder needed
+            meta = "{" + ",".join(f'"{k}":"{v}"' for k, v in items) + "}"
+        else:
+            meta = _COMPACT.encode(dict(items))
         members.insert(0, '"__metadata__":' + meta)
     raw = ("{" + ",".join(members) + "}").encode()
     raw += b" " * (-(len(raw) + 8) % 8)

@@ -62,7 +62,6 @@ class StepRoute:
     def __init__(self, svc: Service, metrics: Metrics) -> None:
         self.svc = svc
         self.metrics = metrics
-        self._outcomes = {s: metrics.steps.labels(s) for s in ("applied", "skipped", "replayed", "accepted")}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         session_id = scope.get("path_params", {}).get("session_id") or step_session_id(scope)
@@ -86,7 +85,7 @@ class StepRoute:
             log.exception("unhandled error on a step", exc_info=exc)
             answer = 500, internal_error(), {}
         else:
-            self.metrics.rejected.labels(answer[1]["type"].removeprefix(PROBLEM_TYPE)).inc()
+            self.metrics.hot.refused(answer[1]["type"].removeprefix(PROBLEM_TYPE))
         status, document, extra = answer
         body = json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
         headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
@@ -143,8 +142,7 @@ class StepRoute:
         if result.status != "replayed":
             await after_change(svc, session)
         stepped = time.perf_counter()
-        self._outcomes[result.status].inc()
-        self.metrics.step_seconds.observe(stepped - received)
+        self.metrics.hot.step(result.status, stepped - received)
         timing = b"recv;dur=%.3f, step;dur=%.3f" % ((received - started) * 1e3, (stepped - received) * 1e3)
         out = [(b"etag", etag(result.step).encode()), (b"server-timing", timing)]
         if result.status == "replayed":

@@ -130,3 +130,38 @@ def test_made_request_ids_are_unique_and_well_formed() -> None:
     ids = [new_request_id() for _ in range(10000)]
     assert len(set(ids)) == len(ids)
     assert all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
+
+
+def test_hot_metrics_expose_what_prometheus_client_would() -> None:
+    """The lock-free step histogram and counters against prometheus-client's own Histogram and Counter (the oracle),
+    fed the same values, bucket bounds included."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from optserve.service.observability import LATENCY_BUCKETS, HotMetrics
+
+    reference = CollectorRegistry()
+    hist = Histogram("optserve_step_seconds", "h", buckets=LATENCY_BUCKETS, registry=reference)
+    steps = Counter("optserve_steps", "s", ["outcome"], registry=reference)
+    hot = HotMetrics()
+    mine = CollectorRegistry()
+    mine.register(hot)
+    values = [0.0, *LATENCY_BUCKETS, *(b * 1.0001 for b in LATENCY_BUCKETS), 1e-9, 0.003, 99.0]
+    for i, v in enumerate(values):
+        outcome = HotMetrics.OUTCOMES[i % 4]
+        hist.observe(v)
+        steps.labels(outcome).inc()
+        hot.step(outcome, v)
+
+    def samples(registry: CollectorRegistry) -> dict[str, float]:
+        out = {}
+        for line in generate_latest(registry).decode().splitlines():
+            if line.startswith(("optserve_step_seconds_", "optserve_steps_total")) and "_created" not in line:
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    expected = samples(reference)
+    got = samples(mine)
+    assert set(got) >= set(expected)
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value), name
