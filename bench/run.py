@@ -122,8 +122,10 @@ def floor_kernel(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, thr
     bounds = [(n * i // threads) // 64 * 64 for i in range(threads)] + [n]
     futures = [
         kernels._executor().submit(floor_one, p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi])
-        for lo, hi in zip(bounds[:-1], bounds[1:])
+        for lo, hi in zip(bounds[1:-1], bounds[2:])
     ]
+    lo, hi = bounds[0], bounds[1]
+    floor_one(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi])
     for f in futures:
         f.result()
 

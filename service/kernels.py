@@ -28,9 +28,10 @@ except ImportError:  # pragma: no cover - numba is a server dependency; the nump
 AVAILABLE = numba is not None
 f32 = np.float32
 # The steps are memory-bound, and on these machines each core brings its own share of memory bandwidth: two threads
-# step 10M AdamW parameters in about half the time of one (bench/run.py). Ranges below PARALLEL_MIN stay on one.
+# step 10M AdamW parameters in about half the time of one (bench/run.py). Ranges below PARALLEL_MIN stay on one:
+# handing a part to another thread costs some 50 us, about what stepping 500K parameters on one thread saves.
 THREADS = int(os.environ.get("OPTSERVE_KERNEL_THREADS", os.cpu_count() or 1))
-PARALLEL_MIN = 1 << 20
+PARALLEL_MIN = 1 << 19
 _EXECUTOR: ThreadPoolExecutor | None = None
 
 
@@ -145,12 +146,15 @@ def step_range(
         _step_one(optimizer, params, grads, state, start, stop, t, hp, grad_scale)
         return
     bounds = [start + (n * i // threads) // 64 * 64 for i in range(threads)] + [stop]
-    futures = [
+    futures = [  # every part but the first to the pool; the calling thread steps the first one meanwhile
         _executor().submit(_step_one, optimizer, params, grads, state, lo, hi, t, hp, grad_scale)
-        for lo, hi in zip(bounds[:-1], bounds[1:])
+        for lo, hi in zip(bounds[1:-1], bounds[2:])
     ]
-    for future in futures:
-        future.result()
+    try:
+        _step_one(optimizer, params, grads, state, bounds[0], bounds[1], t, hp, grad_scale)
+    finally:
+        for future in futures:
+            future.result()
 
 
 def _executor() -> ThreadPoolExecutor:

@@ -407,3 +407,28 @@ def test_base_inheritance():
 def test_betas_list_becomes_tuple():
     assert make_hyperparams("adam", {"betas": [0.5, 0.6]}).betas == (0.5, 0.6)
     assert make_hyperparams("adam", {"lr": 1}).lr == 1.0 and isinstance(make_hyperparams("adam", {"lr": 1}).lr, float)
+
+
+@pytest.mark.parametrize(("optimizer", "values"), CONFIGS)
+@pytest.mark.parametrize("threads", [2, 3])
+def test_kernel_split_over_threads_gives_the_same_bits(backend, optimizer, values, threads):
+    """A range of PARALLEL_MIN or more elements is stepped by several threads (the caller steps the first part):
+    bit for bit what one thread computes, including at the boundaries between parts."""
+    if backend != "numba":
+        pytest.skip("the split is the numba backend's")
+    hp = make_hyperparams(optimizer, values)
+    n = kernels.PARALLEL_MIN + 4099
+    rng = np.random.default_rng(7)
+    start_params = rng.standard_normal(n).astype(np.float32)
+    results = []
+    for split in (1, threads):
+        params = start_params.copy()
+        state = {name: np.zeros(n, np.float32) for name in hp.state_names()}
+        for t in range(1, 4):
+            grads = np.random.default_rng(t).standard_normal(n).astype(np.float32)
+            kernels.step_range(optimizer, params, grads, state, 5, n - 3, t, hp, 0.5, threads=split)
+        results.append((params, state))
+    (p1, s1), (p2, s2) = results
+    assert np.array_equal(p1, p2)
+    assert all(np.array_equal(s1[k], s2[k]) for k in s1)
+    assert np.array_equal(p1[:5], start_params[:5]) and np.array_equal(p1[-3:], start_params[-3:])
