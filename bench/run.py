@@ -228,23 +228,18 @@ def remote_table(sizes: list[int], core: dict[int, float], data_dir: str) -> Non
                 grads = {"w": np.random.default_rng(1).standard_normal(n, dtype=np.float32)}
                 up = sum(len(memoryview(p).cast("B")) for p in wire.encode_parts(grads))
                 down = up + 16  # the answer carries a step number in its metadata
-                parts: dict[str, list[float]] = {"total": [], "server": [], "encode": []}
 
                 def one_step() -> None:
-                    t0 = time.perf_counter()
-                    wire.encode_parts(grads)
-                    t1 = time.perf_counter()
-                    result = client.step(sid, grads)
-                    t2 = time.perf_counter()
-                    result.release()
-                    parts["encode"].append(t1 - t0)
-                    parts["total"].append(t2 - t0)
+                    client.step(sid, grads).release()
+
+                def one_bf16_step() -> None:  # half the bytes each way; the session keeps float32
+                    client.step(sid, grads, dtype="bfloat16", answer_dtype="bfloat16").release()
 
                 timing = {}
                 orig = client._send
 
-                def spy(call):  # type: ignore[no-untyped-def]
-                    reply = orig(call)
+                def spy(call, retry=None):  # type: ignore[no-untyped-def]
+                    reply = orig(call, retry)
                     timing["st"] = reply.headers.get("server-timing", "")
                     return reply
 
@@ -257,25 +252,30 @@ def remote_table(sizes: list[int], core: dict[int, float], data_dir: str) -> Non
 
                 total = timed(measured, budget=1.5, min_reps=5)
                 client._send = orig  # type: ignore[method-assign]
+                bf16 = timed(one_bf16_step, budget=1.5, min_reps=5)
                 echo_s = echo_seconds(echo_port, up, down)
                 server_s = statistics.median(server_steps)
                 rows.append([
                     f"{n:.0e}", f"{up / 1e6:.2f}", f"{echo_s * 1e3:.2f}", f"{core[n] * 1e3:.2f}", f"{total * 1e3:.2f}",
                     f"{total / (echo_s + core[n]):.2f}x", f"{1 / total:.1f}", f"{2 * up / total / 1e6:.0f}",
-                    f"{server_s * 1e3:.2f}", f"{(total - server_s) * 1e3:.2f}",
+                    f"{server_s * 1e3:.2f}", f"{(total - server_s) * 1e3:.2f}", f"{bf16 * 1e3:.2f}",
+                    f"{bf16 / total:.2f}",
                 ])  # fmt: skip
                 client.delete_session(sid)
     finally:
         stop(server)
         stop(echo)
     table(
-        "2. Remote step over loopback (AdamW, float32 both ways)",
+        "2. Remote step over loopback (AdamW, float32 both ways; last two columns: bfloat16 both ways)",
         ["N", "MB each way", "socket echo ms", "core step ms", "remote step ms", "remote/(echo+core)", "steps/s",
-         "MB/s (up+down)", "server step ms", "transfer+client ms"],
+         "MB/s (up+down)", "server step ms", "transfer+client ms", "bf16 wire: remote step ms", "bf16/fp32"],
         rows,
         ["remote step: Client.step wall time (encode, send, server decode+check+step+copy, answer, receive, decode), "
          "median. server step: the server's own Server-Timing for the step (gradient checks, fused step, copy of "
-         "the answer). transfer+client: the rest. Goal at 1e7: remote/(echo+core) <= 1.5x."],
+         "the answer). transfer+client: the rest. Goal at 1e7: remote/(echo+core) <= 1.5x. bf16 wire: the same "
+         "step with the gradients sent and the parameters answered in bfloat16 (half the bytes each way, float32 "
+         "master weights on the server), conversions included: a gain where the network, not the CPU, is the "
+         "bottleneck (examples/wire_dtype.py shows the accuracy cost)."],
     )  # fmt: skip
 
 

@@ -154,6 +154,7 @@ class Client:
         partial: bool = False,
         changes: HyperparamChanges | None = None,
         dtype: str | Mapping[str, str] | None = None,
+        answer_dtype: str | None = None,
         retry: Retry | None = None,
     ) -> StepResult:
         """Apply one step (or one contribution, in an accumulating session).
@@ -170,15 +171,17 @@ class Client:
             partial=partial,
             changes=changes,
             dtype=dtype,
+            answer_dtype=answer_dtype,
         )
         return protocol.read_step(self._send(call, retry))
 
     def params(
-        self, session_id: str, *, min_step: int | None = None, timeout: float | None = None
+        self, session_id: str, *, min_step: int | None = None, timeout: float | None = None, dtype: str | None = None
     ) -> tuple[int, dict[str, np.ndarray]]:
         """(step, current parameters) of a session; with ``min_step``, once the session has reached that step
-        (the server waits up to ``timeout`` seconds, then answers with what it has)."""
-        return protocol.read_tensors(self._send(protocol.params(session_id, min_step, timeout)))
+        (the server waits up to ``timeout`` seconds, then answers with what it has); ``dtype`` float16 or bfloat16
+        rounds them on the wire."""
+        return protocol.read_tensors(self._send(protocol.params(session_id, min_step, timeout, dtype)))
 
     def checkpoint(self, session_id: str) -> bytes:
         """Everything needed to resume the session, as one safetensors file's bytes."""
@@ -282,6 +285,7 @@ class AsyncClient:
         partial: bool = False,
         changes: HyperparamChanges | None = None,
         dtype: str | Mapping[str, str] | None = None,
+        answer_dtype: str | None = None,
         retry: Retry | None = None,
     ) -> StepResult:
         call = _step_call(
@@ -293,13 +297,14 @@ class AsyncClient:
             partial=partial,
             changes=changes,
             dtype=dtype,
+            answer_dtype=answer_dtype,
         )
         return protocol.read_step(await self._send(call, retry))
 
     async def params(
-        self, session_id: str, *, min_step: int | None = None, timeout: float | None = None
+        self, session_id: str, *, min_step: int | None = None, timeout: float | None = None, dtype: str | None = None
     ) -> tuple[int, dict[str, np.ndarray]]:
-        return protocol.read_tensors(await self._send(protocol.params(session_id, min_step, timeout)))
+        return protocol.read_tensors(await self._send(protocol.params(session_id, min_step, timeout, dtype)))
 
     async def checkpoint(self, session_id: str) -> bytes:
         return protocol.read_bytes(await self._send(Call("GET", f"/v1/sessions/{session_id}/checkpoint")))

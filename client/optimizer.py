@@ -29,6 +29,9 @@ class RemoteOptimizer:
 
     ``nonfinite``, ``max_grad_norm``, ``schedule`` and ``accumulate`` configure a new session (see the README);
     ``token`` is the admin key (to create) or the session's token (to attach) on a server with auth on.
+    ``wire_dtype`` float16 or bfloat16 halves the bytes of a step each way: the gradients are sent in it and the
+    updated parameters come back rounded to it, while the session keeps float32 master weights (so rounding never
+    accumulates: ``params`` holds the rounded master weights after each step).
 
     If the server answers that it is at an older step than this optimizer (it restarted from a snapshot taken
     before the latest steps), the optimizer copies the server's parameters into ``params``, adopts its step counter
@@ -53,10 +56,12 @@ class RemoteOptimizer:
         schedule: Mapping[str, Any] | None = None,
         accumulate: int | None = None,
         token: str | None = None,
+        wire_dtype: str | None = None,
         **hyperparams: Any,
     ) -> None:
         self.params = params
         self.timeout = timeout
+        self.wire_dtype = wire_dtype
         self._owns_client = client is None
         self.client = client if client is not None else Client(url, timeout=timeout, retry=retry, token=token)
         if session_id is not None and token is not None:
@@ -106,7 +111,13 @@ class RemoteOptimizer:
 
         def send() -> StepResult:
             return self.client.step(
-                self.session_id, ordered, if_match=self.step_count, idempotency_key=uuid.uuid4().hex, retry=self.retry
+                self.session_id,
+                ordered,
+                if_match=self.step_count,
+                idempotency_key=uuid.uuid4().hex,
+                dtype=self.wire_dtype,
+                answer_dtype=self.wire_dtype,
+                retry=self.retry,
             )
 
         try:

@@ -182,11 +182,14 @@ def step(
     partial: bool = False,
     changes: HyperparamChanges | None = None,
     dtype: str | Mapping[str, str] | None = None,
+    answer_dtype: str | None = None,
 ) -> Call:
     """A step with the gradients as safetensors in the order given (send them in the session's order).
 
     ``partial`` lets ``grads`` name a subset of the tensors; ``changes`` are hyperparameter changes applied with the
-    step (one mapping for every group, or one entry or None per group); ``dtype`` converts the gradients on the wire.
+    step (one mapping for every group, or one entry or None per group); ``dtype`` converts the gradients on the wire;
+    ``answer_dtype`` (float16 or bfloat16) asks for the updated parameters rounded to that precision (half the bytes;
+    the session keeps float32).
     """
     headers = {"content-type": wire.SAFETENSORS, "accept": wire.SAFETENSORS}
     if if_match is not None:
@@ -196,7 +199,8 @@ def step(
     if minimal:
         headers["prefer"] = "return=minimal"
     metadata = {"hyperparams": json.dumps(changes)} if changes else None
-    path = f"/v1/sessions/{session_id}/step" + ("?missing=skip" if partial else "")
+    query = [*(["missing=skip"] if partial else []), *([f"dtype={answer_dtype}"] if answer_dtype else [])]
+    path = f"/v1/sessions/{session_id}/step" + ("?" + "&".join(query) if query else "")
     parts = wire.encode_parts(grads, metadata, dtype=dtype)
     headers["content-length"] = str(sum(len(memoryview(p).cast("B")) for p in parts))
     return Call("POST", path, headers, parts)
@@ -217,12 +221,20 @@ def read_step(reply: Reply) -> StepResult:
     )
 
 
-def params(session_id: str, min_step: int | None = None, timeout: float | None = None) -> Call:
-    """Read the parameters; with ``min_step`` the server waits (up to ``timeout`` s) until the session gets there."""
-    query = ""
+def params(
+    session_id: str, min_step: int | None = None, timeout: float | None = None, dtype: str | None = None
+) -> Call:
+    """Read the parameters (rounded to ``dtype`` float16 or bfloat16 if given); with ``min_step`` the server waits
+    (up to ``timeout`` s) until the session gets there."""
+    query = []
     if min_step is not None:
-        query = f"?min_step={min_step}" + (f"&timeout={timeout}" if timeout is not None else "")
-    return Call("GET", f"/v1/sessions/{session_id}/params{query}", {"accept": wire.SAFETENSORS})
+        query.append(f"min_step={min_step}")
+        if timeout is not None:
+            query.append(f"timeout={timeout}")
+    if dtype is not None:
+        query.append(f"dtype={dtype}")
+    path = f"/v1/sessions/{session_id}/params" + ("?" + "&".join(query) if query else "")
+    return Call("GET", path, {"accept": wire.SAFETENSORS})
 
 
 def read_tensors(reply: Reply) -> tuple[int, dict[str, np.ndarray]]:

@@ -76,6 +76,7 @@ class RemoteOptions(TypedDict, total=False):
     nonfinite: str | None  # "error" or "skip", for a new session
     max_grad_norm: float | None  # server-side clipping, for a new session
     token: str | None  # admin key (to create) or the session's token (to attach)
+    wire_dtype: str | None  # "float16"/"bfloat16": gradients sent and parameters answered in it (master stays fp32)
 
 
 class _RemoteOptimizer(Optimizer):
@@ -90,6 +91,7 @@ class _RemoteOptimizer(Optimizer):
         client, session_id, token = remote.get("client"), remote.get("session_id"), remote.get("token")
         self._timeout = remote.get("timeout", 60.0)
         self._retry = remote.get("retry")
+        self._wire_dtype = remote.get("wire_dtype")
         self._owns_client = client is None
         self.client = client if client is not None else Client(
             remote.get("url", DEFAULT_URL), timeout=self._timeout, retry=self._retry, token=token
@@ -172,7 +174,7 @@ class _RemoteOptimizer(Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             grads[name] = _to_numpy(p.grad)
-            dtypes[name] = _WIRE_DTYPES.get(p.grad.dtype, "float32")
+            dtypes[name] = self._wire_dtype or _WIRE_DTYPES.get(p.grad.dtype, "float32")
         if not grads:
             return loss
         changes = self._changes()
@@ -186,6 +188,7 @@ class _RemoteOptimizer(Optimizer):
                 partial=len(grads) < len(self._names),
                 changes=changes,
                 dtype=dtypes,
+                answer_dtype=self._wire_dtype,
                 retry=self._retry,
             )
 

@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
@@ -233,22 +233,45 @@ def decode_tensors(
 
 
 def tensor_parts(
-    layout: FlatLayout, flat: np.ndarray, step: int, encoding: str, metadata: dict[str, str] | None = None
+    layout: FlatLayout,
+    flat: np.ndarray,
+    step: int,
+    encoding: str,
+    metadata: dict[str, str] | None = None,
+    dtype: str = "float32",
 ) -> list[bytes | memoryview]:
     """The parameters in the negotiated encoding, as the parts of the answer's body. As safetensors, the header
     followed by the flat buffer itself: the layout keeps the tensors contiguous and in order, so no per-tensor copy
-    or join is needed."""
+    or join is needed. ``dtype`` float16 or bfloat16 rounds the float32 parameters for the answer (half the bytes)."""
     meta = {"step": str(step), **(metadata or {})}
-    if encoding == wire.SAFETENSORS:
-        header = wire.header(layout.specs, meta)
-        if flat.nbytes < SMALL_ANSWER:  # one send of one bytes: fewer trips through the ASGI stack
-            return [header + flat.tobytes()]
-        return [header, memoryview(flat).cast("B")]  # type: ignore[arg-type]
-    return [wire.encode_json(layout.views(flat), meta)]
+    if encoding != wire.SAFETENSORS:
+        return [wire.encode_json(layout.views(flat), meta, dtype=dtype)]
+    specs = layout.specs
+    if dtype != "float32":
+        code, flat = wire.as_wire_array(flat, dtype)
+        specs = tuple((name, code, shape) for name, _, shape in specs)
+    header = wire.header(specs, meta)
+    if flat.nbytes < SMALL_ANSWER:  # one send of one bytes: fewer trips through the ASGI stack
+        return [header + flat.tobytes()]
+    return [header, memoryview(flat).cast("B")]  # type: ignore[arg-type]
 
 
-def tensor_response(layout: FlatLayout, flat: np.ndarray, step: int, encoding: str) -> Response:
-    return BufferResponse(tensor_parts(layout, flat, step, encoding), 200, encoding, {"ETag": etag(step)})
+def tensor_response(layout: FlatLayout, flat: np.ndarray, step: int, encoding: str, dtype: str) -> Response:
+    return BufferResponse(tensor_parts(layout, flat, step, encoding, dtype=dtype), 200, encoding, {"ETag": etag(step)})
+
+
+ANSWER_DTYPES = ("float32", "float16", "bfloat16")
+AnswerDtype = Literal["float32", "float16", "bfloat16"]
+
+
+def answer_dtype(value: str | None) -> str:
+    """The ``dtype`` query parameter of a route answering with parameters: float32 (the default), float16 or
+    bfloat16; anything else is 422."""
+    if value is None:
+        return "float32"
+    if value not in ANSWER_DTYPES:
+        raise InvalidInput(f"dtype must be one of {', '.join(ANSWER_DTYPES)}, got {value!r}")
+    return value
 
 
 def json_object(body: bytes | bytearray | memoryview) -> dict[str, Any]:
@@ -403,6 +426,13 @@ async def delete_session(session_id: str, request: Request) -> Response:
 
 
 SESSION_ID_PARAMETER = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
+DTYPE_PARAMETER = {
+    "name": "dtype",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string", "enum": list(ANSWER_DTYPES), "default": "float32"},
+    "description": "precision of the parameters in the answer (the session keeps float32 master weights)",
+}
 MISSING_PARAMETER = {
     "name": "missing",
     "in": "query",
@@ -416,7 +446,10 @@ MISSING_PARAMETER = {
     "/v1/sessions/{session_id}/step",
     tags=["steps"],
     responses=answers(s200=SAFETENSORS_OR_JSON, s202={wire.JSON: OBJECT}, s204={}),
-    openapi_extra={"parameters": [SESSION_ID_PARAMETER, MISSING_PARAMETER], **body(SAFETENSORS_OR_JSON)},
+    openapi_extra={
+        "parameters": [SESSION_ID_PARAMETER, MISSING_PARAMETER, DTYPE_PARAMETER],
+        **body(SAFETENSORS_OR_JSON),
+    },
 )
 async def step(request: Request) -> Response:
     """Apply one optimizer step from the gradients in the body; answer with the updated parameters.
@@ -448,6 +481,7 @@ async def get_params(
     request: Request,
     min_step: Annotated[int | None, Query(ge=0, description="wait until the session reaches this step")] = None,
     timeout: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS, description="longest wait, seconds")] = 30.0,
+    dtype: Annotated[AnswerDtype, Query(description="precision of the answer (the session keeps float32)")] = "float32",
 ) -> Response:
     """The current parameters (JSON unless ``Accept: application/x-safetensors``).
 
@@ -463,7 +497,7 @@ async def get_params(
             await asyncio.sleep(delay)
             delay = min(2 * delay, 0.02)
     step_count, flat = session.snapshot_params()
-    return await run_in_threadpool(tensor_response, session.layout, flat, step_count, encoding)
+    return await run_in_threadpool(tensor_response, session.layout, flat, step_count, encoding, dtype)
 
 
 @router.get(

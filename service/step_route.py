@@ -28,8 +28,10 @@ from .headers import RawHeaders
 from .observability import Metrics
 from .routes import (
     INLINE_BODY_BYTES,
+    SMALL_ANSWER,
     Service,
     after_change,
+    answer_dtype,
     decode_tensors,
     etag,
     idempotency_key,
@@ -106,13 +108,11 @@ class StepRoute:
         headers = RawHeaders(scope["headers"])
         session = svc.open(headers, session_id)
         query = scope.get("query_string", b"")
-        missing = (
-            dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True)).get("missing", "error")
-            if query
-            else "error"
-        )
+        query_args = dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True)) if query else {}
+        missing = query_args.get("missing", "error")
         if missing not in ("error", "skip"):
             raise InvalidInput(f"missing must be error or skip, got {missing!r}")
+        dtype = answer_dtype(query_args.get("dtype"))
         ctype = tensor_media_type(headers)
         encoding = negotiate(headers, default=ctype)
         key, if_match, minimal = idempotency_key(headers), parse_if_match(headers), prefers_minimal(headers)
@@ -160,9 +160,11 @@ class StepRoute:
             out.append((b"optserve-grad-norm", meta["grad_norm"].encode()))
         if result.params is None:
             return 204, out, []
-        args = (session.layout, result.params, result.step, encoding, meta)
-        # safetensors: a header and the buffer, nothing to offload; JSON: encoding takes time, off the event loop
-        parts = tensor_parts(*args) if encoding == wire.SAFETENSORS else await run_in_threadpool(tensor_parts, *args)
+        args = (session.layout, result.params, result.step, encoding, meta, dtype)
+        # float32 safetensors: a header and the buffer, nothing to offload; JSON, or a conversion of a large answer
+        # to float16/bfloat16, takes time: off the event loop
+        inline = encoding == wire.SAFETENSORS and (dtype == "float32" or result.params.nbytes < SMALL_ANSWER)
+        parts = tensor_parts(*args) if inline else await run_in_threadpool(tensor_parts, *args)
         return 200, content(encoding, sum(len(p) for p in parts), out), parts
 
 

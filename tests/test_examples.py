@@ -39,3 +39,18 @@ def test_train_torch_remote_and_local_give_the_same_curve() -> None:
 def test_two_workers() -> None:
     out = run("two_workers.py", "--steps", "20")
     assert "server step 20" in out and "identical params: True" in out
+
+
+def test_wire_dtype_accuracy_cost() -> None:
+    out = run("wire_dtype.py", "--steps", "60")
+    rows = {
+        cells[0]: [float(c) for c in cells[1:]]
+        for line in out.splitlines()
+        if line.startswith("| ") and not line.startswith("| wire")
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    assert set(rows) == {"float32", "bfloat16", "float16"}
+    assert rows["bfloat16"][0] == rows["float16"][0] == rows["float32"][0] / 2  # half the bytes each way
+    assert rows["float32"][3] == 0.0
+    for dtype in ("bfloat16", "float16"):
+        assert abs(rows[dtype][1] - rows["float32"][1]) < 0.02  # final loss: the cost of rounding is small
