@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from . import wire
 from .errors import PreconditionFailed
 from .http import DEFAULT_URL, Client
 from .protocol import Retry, StepResult
@@ -61,7 +62,7 @@ class RemoteOptimizer:
     ) -> None:
         self.params = params
         self.timeout = timeout
-        self.wire_dtype = wire_dtype
+        self.wire_dtype = wire.check_wire_dtype(wire_dtype)
         self._owns_client = client is None
         self.client = client if client is not None else Client(url, timeout=timeout, retry=retry, token=token)
         if session_id is not None and token is not None:

@@ -35,7 +35,7 @@ import torch
 from torch.optim import Optimizer
 from typing_extensions import Unpack
 
-from . import checkpoint
+from . import checkpoint, wire
 from .errors import PreconditionFailed
 from .http import DEFAULT_URL, Client
 from .protocol import Retry, StepResult
@@ -91,7 +91,7 @@ class _RemoteOptimizer(Optimizer):
         client, session_id, token = remote.get("client"), remote.get("session_id"), remote.get("token")
         self._timeout = remote.get("timeout", 60.0)
         self._retry = remote.get("retry")
-        self._wire_dtype = remote.get("wire_dtype")
+        self._wire_dtype = wire.check_wire_dtype(remote.get("wire_dtype"))
         self._owns_client = client is None
         self.client = client if client is not None else Client(
             remote.get("url", DEFAULT_URL), timeout=self._timeout, retry=self._retry, token=token

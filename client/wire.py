@@ -67,6 +67,16 @@ _NUMPY = {
 _CODE_OF = {nd: code for code, nd in _NUMPY.items() if code != "BF16"}  # numpy dtype -> safetensors code
 # JSON / user-facing names of the float types the service works in.
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+WIRE_DTYPES = ("float32", "float16", "bfloat16")  # what a step's gradients and answer may travel as
+
+
+def check_wire_dtype(dtype: str | None) -> str | None:
+    """``dtype`` if it is a wire dtype (or None); ValueError otherwise, before anything is sent."""
+    if dtype is not None and dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire_dtype must be one of {', '.join(WIRE_DTYPES)} (or None), got {dtype!r}")
+    return dtype
+
+
 _NAME_OF = {v: k for k, v in DTYPE_NAMES.items()}
 
 

@@ -98,14 +98,14 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         await run_in_threadpool(fused.warm_up)  # the first step should not pay for compiling the kernels
-        if snapshots is not None:
-            await run_in_threadpool(diskio.warm_up, snapshots.dir)  # nor the first snapshot
         if snapshots is not None and isinstance(store, MemoryStore):
             report = await run_in_threadpool(snapshots.load_all)
             for session in report.loaded:
                 store.replace(session)
             log.info("loaded %d session(s) from %s; %d set aside", len(report.loaded), snapshots.dir,
                      len(report.corrupt))  # fmt: skip
+        if snapshots is not None:
+            await run_in_threadpool(diskio.warm_up, snapshots.dir)  # nor the first snapshot
         app.state.ready = True
         loop_task = asyncio.create_task(_background(svc)) if saver is not None else None
         try:

@@ -12,7 +12,9 @@ run through :mod:`os`.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ try:
     import numba
 except ImportError:  # pragma: no cover - numba is a server dependency
     numba = None  # type: ignore[assignment]
+
+log = logging.getLogger("optserve.persistence")
 
 NOGIL_MAX_BYTES = 64 << 20  # larger files: joining the parts into one buffer costs more than the GIL round trips
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -88,7 +92,7 @@ if numba is not None:
         @numba.njit(nogil=True, cache=False)
         def _write_replace(tmp, target, folder, data, flags, dir_flags):  # type: ignore[no-untyped-def]
             """0, or the negative number of the step that failed (tmp removed)."""
-            fd = _open(tmp.ctypes.data, flags, 0o644)
+            fd = _open(tmp.ctypes.data, flags, 0o666)  # as Python's open(): the umask decides
             if fd < 0:
                 return -1
             pos = 0
@@ -118,7 +122,12 @@ if numba is not None:
 
 
 def warm_up(folder: Path) -> None:
-    """Compile the nogil path now (about half a second), so that the first snapshot does not wait for it."""
-    target = folder / ".optserve-warm-up"
-    replace_file(folder / f".optserve-warm-up.{os.getpid()}.tmp", target, [b"warm"])
-    target.unlink()
+    """Compile the nogil path now (about half a second), so that the first snapshot does not wait for it. Never
+    fatal: a folder that cannot be written to is reported by the snapshots themselves."""
+    tag = uuid.uuid4().hex
+    target = folder / f".optserve-warm-up.{tag}"
+    try:
+        replace_file(folder / f".optserve-warm-up.{tag}.tmp", target, [b"warm"])
+        target.unlink()
+    except OSError as e:
+        log.warning("could not write in %s at startup: %s", folder, e)

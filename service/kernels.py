@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -153,8 +153,9 @@ def step_range(
     try:
         _step_one(optimizer, params, grads, state, bounds[0], bounds[1], t, hp, grad_scale)
     finally:
-        for future in futures:
-            future.result()
+        wait(futures)  # every part done before returning or raising: none may write after the session's lock is freed
+    for future in futures:
+        future.result()
 
 
 def _executor() -> ThreadPoolExecutor:

@@ -34,6 +34,14 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Request ids made here: 8 random hex digits per process, then a counter (unique without a random draw per request).
 _ID_PREFIX = os.urandom(4).hex()
 _id_numbers = itertools.count()
+
+
+def _new_id_prefix() -> None:
+    global _ID_PREFIX, _id_numbers
+    _ID_PREFIX, _id_numbers = os.urandom(4).hex(), itertools.count()
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)  # workers forked after import: each its own prefix
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 

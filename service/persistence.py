@@ -48,15 +48,25 @@ class Snapshots:
         self.dir = Path(data_dir) / "sessions"
         self.corrupt_dir = Path(data_dir) / "corrupt"
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
 
     def path(self, session_id: str) -> Path:
         return self.dir / f"{session_id}{SUFFIX}"
 
+    def lock(self, session_id: str) -> threading.Lock:
+        """The lock serializing the writes and the deletion of one id's snapshot file. Per id, not per session: a
+        session replaced under the same id (a restored checkpoint) must not have its snapshot overwritten by a
+        write of the session it replaced that was still under way."""
+        with self._locks_lock:
+            return self._locks.setdefault(session_id, threading.Lock())
+
     def write(self, session: Session, dumped: Dumped | None = None) -> float:
         """Snapshot ``session`` atomically (or the copy of it ``dumped`` earlier); returns the seconds it took.
-        Skips the work when a snapshot as new is on disk already. Callers serialize the writes of one session."""
+        Skips the work when a snapshot as new is on disk already, or when the session was deleted or replaced
+        meanwhile (its snapshot is no longer its own). Callers hold :meth:`lock` for the session's id."""
         started = time.perf_counter()
-        if dumped is None and session.saved_version == session.version:
+        if session.closed or (dumped is None and session.saved_version == session.version):
             return 0.0
         parts, version, step = dumped or dump_versioned(session)
         if version <= session.saved_version:  # an older copy must never replace a newer snapshot
@@ -67,8 +77,10 @@ class Snapshots:
         return time.perf_counter() - started
 
     def delete(self, session_id: str) -> None:
-        self.path(session_id).unlink(missing_ok=True)
-        fsync_dir(self.dir)
+        """Remove a snapshot, after any write of it under way (close the session first: later writes skip it)."""
+        with self.lock(session_id):
+            self.path(session_id).unlink(missing_ok=True)
+            fsync_dir(self.dir)
 
     def exists(self, session_id: str) -> bool:
         return self.path(session_id).exists()
@@ -127,7 +139,7 @@ class Saver:
         self.on_saved: Callable[[float], object] = lambda seconds: None  # metrics hooks
         self.on_failed: Callable[[], object] = lambda: None
         self._queue: queue.SimpleQueue[tuple[Session, Dumped | None] | None] = queue.SimpleQueue()
-        self._queued: set[str] = set()  # ids of the sessions in the queue
+        self._queued: set[Session] = set()  # the sessions in the queue (by identity: a replaced one is another)
         self._writer: threading.Thread | None = None
 
     def due(self, session: Session, now: float) -> bool:
@@ -144,7 +156,8 @@ class Saver:
         ``wait=False`` a session being saved already is left to that save (None); with ``wait=True`` this waits for
         it and then saves whatever changed since.
         """
-        if not session.save_lock.acquire(blocking=wait):
+        lock = self.snapshots.lock(session.id)
+        if not lock.acquire(blocking=wait):
             return None
         try:
             seconds = self.snapshots.write(session, dumped)
@@ -154,7 +167,7 @@ class Saver:
             log.exception("snapshot of session %s failed", session.id)
             return False
         finally:
-            session.save_lock.release()
+            lock.release()
         if seconds:
             self.on_saved(seconds)
         return True
@@ -164,21 +177,28 @@ class Saver:
 
         Cheap enough to call from the event loop after every step: a session already waiting for the writer is not
         queued again, and the writer hands nothing back to the loop (no thread pool, no future to resolve)."""
-        if session.id in self._queued:
+        if session in self._queued:
             return
-        self._queued.add(session.id)
+        # A small session is copied right here: the writer then never holds its lock, and a step never finds it
+        # busy (waiting for the GIL, a writer holding the lock sent every step of that session to the thread pool).
+        try:
+            dumped = dump_versioned(session) if session.params.nbytes <= DUMP_ON_LOOP_BYTES else None
+        except Exception:  # noqa: BLE001 - the step was applied; its snapshot is left to the next one
+            self.failures += 1
+            self.on_failed()
+            log.exception("snapshot copy of session %s failed", session.id)
+            return
+        self._queued.add(session)
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_queued, name="optserve-snapshots", daemon=True)
             self._writer.start()
-        # A small session is copied right here: the writer then never holds its lock, and a step never finds it
-        # busy (waiting for the GIL, a writer holding the lock sent every step of that session to the thread pool).
-        self._queue.put((session, dump_versioned(session) if session.params.nbytes <= DUMP_ON_LOOP_BYTES else None))
+        self._queue.put((session, dumped))
 
     def _write_queued(self) -> None:
         while (item := self._queue.get()) is not None:
             session, dumped = item
             self.save(session, dumped=dumped)
-            self._queued.discard(session.id)  # changes made meanwhile: the next step finds the session due again
+            self._queued.discard(session)  # changes made meanwhile: the next step finds the session due again
 
     def close(self) -> None:
         """Let the writer finish what is queued, and stop it."""

@@ -254,7 +254,6 @@ class Session:
         self.saved_version = -1
         self.saved_step = -1
         self.saved_at = 0.0
-        self.save_lock = threading.Lock()  # one snapshot write of this session at a time
 
     @property
     def nbytes(self) -> int:

@@ -69,8 +69,8 @@ class StepRoute:
         session_id = scope.get("path_params", {}).get("session_id") or step_session_id(scope)
         try:
             status, headers, parts = await self.step(scope, receive, str(session_id))
-        except ClientDisconnect:
-            return  # gone before its body arrived: nothing was applied, nobody to answer
+        except ClientDisconnect:  # gone before its body arrived: nothing was applied; the 400 is for the log and
+            status, headers, parts = 400, [(b"content-length", b"0")], []  # the metrics (uvicorn drops it)
         except Exception as e:
             status, headers, parts = self.refusal(e)
         await send({"type": "http.response.start", "status": status, "headers": headers})

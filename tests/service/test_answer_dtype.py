@@ -143,3 +143,14 @@ def test_torch_drop_in_with_bfloat16_on_the_wire(server: EmbeddedServer) -> None
             assert torch.equal(p.detach(), torch.from_numpy(kept[name]).to(torch.bfloat16).float())
     finally:
         opt.close(delete=True)
+
+
+@pytest.mark.parametrize("bad", ["F16", "float64", "int8"])
+def test_unknown_wire_dtype_is_refused_before_a_session_is_made(server: EmbeddedServer, bad: str) -> None:
+    with Client(server.url) as client:
+        before = len(client.list_sessions())
+        with pytest.raises(ValueError, match="wire_dtype"):
+            RemoteOptimizer({"w": np.zeros(3, np.float32)}, server.url, wire_dtype=bad)
+        with pytest.raises(ValueError, match="wire_dtype"):
+            RemoteAdamW(torch.nn.Linear(2, 2).parameters(), url=server.url, wire_dtype=bad)
+        assert len(client.list_sessions()) == before

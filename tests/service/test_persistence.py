@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,8 +13,10 @@ import pytest
 from optserve.client import checkpoint as client_checkpoint
 from optserve.service import diskio
 from optserve.service.checkpoint import dump_versioned
+from optserve.service.errors import SessionNotFound
 from optserve.service.persistence import DUMP_ON_LOOP_BYTES, Saver, Snapshots
 from optserve.service.session import Session, SessionConfig
+from optserve.service.store import Limits, MemoryStore
 
 PATHS = ["nogil", "python"] if diskio._write_replace is not None else ["python"]
 
@@ -125,13 +128,67 @@ def test_a_session_waiting_for_the_writer_is_queued_once(tmp_path: Path) -> None
     sv.on_saved = written.append
     for s in sessions:
         step(s, 0)
-    with sessions[0].save_lock:  # the writer waits for this one: the others queue behind it
+    with sv.snapshots.lock(sessions[0].id):  # the writer waits for this one: the others queue behind it
         sv.request(sessions[0])
         for _ in range(5):
             for s in sessions:
                 sv.request(s)
-        assert len(sv._queued) == 3
+        assert sv._queued == set(sessions)
     sv.close()  # drains the queue
     assert len(written) == 3
     assert all(s.saved_version == s.version for s in sessions)
     assert sv._queued == set()
+
+
+def blocked_writer(sv: Saver, blocker: Session) -> Any:
+    """The writer thread held on ``blocker``'s snapshot (its id's lock held here), so what is requested next waits."""
+    lock = sv.snapshots.lock(blocker.id)
+    lock.acquire()
+    sv.request(blocker)
+    return lock
+
+
+def test_a_snapshot_queued_before_a_delete_does_not_bring_the_session_back(tmp_path: Path) -> None:
+    sv = saver(tmp_path)
+    store = MemoryStore(Limits(), sv.snapshots)
+    blocker, doomed = session(10, "blocker"), session(10, "doomed")
+    for s in (blocker, doomed):
+        store.add(s)
+        step(s, 0)
+    lock = blocked_writer(sv, blocker)
+    try:
+        sv.request(doomed)  # copied now, written after the blocker
+        store.remove("doomed")
+    finally:
+        lock.release()
+    sv.close()
+    assert not sv.snapshots.path("doomed").exists()
+    with pytest.raises(SessionNotFound):
+        store.get("doomed")
+
+
+def test_a_snapshot_queued_before_a_replace_does_not_overwrite_the_new_session(tmp_path: Path) -> None:
+    sv = saver(tmp_path)
+    store = MemoryStore(Limits(), sv.snapshots)
+    blocker, old = session(10, "blocker"), session(10, "s")
+    for s in (blocker, old):
+        store.add(s)
+        step(s, 0)
+    lock = blocked_writer(sv, blocker)
+    try:
+        sv.request(old)  # old's copy at step 1, written after the blocker
+        new = session(10, "s")  # the same id, at step 0: a restored checkpoint
+        store.replace(new)
+        sv.request(new)  # not mistaken for old's queued snapshot: queued too
+        assert old in sv._queued and new in sv._queued
+    finally:
+        lock.release()
+    sv.close()
+    assert saved_step(sv.snapshots, "s") == 0
+    assert store.get("s") is new
+
+
+def test_warm_up_never_stops_the_server(tmp_path: Path) -> None:
+    diskio.warm_up(tmp_path / "missing")  # logged, not raised
+    diskio.warm_up(tmp_path)
+    assert list(tmp_path.iterdir()) == []
