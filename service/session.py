@@ -45,7 +45,7 @@ from optserve.client.wire import Safetensors
 from . import fused
 from .bodies import POOL
 from .errors import InvalidInput, NonFiniteGradient, PreconditionFailed, SessionNotFound, StepConflict
-from .hyperparams import HyperparamError, Hyperparams, make_hyperparams, optimizer_kind, to_json
+from .hyperparams import AdamHyperparams, HyperparamError, Hyperparams, make_hyperparams, optimizer_kind, to_json
 from .layout import FlatLayout
 from .schedules import Constant, Schedule
 
@@ -297,6 +297,7 @@ class Session:
                 for group, hp in planned:  # changes sent with this step take effect in it
                     hyperparams[group.index] = hp
                 scheduled = self._scheduled(hyperparams)
+                self._check_coefficients(scheduled)
                 sumsq = sum_of_squares(flat)
                 finite = math.isfinite(sumsq)
                 if not finite and self.config.nonfinite == "error":
@@ -400,6 +401,22 @@ class Session:
         if any(hp.lr > FLOAT32_MAX for hp in scheduled):
             raise InvalidInput(f"the schedule drives the learning rate beyond float32 at step {self.step_count + 1}")
         return scheduled
+
+    def _check_coefficients(self, hyperparams: list[Hyperparams]) -> None:
+        """Refuse a step whose float32 coefficients would overflow: Adam's step size lr / (1 - beta1^t) and AdamW's
+        decay lr * weight_decay, for an lr near float32's largest value. The step would write infinities or NaN
+        into the parameters (as torch's would); here it is refused with nothing written. The smallest step number
+        of any tensor gives the largest step size."""
+        t = int(self.tensor_steps.min(initial=0)) + 1
+        for hp in hyperparams:
+            if isinstance(hp, AdamHyperparams):
+                step_size = hp.lr / (1 - hp.betas[0] ** t)
+                if step_size > FLOAT32_MAX or hp.lr * hp.weight_decay > FLOAT32_MAX:
+                    raise InvalidInput(
+                        f"lr {hp.lr!r} gives a step size ({step_size:.3g}) or a decay (lr * weight_decay = "
+                        f"{hp.lr * hp.weight_decay:.3g}) beyond float32 at step {t}: the parameters would become "
+                        "infinite"
+                    )
 
     def _apply(
         self, grads: np.ndarray, present: np.ndarray | None, grad_scale: float, hyperparams: list[Hyperparams]

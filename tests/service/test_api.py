@@ -1035,3 +1035,22 @@ def test_health(http, path):
     r = http.get(path)
     assert r.status_code == 200
     assert r.json()["status"] in ("ok", "ready")
+
+
+@pytest.mark.parametrize(
+    "hyperparams",
+    [{"lr": 3e38}, {"lr": 1e37, "weight_decay": 100.0}, {"lr": 1e36, "betas": [0.999, 0.999]}],
+    ids=["step-size", "decay", "bias-correction"],
+)
+def test_a_step_whose_coefficients_overflow_float32_is_refused(http: httpx.Client, hyperparams: dict) -> None:
+    """A valid-looking lr near float32's largest value would write infinities (lr / (1 - beta1^t), lr * wd): 422,
+    and nothing changes."""
+    params = make_params(0)
+    sid = create(http, params, "adamw", hyperparams)
+    before, etag = params_raw(http, sid)
+    r = step(http, sid, make_grads(params, 0))
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == PROBLEM
+    assert "beyond float32" in r.json()["detail"]
+    assert params_raw(http, sid) == (before, etag)
+    assert http.get(f"/v1/sessions/{sid}").json()["counters"]["steps_rejected"] == 1
