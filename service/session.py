@@ -407,16 +407,19 @@ class Session:
         decay lr * weight_decay, for an lr near float32's largest value. The step would write infinities or NaN
         into the parameters (as torch's would); here it is refused with nothing written. The smallest step number
         of any tensor gives the largest step size."""
-        t = int(self.tensor_steps.min(initial=0)) + 1
         for hp in hyperparams:
-            if isinstance(hp, AdamHyperparams):
-                step_size = hp.lr / (1 - hp.betas[0] ** t)
-                if step_size > FLOAT32_MAX or hp.lr * hp.weight_decay > FLOAT32_MAX:
-                    raise InvalidInput(
-                        f"lr {hp.lr!r} gives a step size ({step_size:.3g}) or a decay (lr * weight_decay = "
-                        f"{hp.lr * hp.weight_decay:.3g}) beyond float32 at step {t}: the parameters would become "
-                        "infinite"
-                    )
+            if not isinstance(hp, AdamHyperparams):
+                continue
+            if hp.lr <= FLOAT32_MAX * (1 - hp.betas[0]) and hp.lr * hp.weight_decay <= FLOAT32_MAX:
+                continue  # fine at every step (1 - beta1^t >= 1 - beta1): the usual case, decided without t
+            t = int(self.tensor_steps.min(initial=0)) + 1
+            step_size = hp.lr / (1 - hp.betas[0] ** t)
+            if step_size > FLOAT32_MAX or hp.lr * hp.weight_decay > FLOAT32_MAX:
+                raise InvalidInput(
+                    f"lr {hp.lr!r} gives a step size ({step_size:.3g}) or a decay (lr * weight_decay = "
+                    f"{hp.lr * hp.weight_decay:.3g}) beyond float32 at step {t}: the parameters would become "
+                    "infinite"
+                )
 
     def _apply(
         self, grads: np.ndarray, present: np.ndarray | None, grad_scale: float, hyperparams: list[Hyperparams]
