@@ -28,7 +28,7 @@ from optserve.client.wire import WireError
 
 from . import diskio, fused
 from .auth import Guard
-from .errors import ServiceError, error_answer, internal_error, problem
+from .errors import PROBLEM_MEDIA_TYPE, ServiceError, error_answer, internal_error, problem
 from .observability import Metrics, RequestObserver
 from .persistence import Saver, Snapshots
 from .routes import Service, plain_errors, router
@@ -37,8 +37,6 @@ from .step_route import StepRoute, step_session_id
 from .store import Limits, MemoryStore, SessionStore
 
 log = logging.getLogger("optserve")
-
-PROBLEM = "application/problem+json"
 
 try:
     __version__ = version("optserve")
@@ -49,8 +47,11 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 def problem_response(
     status: int, title: str, detail: str, slug: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
-    return JSONResponse(problem(status, slug, title, detail, **extra), status_code=status, media_type=PROBLEM,
-                        headers=headers)  # fmt: skip
+    return problem_json(problem(status, slug, title, detail, **extra), status, headers)
+
+
+def problem_json(document: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(document, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 
 class OptserveApp(FastAPI):
@@ -140,8 +141,9 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     @app.exception_handler(ServiceError)
     @app.exception_handler(WireError)
     async def service_error(request: Request, exc: Exception) -> JSONResponse:
-        status, document, headers = error_answer(exc) or (500, internal_error(), {})
-        return JSONResponse(document, status_code=status, media_type=PROBLEM, headers=headers)
+        answer = error_answer(exc)
+        assert answer is not None  # registered for ServiceError and WireError, which it answers
+        return problem_json(answer.document, answer.status, answer.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -172,7 +174,7 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(internal_error(), status_code=500, media_type=PROBLEM)
+        return problem_json(internal_error(), 500)
 
     return app
 

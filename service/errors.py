@@ -20,11 +20,12 @@ about HTTP beyond the status number.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from optserve.client.wire import WireError
 
 PROBLEM_TYPE = "urn:optserve:problem:"
+PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 
 class ServiceError(Exception):
@@ -53,14 +54,21 @@ def internal_error() -> dict[str, Any]:
     return problem(500, "internal-error", "Internal server error", "an unexpected error occurred; see the server log")
 
 
-def error_answer(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str]] | None:
-    """(status, problem document, headers) answering a domain error or a malformed tensor body; None for any other
-    exception (an unexpected one: 500)."""
+class ErrorAnswer(NamedTuple):
+    status: int
+    slug: str
+    document: dict[str, Any]
+    headers: dict[str, str]
+
+
+def error_answer(exc: Exception) -> ErrorAnswer | None:
+    """The answer to a domain error or a malformed tensor body; None for any other exception (an unexpected one:
+    500)."""
     if isinstance(exc, ServiceError):
         headers = {"ETag": f'"{exc.extra["current_step"]}"'} if "current_step" in exc.extra else {}
-        return exc.status, exc.problem(), headers
+        return ErrorAnswer(exc.status, exc.slug, exc.problem(), headers)
     if isinstance(exc, WireError):
-        return 400, problem(400, "malformed-body", "Malformed tensor body", str(exc)), {}
+        return ErrorAnswer(400, "malformed-body", problem(400, "malformed-body", "Malformed tensor body", str(exc)), {})
     return None
 
 

@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from optserve.client import wire
 
 from .bodies import receive_body
-from .errors import PROBLEM_TYPE, BadRequest, InvalidInput, error_answer, internal_error
+from .errors import PROBLEM_MEDIA_TYPE, BadRequest, ErrorAnswer, InvalidInput, error_answer, internal_error
 from .headers import RawHeaders
 from .observability import Metrics
 from .routes import (
@@ -66,9 +66,8 @@ class StepRoute:
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        session_id = scope.get("path_params", {}).get("session_id") or step_session_id(scope)
         try:
-            status, headers, parts = await self.step(scope, receive, str(session_id))
+            status, headers, parts = await self.step(scope, receive, scope["path_params"]["session_id"])
         except ClientDisconnect:  # gone before its body arrived: nothing was applied; the 400 is for the log and
             status, headers, parts = 400, [(b"content-length", b"0")], []  # the metrics (uvicorn drops it)
         except Exception as e:
@@ -85,13 +84,12 @@ class StepRoute:
         answer = error_answer(exc)
         if answer is None:
             log.exception("unhandled error on a step", exc_info=exc)
-            answer = 500, internal_error(), {}
+            answer = ErrorAnswer(500, "internal-error", internal_error(), {})
         else:
-            self.metrics.hot.refused(answer[1]["type"].removeprefix(PROBLEM_TYPE))
-        status, document, extra = answer
-        body = json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
-        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
-        return status, content("application/problem+json", len(body), headers), [body]
+            self.metrics.hot.refused(answer.slug)
+        body = json.dumps(answer.document, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
+        return answer.status, content(PROBLEM_MEDIA_TYPE, len(body), headers), [body]
 
     async def step(self, scope: Scope, receive: Receive, session_id: str) -> Answer:
         """Apply one optimizer step from the gradients in the body; answer with the updated parameters.
