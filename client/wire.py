@@ -90,7 +90,8 @@ _BF16_BLOCK = 1 << 16  # elements converted at a time: the temporaries stay in c
 def to_bfloat16(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bits (uint16), rounding to nearest even; NaN stays NaN."""
     x = np.require(x, dtype=np.float32, requirements="C")
-    bits = x.reshape(-1).view(np.uint32)
+    values = x.reshape(-1)
+    bits = values.view(np.uint32)
     out = np.empty(bits.size, np.uint16)
     tmp = np.empty(min(bits.size, _BF16_BLOCK), np.uint32)
     for start in range(0, bits.size, _BF16_BLOCK):
@@ -102,7 +103,7 @@ def to_bfloat16(x: np.ndarray) -> np.ndarray:
         np.add(t, block, out=t)
         np.right_shift(t, 16, out=t)
         out[start : start + block.size] = t
-        nan = np.isnan(x.reshape(-1)[start : start + _BF16_BLOCK])
+        nan = np.isnan(values[start : start + _BF16_BLOCK])
         if nan.any():  # the rounding must not turn a NaN into infinity: keep its top half, quiet
             out[start : start + block.size][nan] = (block[nan] >> np.uint32(16)).astype(np.uint16) | np.uint16(0x40)
     return out.reshape(x.shape)

@@ -252,7 +252,7 @@ def tensor_parts(
         specs = tuple((name, code, shape) for name, _, shape in specs)
     header = wire.header(specs, meta)
     if flat.nbytes < SMALL_ANSWER:  # one send of one bytes: fewer trips through the ASGI stack
-        return [header + flat.tobytes()]
+        return [b"".join((header, memoryview(flat).cast("B")))]  # type: ignore[arg-type]  # one copy
     return [header, memoryview(flat).cast("B")]  # type: ignore[arg-type]
 
 
@@ -260,8 +260,8 @@ def tensor_response(layout: FlatLayout, flat: np.ndarray, step: int, encoding: s
     return BufferResponse(tensor_parts(layout, flat, step, encoding, dtype=dtype), 200, encoding, {"ETag": etag(step)})
 
 
-ANSWER_DTYPES = ("float32", "float16", "bfloat16")
-AnswerDtype = Literal["float32", "float16", "bfloat16"]
+ANSWER_DTYPES = wire.WIRE_DTYPES
+AnswerDtype = Literal["float32", "float16", "bfloat16"]  # ANSWER_DTYPES, spelled out for FastAPI and mypy
 
 
 def answer_dtype(value: str | None) -> str:

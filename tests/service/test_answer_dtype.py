@@ -154,3 +154,11 @@ def test_unknown_wire_dtype_is_refused_before_a_session_is_made(server: Embedded
         with pytest.raises(ValueError, match="wire_dtype"):
             RemoteAdamW(torch.nn.Linear(2, 2).parameters(), url=server.url, wire_dtype=bad)
         assert len(client.list_sessions()) == before
+
+
+def test_the_answer_dtypes_of_the_routes_are_the_wire_dtypes() -> None:
+    from typing import get_args
+
+    from optserve.service.routes import ANSWER_DTYPES, AnswerDtype
+
+    assert get_args(AnswerDtype) == ANSWER_DTYPES == wire.WIRE_DTYPES
