@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from typing import Any
 
 import numpy as np
 
@@ -56,34 +57,46 @@ def forward_backward(p: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> 
     return loss, accuracy, {k: v.astype(np.float32) for k, v in grads.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(description: str, steps: int = 400) -> argparse.ArgumentParser:
+    """The options of the examples that train this network: ``--url``, ``--steps``, ``--lr``, ``--hidden``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--url", help="optserve server (default: start one in this process)")
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--hidden", type=int, default=64)
-    args = parser.parse_args()
+    return parser
 
+
+def server_url(stack: contextlib.ExitStack, url: str | None) -> str:
+    """``url``, or the URL of a server started in this process for as long as ``stack`` is open."""
+    if url is None:
+        from optserve.service.embedded import serve_in_thread
+
+        url = stack.enter_context(serve_in_thread()).url
+        print(f"started an optserve server at {url}")
+    return url
+
+
+def remote_adamw(params: dict[str, np.ndarray], url: str, lr: float, **options: Any) -> RemoteOptimizer:
+    """AdamW on the server: no weight decay on the biases (a second group), gradients clipped to a norm of 1."""
+    return RemoteOptimizer(
+        params,
+        url=url,
+        optimizer="adamw",
+        lr=lr,
+        weight_decay=1e-3,
+        param_groups=[{"params": ["b1", "b2"], "weight_decay": 0.0}],
+        max_grad_norm=1.0,
+        **options,
+    )
+
+
+def main() -> None:
+    args = arguments(__doc__.splitlines()[0]).parse_args()
     x, y = spirals()
     params = init(args.hidden, classes=3)
     with contextlib.ExitStack() as stack:
-        url = args.url
-        if url is None:
-            from optserve.service.embedded import serve_in_thread
-
-            url = stack.enter_context(serve_in_thread()).url
-            print(f"started an optserve server at {url}")
-        opt = stack.enter_context(
-            RemoteOptimizer(
-                params,
-                url=url,
-                optimizer="adamw",
-                lr=args.lr,
-                weight_decay=1e-3,
-                param_groups=[{"params": ["b1", "b2"], "weight_decay": 0.0}],
-                max_grad_norm=1.0,
-            )
-        )
+        opt = stack.enter_context(remote_adamw(params, server_url(stack, args.url), args.lr))
         print(f"session {opt.session_id}: {sum(p.size for p in params.values())} parameters, AdamW on the server")
         for step in range(1, args.steps + 1):
             loss, accuracy, grads = forward_backward(params, x, y)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_numpy import forward_backward, init, spirals  # noqa: E402  (the model and data of train_numpy.py)
+from train_numpy import forward_backward, init, server_url, spirals  # noqa: E402  (the model and data of train_numpy.py)
 
 from optserve.client import Client, RemoteOptimizer  # noqa: E402
 
@@ -44,12 +44,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with contextlib.ExitStack() as stack:
-        url = args.url
-        if url is None:
-            from optserve.service.embedded import serve_in_thread
-
-            url = stack.enter_context(serve_in_thread()).url
-            print(f"started an optserve server at {url}")
+        url = server_url(stack, args.url)
         client = stack.enter_context(Client(url))
         info = client.create_session(init(64, 3), "adamw", hyperparams={"lr": 0.02, "weight_decay": 1e-3}, accumulate=2)
         print(f"session {info['id']}: accumulate={info['accumulate']}, {info['num_params']} parameters")

@@ -10,13 +10,10 @@ trains on parameters rounded once per step. Same model, data and hyperparameters
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 
 import numpy as np
-from train_numpy import forward_backward, init, spirals
-
-from optserve.client import RemoteOptimizer
+from train_numpy import arguments, forward_backward, init, remote_adamw, server_url, spirals
 
 DTYPES = ("float32", "bfloat16", "float16")
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -25,16 +22,7 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 def train(url: str, dtype: str, steps: int, lr: float, hidden: int) -> tuple[float, float, dict[str, np.ndarray]]:
     x, y = spirals()
     params = init(hidden, classes=3)
-    with RemoteOptimizer(
-        params,
-        url=url,
-        optimizer="adamw",
-        lr=lr,
-        weight_decay=1e-3,
-        param_groups=[{"params": ["b1", "b2"], "weight_decay": 0.0}],
-        max_grad_norm=1.0,
-        wire_dtype=None if dtype == "float32" else dtype,
-    ) as opt:
+    with remote_adamw(params, url, lr, wire_dtype=None if dtype == "float32" else dtype) as opt:
         for _ in range(steps):
             _, _, grads = forward_backward(params, x, y)
             opt.step(grads)
@@ -44,19 +32,9 @@ def train(url: str, dtype: str, steps: int, lr: float, hidden: int) -> tuple[flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", help="optserve server (default: start one in this process)")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--lr", type=float, default=0.02)
-    parser.add_argument("--hidden", type=int, default=64)
-    args = parser.parse_args()
+    args = arguments(__doc__.splitlines()[0]).parse_args()
     with contextlib.ExitStack() as stack:
-        url = args.url
-        if url is None:
-            from optserve.service.embedded import serve_in_thread
-
-            url = stack.enter_context(serve_in_thread()).url
-            print(f"started an optserve server at {url}")
+        url = server_url(stack, args.url)
         runs = {dtype: train(url, dtype, args.steps, args.lr, args.hidden) for dtype in DTYPES}
     n = sum(p.size for p in runs["float32"][2].values())
     print(f"{args.steps} AdamW steps of a {n}-parameter network, one run per wire dtype")
