@@ -187,9 +187,10 @@ async def _background(svc: Service) -> None:
         await asyncio.sleep(0.5)
         now = time.time()
         for session in store.list():
-            idle = bool(saver.ttl_seconds) and now - session.updated_at > saver.ttl_seconds
-            if idle or saver.due(session, now):
+            if bool(saver.ttl_seconds) and now - session.updated_at > saver.ttl_seconds:  # idle: save, then evict
                 saved = await run_in_threadpool(saver.save, session, False)
-                if idle and saved and session.saved_version == session.version and isinstance(store, MemoryStore):
+                if saved and session.saved_version == session.version and isinstance(store, MemoryStore):
                     store.evict(session.id)  # its snapshot is complete; the next request loads it back
                     log.info("session %s evicted after %.0f s idle", session.id, now - session.updated_at)
+            elif saver.due(session, now):
+                saver.request(session)  # time-based: the same writer as the step-based snapshots
