@@ -3,9 +3,10 @@ thread, and the rule that an older copy never replaces a newer snapshot."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -140,50 +141,42 @@ def test_a_session_waiting_for_the_writer_is_queued_once(tmp_path: Path) -> None
     assert sv._queued == set()
 
 
-def blocked_writer(sv: Saver, blocker: Session) -> Any:
-    """The writer thread held on ``blocker``'s snapshot (its id's lock held here), so what is requested next waits."""
+@contextlib.contextmanager
+def held_writer(tmp_path: Path, name: str) -> Iterator[tuple[Saver, MemoryStore, Session]]:
+    """A store, its saver and a stepped session ``name`` in it, the writer thread held on another session's snapshot
+    (its id's lock held here): what is requested inside the block is written once the block ends."""
+    sv = saver(tmp_path)
+    store = MemoryStore(Limits(), sv.snapshots)
+    blocker, target = session(10, "blocker"), session(10, name)
+    for s in (blocker, target):
+        store.add(s)
+        step(s, 0)
     lock = sv.snapshots.lock(blocker.id)
     lock.acquire()
     sv.request(blocker)
-    return lock
+    try:
+        yield sv, store, target
+    finally:
+        lock.release()
+        sv.close()
 
 
 def test_a_snapshot_queued_before_a_delete_does_not_bring_the_session_back(tmp_path: Path) -> None:
-    sv = saver(tmp_path)
-    store = MemoryStore(Limits(), sv.snapshots)
-    blocker, doomed = session(10, "blocker"), session(10, "doomed")
-    for s in (blocker, doomed):
-        store.add(s)
-        step(s, 0)
-    lock = blocked_writer(sv, blocker)
-    try:
+    with held_writer(tmp_path, "doomed") as (sv, store, doomed):
         sv.request(doomed)  # copied now, written after the blocker
         store.remove("doomed")
-    finally:
-        lock.release()
-    sv.close()
     assert not sv.snapshots.path("doomed").exists()
     with pytest.raises(SessionNotFound):
         store.get("doomed")
 
 
 def test_a_snapshot_queued_before_a_replace_does_not_overwrite_the_new_session(tmp_path: Path) -> None:
-    sv = saver(tmp_path)
-    store = MemoryStore(Limits(), sv.snapshots)
-    blocker, old = session(10, "blocker"), session(10, "s")
-    for s in (blocker, old):
-        store.add(s)
-        step(s, 0)
-    lock = blocked_writer(sv, blocker)
-    try:
+    with held_writer(tmp_path, "s") as (sv, store, old):
         sv.request(old)  # old's copy at step 1, written after the blocker
         new = session(10, "s")  # the same id, at step 0: a restored checkpoint
         store.replace(new)
         sv.request(new)  # not mistaken for old's queued snapshot: queued too
         assert old in sv._queued and new in sv._queued
-    finally:
-        lock.release()
-    sv.close()
     assert saved_step(sv.snapshots, "s") == 0
     assert store.get("s") is new
 
