@@ -37,7 +37,20 @@ def _step_call(session_id: str, grads: Mapping[str, Any], key: str | None, **kwa
     return protocol.step(session_id, grads, idempotency_key=key or uuid.uuid4().hex, **kwargs)
 
 
-class Client:
+class _Base:
+    """What both clients hold: the server's URL, the retry policy and the bearer tokens."""
+
+    def __init__(self, url: str, retry: Retry | None, token: str | None) -> None:
+        self.url = url.rstrip("/")
+        self.retry = retry or Retry()
+        self.credentials = Credentials(token)
+
+    def use_token(self, session_id: str, token: str) -> None:
+        """Use ``token`` for everything on ``session_id`` (a session created elsewhere, when auth is on)."""
+        self.credentials.sessions[session_id] = token
+
+
+class Client(_Base):
     """A synchronous client of one optserve server.
 
     ``transport`` is httpx's seam (a fault-injecting transport in tests, for example). ``token`` is sent as a bearer
@@ -55,9 +68,7 @@ class Client:
         transport: httpx.BaseTransport | None = None,
         token: str | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
-        self.retry = retry or Retry()
-        self.credentials = Credentials(token)
+        super().__init__(url, retry, token)
         if transport is None and self.url.startswith("http://"):
             transport = SocketTransport(timeout=timeout if isinstance(timeout, (int, float)) else None)
         self._http = httpx.Client(transport=transport, **_http_kwargs(url, timeout, headers))
@@ -122,10 +133,6 @@ class Client:
         info: dict[str, Any] = protocol.read_json(self._send(call))
         self.credentials.learn(info)
         return info
-
-    def use_token(self, session_id: str, token: str) -> None:
-        """Use ``token`` for everything on ``session_id`` (a session created elsewhere, when auth is on)."""
-        self.credentials.sessions[session_id] = token
 
     def list_sessions(self) -> list[dict[str, Any]]:
         return protocol.read_json(self._send(Call("GET", "/v1/sessions")))["sessions"]  # type: ignore[no-any-return]
@@ -192,7 +199,7 @@ class Client:
         return protocol.read_json(self._send(protocol.restore(session_id, checkpoint)))  # type: ignore[no-any-return]
 
 
-class AsyncClient:
+class AsyncClient(_Base):
     """The asyncio twin of :class:`Client` (same methods, awaited; same errors and retries)."""
 
     def __init__(
@@ -205,9 +212,7 @@ class AsyncClient:
         transport: httpx.AsyncBaseTransport | None = None,
         token: str | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
-        self.retry = retry or Retry()
-        self.credentials = Credentials(token)
+        super().__init__(url, retry, token)
         self._http = httpx.AsyncClient(transport=transport, **_http_kwargs(url, timeout, headers))
 
     async def __aenter__(self) -> AsyncClient:
@@ -258,9 +263,6 @@ class AsyncClient:
         info: dict[str, Any] = protocol.read_json(await self._send(call))
         self.credentials.learn(info)
         return info
-
-    def use_token(self, session_id: str, token: str) -> None:
-        self.credentials.sessions[session_id] = token
 
     async def list_sessions(self) -> list[dict[str, Any]]:
         return protocol.read_json(await self._send(Call("GET", "/v1/sessions")))["sessions"]  # type: ignore[no-any-return]
