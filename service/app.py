@@ -28,7 +28,7 @@ from optserve.client.wire import WireError
 
 from . import diskio, fused
 from .auth import Guard
-from .errors import PROBLEM_MEDIA_TYPE, ServiceError, error_answer, internal_error, problem
+from .errors import ServiceError, error_answer, internal_error, problem, problem_json
 from .observability import Metrics, RequestObserver
 from .persistence import Saver, Snapshots
 from .routes import Service, plain_errors, router
@@ -48,10 +48,6 @@ def problem_response(
     status: int, title: str, detail: str, slug: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
     return problem_json(problem(status, slug, title, detail, **extra), status, headers)
-
-
-def problem_json(document: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(document, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 
 class OptserveApp(FastAPI):

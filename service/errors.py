@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from starlette.responses import JSONResponse
+
 from optserve.client.wire import WireError
 
 PROBLEM_TYPE = "urn:optserve:problem:"
@@ -52,6 +54,11 @@ def problem(status: int, slug: str, title: str, detail: str, **extra: Any) -> di
 def internal_error() -> dict[str, Any]:
     """The problem document of an unexpected error (whose details go to the server log, not to the client)."""
     return problem(500, "internal-error", "Internal server error", "an unexpected error occurred; see the server log")
+
+
+def problem_json(document: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A problem document as an ``application/problem+json`` response."""
+    return JSONResponse(document, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 
 class ErrorAnswer(NamedTuple):

@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from optserve.client import wire
 
 from .bodies import receive_body
-from .errors import PROBLEM_MEDIA_TYPE, BadRequest, ErrorAnswer, InvalidInput, error_answer, internal_error
+from .errors import BadRequest, ErrorAnswer, InvalidInput, error_answer, internal_error, problem_json
 from .headers import RawHeaders
 from .observability import Metrics
 from .routes import (
@@ -87,9 +87,8 @@ class StepRoute:
             answer = ErrorAnswer(500, "internal-error", internal_error(), {})
         else:
             self.metrics.hot.refused(answer.slug)
-        body = json.dumps(answer.document, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
-        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
-        return answer.status, content(PROBLEM_MEDIA_TYPE, len(body), headers), [body]
+        response = problem_json(answer.document, answer.status, answer.headers)
+        return answer.status, response.raw_headers, [response.body]
 
     async def step(self, scope: Scope, receive: Receive, session_id: str) -> Answer:
         """Apply one optimizer step from the gradients in the body; answer with the updated parameters.
