@@ -86,9 +86,9 @@ def _json(metadata: dict[str, str], key: str, default: Any = None) -> Any:
             return default
         raise CheckpointError(f"checkpoint metadata {key!r} is missing")
     try:
-        return json.loads(metadata[key])
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint metadata {key!r} is not JSON ({e})") from None
+        return wire.loads(metadata[key], f"checkpoint metadata {key!r}")
+    except wire.WireError as e:
+        raise CheckpointError(str(e)) from None
 
 
 MAX_COUNT = 1 << 62

@@ -84,6 +84,17 @@ class WireError(ValueError):
     """A body that is not a valid encoding of named tensors."""
 
 
+def loads(text: str | bytes | bytearray, what: str = "body", **options: Any) -> Any:
+    """``json.loads`` for untrusted input: any failure is a :class:`WireError` naming ``what``, including nesting
+    deeper than Python's recursion limit (a RecursionError, not a ValueError) and integers with too many digits."""
+    try:
+        return json.loads(text, **options)
+    except RecursionError:
+        raise WireError(f"{what} is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, Python's limit on the digits of an integer
+        raise WireError(f"{what} is not valid JSON: {e}") from None
+
+
 _BF16_BLOCK = 1 << 16  # elements converted at a time: the temporaries stay in cache (about 2.5x faster at 1e7)
 
 
@@ -314,13 +325,11 @@ def _parse_header(raw: bytes) -> tuple[tuple[TensorEntry, ...], dict[str, str]]:
     """The validated entries and metadata of a header (everything but the body's length)."""
     try:
         text = raw.decode("utf-8")
-        if not text.startswith("{"):
-            raise WireError("safetensors header is not a JSON object")
-        header = json.loads(text, object_pairs_hook=_no_duplicates)
     except UnicodeDecodeError as e:
         raise WireError(f"safetensors header is not UTF-8: {e}") from None
-    except ValueError as e:  # JSONDecodeError, and Python's limit on the digits of an integer
-        raise WireError(f"safetensors header is not valid JSON: {e}") from None
+    if not text.startswith("{"):
+        raise WireError("safetensors header is not a JSON object")
+    header = loads(text, "safetensors header", object_pairs_hook=_no_duplicates)
     if not isinstance(header, dict):
         raise WireError("safetensors header is not a JSON object")
     metadata = _metadata(header.pop("__metadata__", None))
@@ -449,10 +458,7 @@ def decode_json(body: bytes | bytearray | str | Mapping[str, Any]) -> tuple[dict
     elif not isinstance(body, (bytes, bytearray, str)):
         raise WireError(f"tensors must be a JSON object of named tensors, got {type(body).__name__}")
     else:
-        try:
-            obj = json.loads(body, object_pairs_hook=_no_duplicates)
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, too many digits in an integer
-            raise WireError(f"body is not valid JSON: {e}") from None
+        obj = loads(body, "body", object_pairs_hook=_no_duplicates)
     if not isinstance(obj, dict):
         raise WireError("body must be a JSON object of named tensors")
     metadata = _metadata(obj.pop("__metadata__", None))

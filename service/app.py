@@ -34,7 +34,7 @@ from .persistence import Saver, Snapshots
 from .routes import Service, plain_errors, router
 from .settings import Settings
 from .step_route import StepRoute, step_session_id
-from .store import Limits, MemoryStore, SessionStore
+from .store import Lifetimes, Limits, MemoryStore, SessionStore
 
 log = logging.getLogger("optserve")
 
@@ -65,58 +65,44 @@ class OptserveApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None, store: SessionStore | None = None) -> FastAPI:
-    """Build the application: the session store (in memory, with snapshots in the data folder unless a store is
-    given), auth, limits and the snapshot policy of ``settings``."""
-    settings = settings or Settings()
-    snapshots = Snapshots(settings.data_dir) if store is None else None
+def make_store(settings: Settings) -> SessionStore:
+    """The store the settings ask for: sessions in this process, snapshotted to the data folder."""
+    snapshots = Snapshots(settings.data_dir)
     limits = Limits(
         max_sessions=settings.max_sessions,
         max_tensors_per_session=settings.max_tensors_per_session,
         max_params_per_session=settings.max_params_per_session,
         memory_budget_bytes=settings.memory_budget_bytes,
     )
-    store = store if store is not None else MemoryStore(limits, snapshots)
-    saver = (
-        Saver(
-            snapshots,
-            settings.snapshot_every_steps,
-            settings.snapshot_every_seconds,
-            settings.fsync_every_step,
-            settings.session_ttl_seconds,
-        )
-        if snapshots is not None
-        else None
-    )
+    saver = Saver(snapshots, settings.snapshot_every_steps, settings.snapshot_every_seconds, settings.fsync_every_step)
+    return MemoryStore(limits, snapshots, saver, Lifetimes(settings.session_ttl_seconds))
+
+
+def create_app(settings: Settings | None = None, store: SessionStore | None = None) -> FastAPI:
+    """Build the application: the session store (``make_store`` of the settings unless a store is given), auth,
+    limits and the snapshot policy of ``settings``."""
+    settings = settings or Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = store if store is not None else make_store(settings)
     api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
-    svc = Service(settings, store, Guard(api_key), saver)
+    svc = Service(settings, store, Guard(api_key))
+    data_dir = settings.data_dir
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
         await run_in_threadpool(fused.warm_up)  # the first step should not pay for compiling the kernels
-        if snapshots is not None and isinstance(store, MemoryStore):
-            report = await run_in_threadpool(snapshots.load_all)
-            for session in report.loaded:
-                store.replace(session)
-            log.info("loaded %d session(s) from %s; %d set aside", len(report.loaded), snapshots.dir,
-                     len(report.corrupt))  # fmt: skip
-        if snapshots is not None:
-            await run_in_threadpool(diskio.warm_up, snapshots.dir)  # nor the first snapshot
-        app.state.ready = True
-        loop_task = asyncio.create_task(_background(svc)) if saver is not None else None
+        await store.start()
+        await run_in_threadpool(diskio.warm_up, data_dir)  # nor the first snapshot
+        loop_task = asyncio.create_task(_background(store))
         try:
-            yield {"max_body_bytes": settings.max_body_bytes}  # read by LargeBodyProtocol before a body arrives
+            # read by OptserveProtocol before a request reaches the app
+            yield {"max_body_bytes": settings.max_body_bytes, "max_request_head_bytes": settings.max_request_head_bytes,
+                   "header_timeout_seconds": settings.header_timeout_seconds}  # fmt: skip
         finally:
-            app.state.ready = False
-            if loop_task is not None:
-                loop_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await loop_task
-            if saver is not None:  # graceful shutdown: everything answered is on disk before the process ends
-                await run_in_threadpool(saver.close)
-                failed = await run_in_threadpool(saver.flush, store.list())
-                log.info("shutdown: snapshots flushed (%d failed)", failed)
+            loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop_task
+            await store.stop()  # graceful shutdown: everything answered is on disk before the process ends
 
     app = OptserveApp(
         title="optserve",
@@ -124,14 +110,13 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
         summary="Remote optimizer stepping: Adam, AdamW, SGD and RMSprop state held per session.",
         lifespan=lifespan,
     )
-    metrics = Metrics(store, saver)
+    metrics = Metrics(store)
     json_logs = settings.log_format == "json"
     app.add_middleware(RequestObserver, metrics=metrics, json_logs=json_logs)
     app.state.service = svc
     app.state.metrics = metrics
     app.state.step_route = StepRoute(svc, metrics)
     app.step_app = RequestObserver(app.state.step_route, metrics, json_logs)
-    app.state.ready = False
     app.router.routes.extend(router.routes)  # directly: include_router adds a matching layer to every request
 
     @app.exception_handler(ServiceError)
@@ -175,18 +160,11 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     return app
 
 
-async def _background(svc: Service) -> None:
+async def _background(store: SessionStore) -> None:
     """Time-based snapshots and idle-session eviction, checked every half second."""
-    saver, store = svc.saver, svc.store
-    assert saver is not None
     while True:
         await asyncio.sleep(0.5)
-        now = time.time()
-        for session in store.list():
-            if bool(saver.ttl_seconds) and now - session.updated_at > saver.ttl_seconds:  # idle: save, then evict
-                saved = await run_in_threadpool(saver.save, session, False)
-                if saved and session.saved_version == session.version and isinstance(store, MemoryStore):
-                    store.evict(session.id)  # its snapshot is complete; the next request loads it back
-                    log.info("session %s evicted after %.0f s idle", session.id, now - session.updated_at)
-            elif saver.due(session, now):
-                saver.request(session)  # time-based: the same writer as the step-based snapshots
+        try:
+            await store.maintain(time.time())
+        except Exception:  # noqa: BLE001 - one bad round must not end the maintenance for good
+            log.exception("session maintenance failed")

@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
 
-from .errors import Forbidden, Unauthorized
+from .errors import Forbidden, SessionNotFound, Unauthorized
 from .headers import HeaderMap
 
 
@@ -40,6 +41,32 @@ def bearer(headers: HeaderMap) -> str | None:
     return token.strip()
 
 
+@dataclass(frozen=True)
+class Access:
+    """What a request may open: everything (auth off, or the admin key) or the sessions whose token it shows.
+
+    The store checks it against the session it finds, so a request is authorized where the session lives (one
+    lookup, also on a cluster), and a session's absence is told only to the admin: anyone else learns nothing."""
+
+    admin: bool
+    digest: str = ""
+
+    def open(self, session_id: str, token_digest: str | None) -> None:
+        """Allow this request on the session (whose token has ``token_digest``), or raise 403."""
+        if self.admin or (token_digest is not None and hmac.compare_digest(self.digest, token_digest)):
+            return
+        raise Forbidden("this token does not open this session")
+
+    def missing(self, session_id: str) -> SessionNotFound | Forbidden:
+        """The error for a session that does not exist: 404 for the admin, 403 for anyone else (no probing)."""
+        if self.admin:
+            return SessionNotFound(f"no session {session_id!r}")
+        return Forbidden("this token does not open this session")
+
+
+ADMIN = Access(admin=True)
+
+
 class Guard:
     """The auth checks of one app (no checks when ``api_key`` is None)."""
 
@@ -59,6 +86,18 @@ class Guard:
             raise Unauthorized("this server requires Authorization: Bearer <admin key>")
         if not self._is_admin(token):
             raise Forbidden("this operation needs the admin key")
+
+    def access(self, headers: HeaderMap) -> Access:
+        """What the request's bearer token opens (401 without one when auth is on)."""
+        if not self.enabled:
+            return ADMIN
+        token = bearer(headers)
+        if token is None:
+            raise Unauthorized("this session requires Authorization: Bearer <session token>")
+        presented = digest(token)
+        if hmac.compare_digest(presented, self._key_digest):
+            return ADMIN
+        return Access(admin=False, digest=presented)
 
     def session(self, headers: HeaderMap, token_digest: str | None) -> None:
         """Require the session's token (or the admin key)."""

@@ -7,6 +7,8 @@ exactly-once across an export and import) and contributions already answered ``2
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 from pydantic import ValidationError
 
@@ -23,9 +25,10 @@ def dump_parts(session: Session) -> list[bytes | memoryview]:
     return dump_versioned(session)[0]
 
 
-def dump_versioned(session: Session) -> tuple[list[bytes | memoryview], int, int]:
-    """(checkpoint buffers, the session's version and step they hold), copied under the session's lock."""
-    with session.lock:
+def dump_versioned(session: Session, held: bool = False) -> tuple[list[bytes | memoryview], int, int]:
+    """(checkpoint buffers, the session's version and step they hold), copied under the session's lock (which the
+    caller holds already with ``held``)."""
+    with contextlib.nullcontext() if held else session.lock:
         version, step = session.version, session.step_count
         buffers = {"params": session.params.copy(), **{k: v.copy() for k, v in session.state.items()}}
         pending = session.pending

@@ -14,7 +14,10 @@ about HTTP beyond the status number.
     +-- PayloadTooLarge          413  body, safetensors header, tensors or parameters per session above the limit
     +-- UnsupportedMediaType     415
     +-- InvalidInput             422  wrong tensor names/shapes/dtypes, invalid hyperparameters, non-finite values
+    |   +-- NonFiniteGradient    422  NaN or infinity in the gradients
+    |   +-- NonFiniteResult      422  a step that would make the parameters or the state NaN or infinite
     +-- TooManySessions          429  the server's session limit
+    +-- StorageUnavailable       503  a snapshot that must be on disk before the answer could not be written
     +-- LimitExceeded            507  the memory budget for all sessions
 """
 
@@ -133,3 +136,14 @@ class InvalidInput(ServiceError):
 
 class NonFiniteGradient(InvalidInput):
     slug, title = "non-finite-gradient", "Gradient contains NaN or infinity"
+
+
+class NonFiniteResult(InvalidInput):
+    slug, title = "non-finite-result", "The step would make the parameters or the optimizer state non-finite"
+
+
+class StorageUnavailable(ServiceError):
+    """The data folder could not be written (read-only, full, failing): what needed a snapshot before its answer
+    was not done, or is not yet durable. Retryable: a retried step with the same Idempotency-Key is applied once."""
+
+    status, slug, title = 503, "storage-unavailable", "Snapshot could not be written"

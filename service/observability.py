@@ -17,11 +17,12 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -63,22 +64,35 @@ def route_of(path: str) -> str:
     return route if route in ROUTES else "other"
 
 
+class Durations:
+    """A latency histogram as plain numbers (thread-safe): what a store reports of its snapshot writes."""
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.total = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        with self._lock:
+            self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1  # a bucket counts values <= its bound
+            self.total += seconds
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        with self._lock:
+            cumulative = list(itertools.accumulate(self.buckets))
+            total = self.total
+        bounds = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+        return HistogramMetricFamily(name, documentation, buckets=list(zip(bounds, cumulative)), sum_value=total)
+
+
 class Metrics:
     """The app's Prometheus metrics."""
 
-    def __init__(self, store: Any, saver: Any) -> None:
+    def __init__(self, store: Any) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
         self.hot = HotMetrics()  # HTTP requests and bytes, steps by outcome, refusals, step latency
-        r.register(self.hot)
-        self.snapshot_seconds = Histogram(
-            "optserve_snapshot_seconds", "Time to write a snapshot", buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.snapshot_failures = Counter("optserve_snapshot_failures", "Snapshots that failed", registry=r)
-        r.register(_StoreCollector(store))
-        if saver is not None:
-            saver.on_saved = self.snapshot_seconds.observe
-            saver.on_failed = self.snapshot_failures.inc
+        self.registry.register(self.hot)
+        self.registry.register(_StoreCollector(store))
 
 
 class HotMetrics(Collector):
@@ -140,22 +154,27 @@ class HotMetrics(Collector):
 
 
 class _StoreCollector(Collector):
-    """Sessions, parameters and bytes held, read from the store at scrape time."""
+    """Sessions, parameters and bytes held, and the snapshot writes, read from the store at scrape time."""
 
     def __init__(self, store: Any) -> None:
         self.store = store
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        sessions = self.store.list()
-        yield GaugeMetricFamily("optserve_sessions", "Sessions held in memory", value=len(sessions))
-        yield GaugeMetricFamily(
-            "optserve_parameters", "Parameters held by all sessions", value=sum(s.layout.size for s in sessions)
+    def collect(self) -> Iterable[Metric]:
+        stats = self.store.stats()
+        yield GaugeMetricFamily("optserve_sessions", "Sessions held in memory", value=stats.sessions)
+        yield GaugeMetricFamily("optserve_sessions_evicted", "Sessions evicted to disk (loaded on use)",
+                                value=stats.evicted)  # fmt: skip
+        yield GaugeMetricFamily("optserve_parameters", "Parameters held by all sessions", value=stats.parameters)
+        yield GaugeMetricFamily("optserve_state_bytes", "Bytes of optimizer state held by all sessions",
+                                value=stats.state_bytes)  # fmt: skip
+        saver = stats.snapshots  # None: the store keeps no snapshots (the same families, empty)
+        yield (saver.durations if saver is not None else Durations()).family(
+            "optserve_snapshot_seconds", "Time to write a snapshot"
         )
-        yield GaugeMetricFamily(
-            "optserve_state_bytes",
-            "Bytes of optimizer state held by all sessions",
-            value=sum(s.nbytes for s in sessions),
-        )
+        failures = saver.failures if saver is not None else 0
+        yield CounterMetricFamily("optserve_snapshot_failures", "Snapshots that failed", value=failures)
+        failing = 1 if saver is not None and saver.failing else 0
+        yield GaugeMetricFamily("optserve_snapshots_failing", "1 from a failed snapshot until one succeeds", value=failing)
 
 
 class RequestObserver:

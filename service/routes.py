@@ -6,9 +6,7 @@ Content negotiation, precondition headers and tensor responses live here; the st
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -23,8 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from optserve.client import wire
 
-from . import checkpoint
-from .auth import Guard, new_token
+from .auth import Access, Guard, new_token
 from .bodies import BufferResponse, read_body
 from .errors import (
     BadRequest,
@@ -35,10 +32,8 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .headers import HeaderMap
-from .hyperparams import HyperparamError, make_hyperparams
 from .layout import FlatLayout
-from .persistence import Saver
-from .session import Session, SessionConfig
+from .session import SessionConfig
 from .settings import Settings
 from .store import SessionStore, check_session_id, new_session_id
 
@@ -98,47 +93,24 @@ SMALL_ANSWER = 256 * 1024  # steps up to ~64K float32 parameters run on the even
 
 @dataclass
 class Service:
-    """What the routes work with: settings, the session store, the auth guard and the snapshot policy."""
+    """What the routes work with: settings, the session store and the auth guard."""
 
     settings: Settings
     store: SessionStore
     guard: Guard
-    saver: Saver | None
 
-    def open(self, headers: HeaderMap, session_id: str) -> Session:
-        """The session, once the request shows its token (or the admin key) when auth is on."""
-        try:
-            session = self.store.get(session_id)
-        except SessionNotFound:
-            self.guard.session(headers, None)  # a session's absence is told only after auth: no probing without a key
-            raise
-        self.guard.session(headers, session.token_digest)
-        return session
+    def body_limit(self, ctype: str) -> int:
+        """The largest body accepted: JSON costs many times its size to decode, so it has its own, smaller limit."""
+        limit = self.settings.max_body_bytes
+        return min(limit, self.settings.max_json_body_bytes) if ctype == wire.JSON else limit
 
 
 def service(request: Request) -> Service:
     return request.app.state.service  # type: ignore[no-any-return]
 
 
-def open_session(request: Request, session_id: str) -> Session:
-    return service(request).open(request.headers, session_id)
-
-
-async def snapshot_now(svc: Service, session: Session) -> None:
-    if svc.saver is not None:
-        await run_in_threadpool(svc.saver.save, session)
-
-
-async def after_change(svc: Service, session: Session) -> None:
-    """Apply the snapshot policy after an answered change: before answering with fsync_every_step, else in the
-    background when the session is due (every N steps)."""
-    saver = svc.saver
-    if saver is None:
-        return
-    if saver.fsync_every_step:
-        await run_in_threadpool(saver.save, session)
-    elif saver.due(session, time.time()):
-        saver.request(session)
+def access(request: Request) -> Access:
+    return service(request).guard.access(request.headers)
 
 
 # --- negotiation helpers -------------------------------------------------------------------------------------------
@@ -224,14 +196,6 @@ def parse_safetensors(body: bytes | bytearray | memoryview, max_header_bytes: in
     return wire.parse(body, max_header_bytes)
 
 
-def decode_tensors(
-    body: bytes | bytearray | memoryview, ctype: str, max_header_bytes: int
-) -> wire.Safetensors | tuple[dict[str, np.ndarray], dict[str, str]]:
-    if ctype == wire.SAFETENSORS:
-        return parse_safetensors(body, max_header_bytes)
-    return wire.decode_json(bytes(body))
-
-
 def tensor_parts(
     layout: FlatLayout,
     flat: np.ndarray,
@@ -274,11 +238,11 @@ def answer_dtype(value: str | None) -> str:
     return value
 
 
-def json_object(body: bytes | bytearray | memoryview) -> dict[str, Any]:
+def json_object(body: bytes | bytearray | memoryview, what: str = "body") -> dict[str, Any]:
     try:
-        obj = json.loads(bytes(body) if isinstance(body, memoryview) else body)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and integers with too many digits
-        raise BadRequest(f"body is not valid JSON: {e}") from None
+        obj = wire.loads(bytes(body) if isinstance(body, memoryview) else body, what)
+    except wire.WireError as e:
+        raise BadRequest(str(e)) from None
     if not isinstance(obj, dict):
         raise BadRequest("body must be a JSON object")
     return obj
@@ -308,7 +272,8 @@ def _create(
 ) -> tuple[str | None, SessionConfig, dict[str, np.ndarray]]:
     if ctype == wire.SAFETENSORS:
         st = parse_safetensors(body, max_header_bytes)
-        config_obj = json_object(st.metadata["config"].encode()) if "config" in st.metadata else {}
+        config = st.metadata.get("config")
+        config_obj = json_object(config.encode(), '__metadata__["config"]') if config is not None else {}
         params = st.tensors()
     else:
         config_obj = json_object(body)
@@ -335,34 +300,16 @@ async def create_session(request: Request) -> JSONResponse:
     svc = service(request)
     svc.guard.admin(request.headers)
     ctype = tensor_media_type(request.headers)
-    body = await read_body(request, svc.settings.max_body_bytes)
+    body = await read_body(request, svc.body_limit(ctype))
     session_id, config, params = _create(body, ctype, svc.settings.max_header_bytes)
     session_id = check_session_id(session_id) if session_id is not None else new_session_id()
-    svc.store.admit(len(params), sum(int(a.size) for a in params.values()), _state_buffers(config))
-    session = await run_in_threadpool(Session, session_id, config, params)
-    token = None
-    if svc.guard.enabled:
-        token, session.token_digest = new_token()
-    info = session.info()  # before the store changes: an answer that cannot be built leaves nothing behind
-    svc.store.add(session)
-    await snapshot_now(svc, session)  # from now on the session survives a restart
+    token, digest = new_token() if svc.guard.enabled else (None, None)
+    info = await svc.store.create(session_id, config, params, digest)
     if token is not None:
         info["token"] = token
     return JSONResponse(
-        info, status_code=201, headers={"Location": f"/v1/sessions/{session.id}", "ETag": etag(session.step_count)}
+        info, status_code=201, headers={"Location": f"/v1/sessions/{session_id}", "ETag": etag(info["step"])}
     )
-
-
-def _state_buffers(config: SessionConfig) -> int:
-    """How many state buffers a config keeps (for the memory budget, before anything is allocated)."""
-    try:
-        base = make_hyperparams(config.optimizer, config.hyperparams)
-        names = set(base.state_names())
-        for group in config.param_groups:
-            names |= set(make_hyperparams(config.optimizer, dict(group.model_extra or {}), base=base).state_names())
-    except HyperparamError as e:
-        raise InvalidInput(str(e)) from None
-    return len(names) + (1 if config.accumulate > 1 else 0)
 
 
 @router.get("/v1/sessions", tags=["sessions"], responses=answers(s200={wire.JSON: OBJECT}))
@@ -370,26 +317,14 @@ async def list_sessions(request: Request) -> dict[str, Any]:
     """Every session: id, optimizer, step and size (never tokens)."""
     svc = service(request)
     svc.guard.admin(request.headers)
-    return {
-        "sessions": [
-            {
-                "id": s.id,
-                "optimizer": s.optimizer,
-                "step": s.step_count,
-                "num_params": s.layout.size,
-                "created_at": s.created_at,
-                "updated_at": s.updated_at,
-            }
-            for s in svc.store.list()
-        ]
-    }
+    return {"sessions": await svc.store.list_sessions()}
 
 
 @router.get("/v1/sessions/{session_id}", tags=["sessions"], responses=answers(s200={wire.JSON: OBJECT}))
 async def session_info(session_id: str, request: Request) -> JSONResponse:
     """Config, parameter groups, step, tensors and counters of one session."""
-    session = open_session(request, session_id)
-    return JSONResponse(session.info(), headers={"ETag": etag(session.step_count)})
+    info = await service(request).store.info(access(request), session_id)
+    return JSONResponse(info, headers={"ETag": etag(info["step"])})
 
 
 class PatchSession(BaseModel):
@@ -408,20 +343,19 @@ class PatchSession(BaseModel):
 )
 async def patch_session(session_id: str, request: Request) -> JSONResponse:
     """Change hyperparameters (e.g. ``{"hyperparams": {"lr": 1e-4}}``), of all groups or of ``"group": i``."""
-    session = open_session(request, session_id)
+    svc, who = service(request), access(request)
+    await svc.store.check(who, session_id)
     if media_type(request.headers) != wire.JSON:
         raise UnsupportedMediaType(f"send the changes as {wire.JSON}")
-    patch = validated(PatchSession, json_object(await read_body(request, service(request).settings.max_body_bytes)))
-    session.update_hyperparams(patch.hyperparams, patch.group)
-    await snapshot_now(service(request), session)
-    return JSONResponse(session.info(), headers={"ETag": etag(session.step_count)})
+    patch = validated(PatchSession, json_object(await read_body(request, svc.body_limit(wire.JSON))))
+    info = await svc.store.patch(who, session_id, patch.hyperparams, patch.group)
+    return JSONResponse(info, headers={"ETag": etag(info["step"])})
 
 
 @router.delete("/v1/sessions/{session_id}", status_code=204, tags=["sessions"], responses=answers(s204={}))
 async def delete_session(session_id: str, request: Request) -> Response:
     """Delete a session, its state and its snapshot."""
-    open_session(request, session_id)
-    await run_in_threadpool(service(request).store.remove, session_id)
+    await service(request).store.delete(access(request), session_id)
     return Response(status_code=204)
 
 
@@ -488,16 +422,13 @@ async def get_params(
     With ``min_step`` the answer waits until the session has reached that step (a worker of an accumulating
     session waits for the others this way), or until ``timeout``; the ``ETag`` says which step the answer holds.
     """
-    session = open_session(request, session_id)
+    svc, who = service(request), access(request)
+    await svc.store.check(who, session_id)
     encoding = negotiate(request.headers, default=wire.JSON)
-    if min_step is not None:
-        deadline = time.monotonic() + timeout
-        delay = 0.0005
-        while session.step_count < min_step and not session.closed and time.monotonic() < deadline:
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 0.02)
-    step_count, flat = session.snapshot_params()
-    return await run_in_threadpool(tensor_response, session.layout, flat, step_count, encoding, dtype)
+    tensors = await svc.store.params(who, session_id, min_step, timeout)
+    if tensors.flat.nbytes <= SMALL_ANSWER and encoding == wire.SAFETENSORS and dtype == "float32":
+        return tensor_response(tensors.layout, tensors.flat, tensors.step, encoding, dtype)
+    return await run_in_threadpool(tensor_response, tensors.layout, tensors.flat, tensors.step, encoding, dtype)
 
 
 @router.get(
@@ -505,15 +436,12 @@ async def get_params(
 )
 async def get_checkpoint(session_id: str, request: Request) -> Response:
     """Everything needed to resume the session, as one safetensors file."""
-    session = open_session(request, session_id)
-    body = await run_in_threadpool(checkpoint.dump, session)
-    return Response(
-        body,
-        media_type=wire.SAFETENSORS,
-        headers={
-            "ETag": etag(session.step_count),
-            "Content-Disposition": f'attachment; filename="{session.id}.safetensors"',
-        },
+    parts, step = await service(request).store.export(access(request), session_id)
+    return BufferResponse(
+        parts,
+        200,
+        wire.SAFETENSORS,
+        {"ETag": etag(step), "Content-Disposition": f'attachment; filename="{session_id}.safetensors"'},
     )
 
 
@@ -528,23 +456,20 @@ async def put_checkpoint(session_id: str, request: Request) -> JSONResponse:
     the admin key when auth is on; replacing, the session's token or the admin key."""
     svc = service(request)
     check_session_id(session_id)
-    try:
-        open_session(request, session_id)  # replacing: the session's token (or the admin key)
-    except SessionNotFound:
-        svc.guard.admin(request.headers)  # creating: the admin key
+    who = access(request)
+    # replacing needs the session's token or the admin key; creating, the admin key (only the admin learns that
+    # there is no such session)
+    with contextlib.suppress(SessionNotFound):
+        await svc.store.check(who, session_id)
     if media_type(request.headers) != wire.SAFETENSORS:
         raise UnsupportedMediaType(f"send the checkpoint as {wire.SAFETENSORS}")
     body = await read_body(request, svc.settings.max_body_bytes)
     parse_safetensors(body, svc.settings.max_header_bytes)
-    session = await run_in_threadpool(checkpoint.load, body, session_id)
-    svc.store.admit(len(session.layout.slots), session.layout.size, len(session.state), replacing=session_id)
-    info = session.info()  # before the store changes
-    replaced = svc.store.replace(session)
-    await snapshot_now(svc, session)
+    info, replaced = await svc.store.restore(who, session_id, body)
     return JSONResponse(
         info,
         status_code=200 if replaced else 201,
-        headers={"ETag": etag(session.step_count), "Location": f"/v1/sessions/{session.id}"},
+        headers={"ETag": etag(info["step"]), "Location": f"/v1/sessions/{session_id}"},
     )
 
 
@@ -565,7 +490,7 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/readyz", tags=["health"])
 async def readyz(request: Request) -> JSONResponse:
-    """Ready to serve: the snapshots are loaded (503 until then)."""
-    if not getattr(request.app.state, "ready", False):
-        return JSONResponse({"status": "starting"}, status_code=503)
-    return JSONResponse({"status": "ready", "sessions": len(service(request).store.list())})
+    """Ready to serve: the snapshots are loaded and the last snapshot written succeeded (503 otherwise, with what
+    is wrong)."""
+    health = service(request).store.health()
+    return JSONResponse(health.detail, status_code=200 if health.ready else 503)

@@ -33,7 +33,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -49,7 +49,8 @@ from .hyperparams import AdamHyperparams, HyperparamError, Hyperparams, make_hyp
 from .layout import FlatLayout
 from .schedules import Constant, Schedule
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also a safe file name for snapshots
+# \Z, not $: "$" also matches before a final newline, and "a\n" would pass (an id that breaks the Location header)
+SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # also a safe file name for snapshots
 MAX_IDEMPOTENCY_KEYS = 1024  # per session; older keys are forgotten first
 MAX_NAME_LENGTH = 1024
 NORM_CHUNK = 1 << 16
@@ -59,6 +60,11 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 class SessionBusy(Exception):
     """Raised by a non-blocking step when another request holds the session."""
+
+
+class SessionMoved(SessionNotFound):
+    """The session object was evicted to disk or replaced under its id while a request waited for it: the store
+    looks the id up again (a 404 only if it escapes, which it must not)."""
 
 
 class _Held:
@@ -121,6 +127,7 @@ class StepResult:
     skipped: bool = False
     grad_norm: float | None = None
     awaiting: int = 0
+    layout: FlatLayout | None = None  # of ``params``: the session's, set by the store for the answer
 
 
 @dataclass
@@ -189,8 +196,14 @@ def _check_tensors(params: Mapping[str, np.ndarray]) -> None:
             raise InvalidInput(f"tensor names must have 1 to {MAX_NAME_LENGTH} printable characters, got {name!r}")
         if value.dtype.kind != "f":
             raise InvalidInput(f"tensor {name!r} has dtype {value.dtype}; parameters must be floating point")
-        if not np.isfinite(value).all():
-            raise InvalidInput(f"tensor {name!r} contains NaN or infinity")
+
+
+def _check_finite(layout: FlatLayout, flat: np.ndarray) -> None:
+    """Refuse parameters that are not finite as float32 (a float64 3.5e38 is finite, its float32 is not)."""
+    if np.isfinite(flat).all():
+        return
+    bad = next(s.name for s in layout.slots if not np.isfinite(flat[s.offset : s.stop]).all())
+    raise InvalidInput(f"tensor {bad!r} contains NaN or infinity (as float32, the precision the session keeps)")
 
 
 def build_groups(config: SessionConfig, names: list[str]) -> tuple[Hyperparams, list[ParamGroup]]:
@@ -234,7 +247,9 @@ class Session:
         self.optimizer = optimizer_kind(config.optimizer).name
         group_of = {n: g.index for g in self.groups for n in g.names}
         self.layout = FlatLayout([(n, tuple(a.shape), group_of[n]) for n, a in params.items()])
-        self.params = self.layout.flatten(params)
+        with np.errstate(over="ignore"):  # beyond float32's range becomes infinity, refused just below
+            self.params = self.layout.flatten(params)
+        _check_finite(self.layout, self.params)
         state_names: dict[str, None] = {}
         for g in self.groups:
             state_names.update(dict.fromkeys(g.hp.state_names()))
@@ -247,7 +262,10 @@ class Session:
         self.keys: OrderedDict[str, KeyRecord] = OrderedDict()
         self.created_at = self.updated_at = time.time()
         self.lock = threading.Lock()
-        self.closed = False
+        # None while the session is the one its store holds under its id; else why it is not any more: "deleted"
+        # (requests answer 404), "evicted" (to disk, for idleness) or "replaced" (by a restored checkpoint): requests
+        # that waited for this object look the id up again.
+        self.gone: Literal["deleted", "evicted", "replaced"] | None = None
         # Persistence bookkeeping: every accepted change bumps version; a snapshot records what it saved.
         self.token_digest: str | None = None  # SHA-256 of the session's bearer token (auth on)
         self.version = 0
@@ -341,9 +359,15 @@ class Session:
             status: Literal["applied", "skipped"] = "applied" if finite else "skipped"
             return StepResult(status, self.step_count, self._params_copy(want_params), not finite, norm)
 
+    @property
+    def closed(self) -> bool:
+        return self.gone is not None
+
     def _check_open(self) -> None:
-        if self.closed:
-            raise SessionNotFound(f"session {self.id!r} was deleted or replaced")
+        if self.gone == "deleted":
+            raise SessionNotFound(f"session {self.id!r} was deleted")
+        if self.gone is not None:
+            raise SessionMoved(f"session {self.id!r} was {self.gone}")
 
     def _replay(self, key: str, record: KeyRecord, want_params: bool) -> StepResult:
         """The answer to a retried request whose key is known (without applying anything)."""
@@ -518,23 +542,38 @@ class Session:
         if new_base is not None:
             self.base_hp = new_base
 
-    def update_hyperparams(self, values: Mapping[str, Any], group: int | None = None) -> None:
-        """Change hyperparameters of every group, or of one; all groups are validated before any changes."""
+    def update_hyperparams(
+        self, values: Mapping[str, Any], group: int | None = None, commit: Callable[[], object] | None = None
+    ) -> None:
+        """Change hyperparameters of every group, or of one; all groups are validated before any changes.
+
+        ``commit`` is called with the change made and the lock still held (to snapshot it); if it raises, the change
+        is undone before the error propagates, so nobody ever saw it."""
         with self.lock:
             self._check_open()
             if group is not None and not 0 <= group < len(self.groups):
                 raise InvalidInput(f"group {group} does not exist; the session has {len(self.groups)} group(s)")
+            before = ([g.hp for g in self.groups], self.base_hp, self.updated_at, self.version)
             if group is None:
                 self._assign(*self._plan_changes(values))
             else:
                 self._assign(*self._plan_changes([values if g.index == group else None for g in self.groups]))
             self.updated_at = time.time()
             self.version += 1
+            if commit is None:
+                return
+            try:
+                commit()
+            except BaseException:
+                hps, self.base_hp, self.updated_at, self.version = before
+                for g, hp in zip(self.groups, hps):
+                    g.hp = hp
+                raise
 
-    def close(self) -> None:
-        """Mark the session gone (deleted or replaced); a step waiting for the lock then fails with 404."""
+    def close(self, why: Literal["deleted", "evicted", "replaced"] = "deleted") -> None:
+        """Mark the session gone; a request waiting for the lock then answers 404 (deleted) or looks again."""
         with self.lock:
-            self.closed = True
+            self.gone = why
 
     def info(self) -> dict[str, Any]:
         """What the info endpoint reports: config, groups, step, tensors and counters."""

@@ -44,6 +44,15 @@ class Settings(BaseSettings):
     # limits
     max_body_bytes: int = Field(default=4 << 30, gt=0)
     max_header_bytes: int = Field(default=16 << 20, gt=0, description="largest safetensors JSON header")
+    max_json_body_bytes: int = Field(
+        default=64 << 20, gt=0, description="largest JSON body (decoding costs up to ~15x its size in memory)"
+    )
+    max_request_head_bytes: int = Field(
+        default=64 << 10, gt=0, description="largest HTTP request line plus headers (431 beyond)"
+    )
+    header_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="time a client has to send a request's line and headers (408 after)"
+    )
     max_tensors_per_session: int = Field(default=100_000, gt=0)
     max_params_per_session: int = Field(default=4 << 30, gt=0)
     max_sessions: int = Field(default=1000, gt=0)

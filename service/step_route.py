@@ -9,7 +9,6 @@ any route's: problem+json for errors (with the metrics of refused steps), safete
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -30,18 +29,17 @@ from .routes import (
     INLINE_BODY_BYTES,
     SMALL_ANSWER,
     Service,
-    after_change,
     answer_dtype,
-    decode_tensors,
     etag,
     idempotency_key,
     negotiate,
     parse_if_match,
+    parse_safetensors,
     prefers_minimal,
     tensor_media_type,
     tensor_parts,
 )
-from .session import SessionBusy, StepResult
+from .store import StepRequest
 
 log = logging.getLogger("optserve")
 
@@ -103,7 +101,8 @@ class StepRoute:
         """
         svc = self.svc
         headers = RawHeaders(scope["headers"])
-        session = svc.open(headers, session_id)
+        who = svc.guard.access(headers)
+        await svc.store.check(who, session_id)  # 404/403 before the body is read
         query = scope.get("query_string", b"")
         query_args = dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True)) if query else {}
         missing = query_args.get("missing", "error")
@@ -114,30 +113,17 @@ class StepRoute:
         encoding = negotiate(headers, default=ctype)
         key, if_match, minimal = idempotency_key(headers), parse_if_match(headers), prefers_minimal(headers)
         started = time.perf_counter()
-        body = await receive_body(receive, headers.get("content-length"), svc.settings.max_body_bytes)
+        body = await receive_body(receive, headers.get("content-length"), svc.body_limit(ctype))
         received = time.perf_counter()
-
-        def run(blocking: bool = True) -> StepResult:
-            decoded = decode_tensors(body, ctype, svc.settings.max_header_bytes)
-            tensors, metadata = (decoded, decoded.metadata) if isinstance(decoded, wire.Safetensors) else decoded
-            return session.step(
-                tensors,
-                if_match=if_match,
-                key=key,
-                want_params=not minimal,
-                partial=missing == "skip",
-                changes=hyperparam_changes(metadata),
-                blocking=blocking,
-            )
-
-        result: StepResult | None = None
-        if len(body) <= INLINE_BODY_BYTES:  # small: a thread hop costs more than the step; never wait for the lock
-            with contextlib.suppress(SessionBusy):
-                result = run(blocking=False)
-        if result is None:
-            result = await run_in_threadpool(run)
-        if result.status != "replayed":
-            await after_change(svc, session)
+        if ctype == wire.SAFETENSORS:
+            grads: Any = parse_safetensors(body, svc.settings.max_header_bytes)
+            metadata = grads.metadata
+        elif len(body) <= INLINE_BODY_BYTES:
+            grads, metadata = wire.decode_json(bytes(body))
+        else:
+            grads, metadata = await run_in_threadpool(wire.decode_json, bytes(body))
+        request = StepRequest(if_match, key, not minimal, missing == "skip", hyperparam_changes(metadata))
+        result = await svc.store.step(who, session_id, grads, request)
         stepped = time.perf_counter()
         self.metrics.hot.step(result.status, stepped - received)
         timing = b"recv;dur=%.3f, step;dur=%.3f" % ((received - started) * 1e3, (stepped - received) * 1e3)
@@ -157,7 +143,8 @@ class StepRoute:
             out.append((b"optserve-grad-norm", meta["grad_norm"].encode()))
         if result.params is None:
             return 204, out, []
-        args = (session.layout, result.params, result.step, encoding, meta, dtype)
+        assert result.layout is not None
+        args = (result.layout, result.params, result.step, encoding, meta, dtype)
         # float32 safetensors: a header and the buffer, nothing to offload; JSON, or a conversion of a large answer
         # to float16/bfloat16, takes time: off the event loop
         inline = encoding == wire.SAFETENSORS and (dtype == "float32" or result.params.nbytes < SMALL_ANSWER)
@@ -176,9 +163,9 @@ def hyperparam_changes(metadata: dict[str, str]) -> Any:
     if text is None:
         return None
     try:
-        changes = json.loads(text)
-    except ValueError as e:
-        raise BadRequest(f'__metadata__["hyperparams"] is not valid JSON: {e}') from None
+        changes = wire.loads(text, '__metadata__["hyperparams"]')
+    except wire.WireError as e:
+        raise BadRequest(str(e)) from None
     if not isinstance(changes, (dict, list)):
         raise InvalidInput('__metadata__["hyperparams"] must be an object, or a list with one entry per group')
     return changes

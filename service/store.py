@@ -1,25 +1,73 @@
-"""Where sessions live: one small interface, so a second backend (Ray actors, shards) can slot in later.
+"""Where sessions live, and the operations the HTTP layer calls on them.
 
-:class:`MemoryStore` keeps sessions in this process, admits new ones within the limits (session count, parameters
-and tensors per session, a memory budget for all sessions) and, given :class:`~optserve.service.persistence.Snapshots`,
-brings back a session evicted for idleness from its snapshot on first use. Replacing or deleting a session closes the
-old object under its lock, so a step that was waiting for it fails cleanly (404) instead of landing in a session
-nobody sees.
+The routes talk to sessions only through :class:`SessionStore`: operations on session ids (create, list, info,
+patch, delete, step, params, checkpoint export and import) taking decoded tensors and the meaning of a request, and
+returning plain results. No route holds a :class:`~optserve.service.session.Session`, so a store may keep its
+sessions anywhere.
+
+:class:`MemoryStore` keeps them in this process, with snapshots in the data folder when it has one:
+
+- Admission: the session count (sessions in memory, evicted to disk, and being created), tensors and parameters per
+  session, and a memory budget for the state of the sessions in memory.
+- Idle sessions are snapshotted and evicted to disk; the next request loads one back. Eviction happens under the
+  session's lock and only when its snapshot holds every change, so no answered step is ever dropped with it; a
+  request that waited for an evicted (or replaced) session looks its id up again instead of failing.
+- Deleting marks the id first (a tombstone), so nothing loads the session back from its snapshot while the file is
+  being removed.
+- Creating and importing write the snapshot before the session becomes visible: a server that cannot write its data
+  folder answers 503 and holds nothing it would lose at the next start. With ``fsync_every_step`` a step is answered
+  only once a snapshot holds it: if the write fails, the step stays unanswered (503) until a retry finds it on disk.
+- At start every snapshot is read back, as many into memory as the budget holds and the rest left on disk: a server
+  always starts on its own data folder, whatever its limits are now.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+import time
 import uuid
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from .errors import Conflict, InvalidInput, LimitExceeded, PayloadTooLarge, SessionNotFound, TooManySessions
-from .persistence import Snapshots
-from .session import SESSION_ID, Session
+import numpy as np
+from anyio import to_thread
+
+from optserve.client.wire import Safetensors, WireError
+
+from . import checkpoint
+from .auth import Access
+from .errors import (
+    Conflict,
+    InvalidInput,
+    LimitExceeded,
+    PayloadTooLarge,
+    PreconditionFailed,
+    ServiceError,
+    SessionNotFound,
+    StepConflict,
+    StorageUnavailable,
+    TooManySessions,
+)
+from .hyperparams import HyperparamError, make_hyperparams
+from .layout import FlatLayout
+from .persistence import Saver, Snapshots, Summary, checkpoint_summary
+from .session import (
+    SESSION_ID,
+    HyperparamChanges,
+    Session,
+    SessionBusy,
+    SessionConfig,
+    SessionMoved,
+    StepResult,
+)
 
 log = logging.getLogger("optserve.store")
+
+INLINE_STATE_BYTES = 256 * 1024  # sessions up to ~64K float32 parameters step on the event loop (no thread hop)
+LOOKUPS = 20  # times a request looks an id up again after finding the session evicted or replaced
 
 
 def new_session_id() -> str:
@@ -42,48 +90,211 @@ class Limits:
     memory_budget_bytes: int = 64 << 30
 
 
+@dataclass(frozen=True)
+class Lifetimes:
+    """How long idle sessions stay: ``ttl_seconds`` in memory (then evicted to disk), 0 meaning forever."""
+
+    ttl_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """What a step request means beyond its gradients (see :meth:`Session.step`)."""
+
+    if_match: frozenset[int] | None = None
+    key: str | None = None
+    want_params: bool = True
+    partial: bool = False
+    changes: HyperparamChanges | None = None
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """Parameters to answer with: the step they are at, their layout and a flat copy of them."""
+
+    step: int
+    layout: FlatLayout
+    flat: np.ndarray
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    sessions: int  # in memory
+    evicted: int  # on disk only
+    parameters: int  # held in memory
+    state_bytes: int  # held in memory
+    snapshots: Saver | None = None  # its durations, failures and failing
+
+
+@dataclass
+class Health:
+    ready: bool
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
 class SessionStore(Protocol):
-    def get(self, session_id: str) -> Session: ...
-    def admit(self, n_tensors: int, n_params: int, state_buffers: int, replacing: str | None = None) -> None: ...
-    def add(self, session: Session) -> None: ...
-    def replace(self, session: Session) -> bool: ...
-    def remove(self, session_id: str) -> Session: ...
-    def list(self) -> list[Session]: ...
+    """The operations the HTTP layer needs; every one takes the request's :class:`Access` where a session is
+    concerned (create, list and import of a new id need the admin key, which the routes check)."""
+
+    limits: Limits
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def maintain(self, now: float) -> None: ...
+    def health(self) -> Health: ...
+    def stats(self) -> StoreStats: ...
+    async def create(
+        self, session_id: str, config: SessionConfig, params: Mapping[str, np.ndarray], token_digest: str | None
+    ) -> dict[str, Any]: ...
+    async def list_sessions(self) -> list[dict[str, Any]]: ...
+    async def check(self, access: Access, session_id: str) -> None: ...
+    async def info(self, access: Access, session_id: str) -> dict[str, Any]: ...
+    async def patch(
+        self, access: Access, session_id: str, values: Mapping[str, Any], group: int | None
+    ) -> dict[str, Any]: ...
+    async def delete(self, access: Access, session_id: str) -> None: ...
+    async def step(
+        self, access: Access, session_id: str, grads: Safetensors | Mapping[str, np.ndarray], request: StepRequest
+    ) -> StepResult: ...
+    async def params(
+        self, access: Access, session_id: str, min_step: int | None = None, timeout: float = 0.0
+    ) -> Tensors: ...
+    async def export(self, access: Access, session_id: str) -> tuple[list[bytes | memoryview], int]: ...
+    async def restore(
+        self, access: Access, session_id: str, body: bytes | bytearray | memoryview
+    ) -> tuple[dict[str, Any], bool]: ...
+
+
+def state_buffers(config: SessionConfig) -> int:
+    """How many float-per-parameter buffers a config keeps beyond the parameters (for the memory budget, before
+    anything is allocated)."""
+    try:
+        base = make_hyperparams(config.optimizer, config.hyperparams)
+        names = set(base.state_names())
+        for group in config.param_groups:
+            names |= set(make_hyperparams(config.optimizer, dict(group.model_extra or {}), base=base).state_names())
+    except HyperparamError as e:
+        raise InvalidInput(str(e)) from None
+    return len(names) + (1 if config.accumulate > 1 else 0)
 
 
 class MemoryStore:
-    """Sessions in a dict of this process, guarded by one lock for membership changes."""
+    """Sessions in this process (see the module docstring); ``snapshots`` and ``saver`` make them durable."""
 
-    def __init__(self, limits: Limits | None = None, snapshots: Snapshots | None = None) -> None:
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        snapshots: Snapshots | None = None,
+        saver: Saver | None = None,
+        lifetimes: Lifetimes | None = None,
+    ) -> None:
         self.limits = limits or Limits()
         self.snapshots = snapshots
+        self.saver = saver if saver is not None else (Saver(snapshots) if snapshots is not None else None)
+        self.lifetimes = lifetimes or Lifetimes()
         self._sessions: dict[str, Session] = {}
-        self._lock = threading.Lock()
+        self._on_disk: dict[str, Summary] = {}  # evicted for idleness (or left on disk at start): loaded on use
+        self._reserved: dict[str, int] = {}  # ids being created or restored -> bytes they will hold
+        self._deleting: set[str] = set()  # tombstones: ids whose snapshot is being removed
+        self._lock = threading.Lock()  # membership changes; never held while waiting for a session's lock
+        self.ready = False
 
-    def get(self, session_id: str) -> Session:
-        session = self._sessions.get(session_id)
-        if session is not None:
-            return session
-        if self.snapshots is not None and SESSION_ID.match(session_id) and self.snapshots.exists(session_id):
-            return self._reload(session_id)
-        raise SessionNotFound(f"no session {session_id!r}")
+    # --- lifecycle ---------------------------------------------------------------------------------------------
 
-    def _reload(self, session_id: str) -> Session:
-        """Bring back a session evicted for idleness (its snapshot is complete: it was written before eviction)."""
+    async def start(self) -> None:
+        if self.snapshots is not None:
+            await to_thread.run_sync(self._load_all)
+        self.ready = True
+
+    def _load_all(self) -> None:
+        """Read every snapshot back: the most recently written first into memory while the budget holds them, the
+        others stay on disk until used. Limits never refuse a server its own sessions."""
         assert self.snapshots is not None
-        with self._lock:
-            if session_id in self._sessions:
-                return self._sessions[session_id]
+        self.snapshots.clean()
+        loaded = left = 0
+        for session_id in self.snapshots.ids():
             try:
+                summary = self.snapshots.summary(session_id)
+                if self._used() + summary.nbytes > self.limits.memory_budget_bytes:
+                    self._on_disk[session_id] = summary
+                    left += 1
+                    continue
                 session = self.snapshots.load(session_id)
-            except FileNotFoundError:
-                raise SessionNotFound(f"no session {session_id!r}") from None
-            self._check_budget(session.nbytes, None)
+            except Exception as e:  # noqa: BLE001 - any failure sets this one file aside, never the others
+                self.snapshots.set_aside(session_id, None, f"{type(e).__name__}: {e}")
+                continue
             self._sessions[session_id] = session
-            log.info("session %s reloaded from its snapshot at step %d", session_id, session.step_count)
-            return session
+            loaded += 1
+        log.info("loaded %d session(s) from %s, %d left on disk (memory budget)", loaded, self.snapshots.dir, left)
+        if self._count() > self.limits.max_sessions:
+            log.warning("the data folder holds %d sessions, above max_sessions (%d): new ones are refused until "
+                        "some are deleted", self._count(), self.limits.max_sessions)  # fmt: skip
+
+    async def stop(self) -> None:
+        """Graceful shutdown: the background writer finishes, then every changed session is written."""
+        self.ready = False
+        if self.saver is not None:
+            saver = self.saver
+            await to_thread.run_sync(saver.close)
+            failed = await to_thread.run_sync(saver.flush, list(self._sessions.values()))
+            log.info("shutdown: snapshots flushed (%d failed)", failed)
+
+    async def maintain(self, now: float) -> None:
+        """Time-based snapshots and idle eviction (the app calls this every half second)."""
+        saver = self.saver
+        if saver is None:
+            return
+        ttl = self.lifetimes.ttl_seconds
+        for session in list(self._sessions.values()):
+            if ttl and now - session.updated_at > ttl:
+                if session.saved_version != session.version and not await to_thread.run_sync(
+                    saver.save, session, False
+                ):
+                    continue  # being saved, or the write failed: try again next round
+                if self._evict(session):
+                    log.info("session %s evicted after %.0f s idle", session.id, now - session.updated_at)
+            elif saver.due(session, now):
+                saver.request(session)
+
+    def _evict(self, session: Session) -> bool:
+        """Drop a session from memory if every change is in its snapshot; atomic with steps (its lock)."""
+        if not session.lock.acquire(blocking=False):
+            return False  # busy: it is not idle
+        try:
+            if session.gone is not None or session.saved_version != session.version:
+                return False
+            with self._lock:
+                if self._sessions.get(session.id) is not session:
+                    return False
+                session.gone = "evicted"
+                del self._sessions[session.id]
+                self._on_disk[session.id] = checkpoint_summary(session)
+            return True
+        finally:
+            session.lock.release()
+
+    def health(self) -> Health:
+        if not self.ready:
+            return Health(False, {"status": "starting"})
+        failing = self.saver.failing if self.saver is not None else None
+        if failing is not None:
+            return Health(False, {"status": "degraded", "snapshots": "failing", "error": failing})
+        return Health(True, {"status": "ready", "sessions": len(self._sessions) + len(self._on_disk)})
+
+    def stats(self) -> StoreStats:
+        sessions = list(self._sessions.values())
+        return StoreStats(len(sessions), len(self._on_disk), sum(s.layout.size for s in sessions),
+                          sum(s.nbytes for s in sessions), self.saver)  # fmt: skip
 
     # --- admission ---------------------------------------------------------------------------------------------
+
+    def _count(self, replacing: str | None = None) -> int:
+        ids = len(self._sessions) + len(self._on_disk) + len(self._reserved)
+        return ids - (replacing is not None and (replacing in self._sessions or replacing in self._on_disk))
+
+    def _used(self, replacing: str | None = None) -> int:
+        held = sum(s.nbytes for sid, s in self._sessions.items() if sid != replacing)
+        return held + sum(n for sid, n in self._reserved.items() if sid != replacing)
 
     def admit(self, n_tensors: int, n_params: int, state_buffers: int, replacing: str | None = None) -> None:
         """Refuse a session that would break a limit, before any of its memory is allocated."""
@@ -103,7 +314,7 @@ class MemoryStore:
             self._check_budget(4 * n_params * (1 + state_buffers), replacing)
 
     def _check_count(self, replacing: str | None) -> None:
-        count = len(self._sessions) - (replacing in self._sessions)
+        count = self._count(replacing)
         if count >= self.limits.max_sessions:
             raise TooManySessions(
                 f"the server holds {count} sessions, its limit (max_sessions); delete some first",
@@ -111,7 +322,7 @@ class MemoryStore:
             )
 
     def _check_budget(self, nbytes: int, replacing: str | None) -> None:
-        used = sum(s.nbytes for sid, s in self._sessions.items() if sid != replacing)
+        used = self._used(replacing)
         if used + nbytes > self.limits.memory_budget_bytes:
             raise LimitExceeded(
                 f"this session needs {nbytes} bytes of state; {used} of the memory budget of "
@@ -121,46 +332,320 @@ class MemoryStore:
                 budget_bytes=self.limits.memory_budget_bytes,
             )
 
-    # --- membership --------------------------------------------------------------------------------------------
+    def _make_room(self, nbytes: int) -> None:
+        """Under the membership lock: evict idle sessions whose snapshot is current (least recently used first)
+        until ``nbytes`` more fit the budget, or raise 507."""
+        budget = self.limits.memory_budget_bytes
+        for victim in sorted(self._sessions.values(), key=lambda s: s.updated_at):
+            if self._used() + nbytes <= budget:
+                break
+            if victim.saved_version != victim.version or not victim.lock.acquire(blocking=False):
+                continue
+            try:
+                if victim.gone is None and victim.saved_version == victim.version:
+                    victim.gone = "evicted"
+                    del self._sessions[victim.id]
+                    self._on_disk[victim.id] = checkpoint_summary(victim)
+            finally:
+                victim.lock.release()
+        self._check_budget(nbytes, None)
 
-    def add(self, session: Session) -> None:
-        """Add a new session; 409 if the id is taken (in memory or as a snapshot), limits checked again."""
-        with self._lock:
-            if session.id in self._sessions or (self.snapshots is not None and self.snapshots.exists(session.id)):
-                raise Conflict(f"session {session.id!r} already exists", session_id=session.id)
-            self._check_count(None)
-            self._check_budget(session.nbytes, None)
-            self._sessions[session.id] = session
-
-    def replace(self, session: Session) -> bool:
-        """Put a session under its id, closing any previous one; True if one was replaced."""
-        with self._lock:
-            old = self._sessions.get(session.id)
-            self._check_count(session.id)
-            self._check_budget(session.nbytes, session.id)
-            if old is not None:
-                old.close()
-            self._sessions[session.id] = session
-            existed = old is not None or (self.snapshots is not None and self.snapshots.exists(session.id))
-        return existed
-
-    def remove(self, session_id: str) -> Session:
-        """Delete a session, and its snapshot."""
-        session = self.get(session_id)
-        with self._lock:
-            self._sessions.pop(session_id, None)
-        session.close()
-        if self.snapshots is not None:
-            self.snapshots.delete(session_id)
+    def get(self, session_id: str) -> Session:
+        """The session object held in memory under ``session_id`` (in-process introspection for tests and
+        embedding; the HTTP layer never uses it)."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(f"no session {session_id!r} in memory")
         return session
 
-    def evict(self, session_id: str) -> None:
-        """Drop an idle session from memory (its snapshot stays; the next request loads it back)."""
-        with self._lock:
-            session = self._sessions.pop(session_id, None)
-        if session is not None:
-            session.close()
+    # --- finding a session -------------------------------------------------------------------------------------
 
-    def list(self) -> list[Session]:
+    def _find(self, access: Access, session_id: str) -> Session | None:
+        """The session in memory after checking ``access`` (None when it is on disk, to be loaded); 404/403 when
+        there is no such session."""
+        session = self._sessions.get(session_id)
+        if session is not None:
+            access.open(session_id, session.token_digest)
+            return session
+        summary = self._on_disk.get(session_id)
+        if summary is None or session_id in self._deleting:
+            raise access.missing(session_id)
+        access.open(session_id, summary.token_digest)
+        return None
+
+    async def _open(self, access: Access, session_id: str) -> Session:
+        session = self._find(access, session_id)
+        if session is None:
+            session = await to_thread.run_sync(self._reload, session_id)
+        return session
+
+    def _reload(self, session_id: str) -> Session:
+        """Bring a session back from its snapshot (off the event loop; one load per id at a time)."""
+        assert self.snapshots is not None
+        with self.snapshots.lock(session_id):
+            session = self._sessions.get(session_id)
+            if session is not None:
+                return session
+            if session_id not in self._on_disk or session_id in self._deleting:
+                raise SessionNotFound(f"no session {session_id!r}")
+            try:
+                session = self.snapshots.load(session_id)
+            except FileNotFoundError:
+                with self._lock:
+                    self._on_disk.pop(session_id, None)
+                raise SessionNotFound(f"no session {session_id!r}") from None
+            except OSError as e:
+                raise StorageUnavailable(f"the snapshot of session {session_id!r} cannot be read now: {e}") from None
+            except (ServiceError, WireError, ValueError) as e:
+                self.snapshots.set_aside(session_id, None, f"{type(e).__name__}: {e}")
+                with self._lock:
+                    self._on_disk.pop(session_id, None)
+                raise SessionNotFound(
+                    f"the snapshot of session {session_id!r} does not load; it was set aside"
+                ) from None
+            with self._lock:
+                if session_id not in self._on_disk or session_id in self._deleting:
+                    raise SessionNotFound(f"no session {session_id!r}")
+                self._make_room(session.nbytes)
+                del self._on_disk[session_id]
+                self._sessions[session_id] = session
+        log.info("session %s reloaded from its snapshot at step %d", session_id, session.step_count)
+        return session
+
+    # --- operations --------------------------------------------------------------------------------------------
+
+    async def create(
+        self, session_id: str, config: SessionConfig, params: Mapping[str, np.ndarray], token_digest: str | None
+    ) -> dict[str, Any]:
+        self.admit(len(params), sum(int(a.size) for a in params.values()), state_buffers(config))
+        session = await to_thread.run_sync(Session, session_id, config, params)
+        session.token_digest = token_digest
+        info = session.info()  # before the store changes: an answer that cannot be built leaves nothing behind
         with self._lock:
-            return list(self._sessions.values())
+            taken = (session_id in self._sessions or session_id in self._on_disk or session_id in self._reserved
+                     or session_id in self._deleting)  # fmt: skip
+            if taken or (self.snapshots is not None and self.snapshots.exists(session_id)):
+                raise Conflict(f"session {session_id!r} already exists", session_id=session_id)
+            self._check_count(None)
+            self._check_budget(session.nbytes, None)
+            self._reserved[session_id] = session.nbytes
+        try:
+            await to_thread.run_sync(self._commit, session)
+        finally:
+            with self._lock:
+                self._reserved.pop(session_id, None)
+        return info
+
+    def _commit(self, session: Session) -> bool:
+        """Make a new session visible under its id once its snapshot is on disk (503 if it cannot be written);
+        the session it replaces, if any, is closed. True if one was replaced."""
+        if self.snapshots is None or self.saver is None:
+            return self._swap(session)
+        with self.snapshots.lock(session.id):
+            try:
+                self.saver.write(session)
+            except Exception as e:
+                raise StorageUnavailable(
+                    f"the session's snapshot could not be written, so it was not kept: {e}"
+                ) from None
+            return self._swap(session)
+
+    def _swap(self, session: Session) -> bool:
+        with self._lock:
+            old = self._sessions.get(session.id)
+            existed = old is not None or self._on_disk.pop(session.id, None) is not None
+            self._sessions[session.id] = session
+        if old is not None:
+            old.close("replaced")  # requests still holding it look the id up again
+        return existed
+
+    async def list_sessions(self) -> list[dict[str, Any]]:
+        live = [
+            {"id": s.id, "optimizer": s.optimizer, "step": s.step_count, "num_params": s.layout.size,
+             "created_at": s.created_at, "updated_at": s.updated_at}
+            for s in list(self._sessions.values())
+        ]  # fmt: skip
+        return live + [s.listing() for s in list(self._on_disk.values())]
+
+    async def check(self, access: Access, session_id: str) -> None:
+        self._find(access, session_id)
+
+    async def info(self, access: Access, session_id: str) -> dict[str, Any]:
+        session = await self._open(access, session_id)
+        return session.info()
+
+    async def patch(
+        self, access: Access, session_id: str, values: Mapping[str, Any], group: int | None
+    ) -> dict[str, Any]:
+        for _ in range(LOOKUPS):
+            session = await self._open(access, session_id)
+            try:
+                await to_thread.run_sync(self._patch, session, values, group)
+            except SessionMoved:
+                continue
+            return session.info()
+        raise StorageUnavailable(f"session {session_id!r} keeps moving; try again")
+
+    def _patch(self, session: Session, values: Mapping[str, Any], group: int | None) -> None:
+        """The change and its snapshot, under the session's lock: undone if the snapshot cannot be written."""
+        if self.saver is None or self.snapshots is None:
+            session.update_hyperparams(values, group)
+            return
+        saver = self.saver
+
+        def commit() -> None:
+            try:
+                saver.write(session, held=True)
+            except Exception as e:
+                raise StorageUnavailable(f"the change could not be written to the session's snapshot: {e}") from None
+
+        with self.snapshots.lock(session.id):
+            session.update_hyperparams(values, group, commit=commit)
+
+    async def delete(self, access: Access, session_id: str) -> None:
+        with self._lock:
+            session = self._find(access, session_id)
+            self._deleting.add(session_id)
+            self._sessions.pop(session_id, None)
+            summary = self._on_disk.pop(session_id, None)
+        try:
+            await to_thread.run_sync(self._remove, session_id, session)
+        except BaseException:
+            with self._lock:  # the snapshot is still there: so is the session
+                if session is not None:
+                    session.gone = None
+                    self._sessions[session_id] = session
+                elif summary is not None:
+                    self._on_disk[session_id] = summary
+            raise
+        finally:
+            with self._lock:
+                self._deleting.discard(session_id)
+
+    def _remove(self, session_id: str, session: Session | None) -> None:
+        if session is not None:
+            session.close("deleted")  # waits for a step under way; later ones answer 404
+        if self.snapshots is not None:
+            with self.snapshots.lock(session_id):
+                try:
+                    self.snapshots.delete(session_id)
+                except OSError as e:
+                    raise StorageUnavailable(f"the session's snapshot could not be removed: {e}") from None
+
+    async def step(
+        self, access: Access, session_id: str, grads: Safetensors | Mapping[str, np.ndarray], request: StepRequest
+    ) -> StepResult:
+        for _ in range(LOOKUPS):
+            session = await self._open(access, session_id)
+            try:
+                result = await self._step(session, grads, request)
+            except SessionMoved:
+                await asyncio.sleep(0)
+                continue
+            except (PreconditionFailed, StepConflict):
+                await self._durable(session)  # the refusal tells the session's step: only a step on disk
+                raise
+            await self._after_step(session, result)
+            result.layout = session.layout
+            return result
+        raise StorageUnavailable(f"session {session_id!r} keeps moving; try again")
+
+    async def _step(
+        self, session: Session, grads: Safetensors | Mapping[str, np.ndarray], request: StepRequest
+    ) -> StepResult:
+        await self._durable(session)  # an earlier answer was refused for want of a snapshot: write it first
+
+        def run(blocking: bool = True) -> StepResult:
+            return session.step(
+                grads,
+                if_match=request.if_match,
+                key=request.key,
+                want_params=request.want_params,
+                partial=request.partial,
+                changes=request.changes,
+                blocking=blocking,
+            )
+
+        if session.params.nbytes <= INLINE_STATE_BYTES:  # small: a thread hop costs more than the step
+            try:
+                return run(blocking=False)
+            except SessionBusy:
+                pass
+        return await to_thread.run_sync(run)
+
+    async def _after_step(self, session: Session, result: StepResult) -> None:
+        """The snapshot policy: with fsync_every_step nothing is answered before it is on disk (503 otherwise, the
+        step unrevealed until a retry finds it written), else a background snapshot when the session is due."""
+        saver = self.saver
+        if saver is None:
+            return
+        if saver.fsync_every_step:
+            await self._durable(session)
+        elif result.status != "replayed" and saver.due(session, time.time()):
+            saver.request(session)
+
+    async def _durable(self, session: Session) -> None:
+        """With fsync_every_step, make sure everything the session holds is on disk (503 if it cannot be)."""
+        saver = self.saver
+        if saver is None or not saver.fsync_every_step or session.saved_version == session.version:
+            return
+        if not await to_thread.run_sync(saver.save, session):
+            raise StorageUnavailable(
+                "the step could not be written to the session's snapshot, so it is not answered as applied; retry "
+                "with the same Idempotency-Key"
+            )
+
+    async def params(
+        self, access: Access, session_id: str, min_step: int | None = None, timeout: float = 0.0
+    ) -> Tensors:
+        deadline = time.monotonic() + timeout
+        for _ in range(LOOKUPS):
+            session = await self._open(access, session_id)
+            delay = 0.0005
+            while min_step is not None and session.step_count < min_step and session.gone is None:
+                if time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 0.02)
+            await self._durable(session)
+            try:
+                if session.params.nbytes <= INLINE_STATE_BYTES:
+                    step, flat = session.snapshot_params()
+                else:
+                    step, flat = await to_thread.run_sync(session.snapshot_params)
+            except SessionMoved:
+                continue
+            return Tensors(step, session.layout, flat)
+        raise StorageUnavailable(f"session {session_id!r} keeps moving; try again")
+
+    async def export(self, access: Access, session_id: str) -> tuple[list[bytes | memoryview], int]:
+        for _ in range(LOOKUPS):
+            session = await self._open(access, session_id)
+            await self._durable(session)
+            parts, _, step = await to_thread.run_sync(checkpoint.dump_versioned, session)
+            if session.gone is None:
+                return parts, step
+        raise StorageUnavailable(f"session {session_id!r} keeps moving; try again")
+
+    async def restore(
+        self, access: Access, session_id: str, body: bytes | bytearray | memoryview
+    ) -> tuple[dict[str, Any], bool]:
+        if session_id in self._sessions or session_id in self._on_disk:
+            self._find(access, session_id)  # replacing: the session's token or the admin key
+        elif not access.admin:
+            raise access.missing(session_id)  # creating: the admin key
+        session = await to_thread.run_sync(checkpoint.load, body, session_id)
+        self.admit(len(session.layout.slots), session.layout.size, len(session.state), replacing=session_id)
+        info = session.info()  # before the store changes
+        with self._lock:
+            if session_id in self._reserved or session_id in self._deleting:
+                raise Conflict(f"session {session_id!r} is being created or deleted", session_id=session_id)
+            self._check_count(session_id)
+            self._check_budget(session.nbytes, session_id)
+            self._reserved[session_id] = session.nbytes
+        try:
+            replaced = await to_thread.run_sync(self._commit, session)
+        finally:
+            with self._lock:
+                self._reserved.pop(session_id, None)
+        return info, replaced

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -398,18 +399,20 @@ def test_an_idle_session_is_evicted_and_comes_back_from_its_snapshot(tmp_path: P
             opt.step(grads_for(t, params))
         sid = opt.session_id
 
-        def listed() -> bool:
-            return any(s["id"] == sid for s in opt.client.list_sessions())
+        def in_memory() -> int:
+            return int(float(re.search(r"^optserve_sessions (\S+)", httpx.get(f"{server.url}/metrics").text, re.M)[1]))
 
         time.sleep(1.0)
-        assert poll(lambda: not listed(), timeout=4, interval=0.1), "not evicted after 5 s idle (TTL 1 s)"
+        assert poll(lambda: in_memory() == 0, timeout=4, interval=0.1), "not evicted after 5 s idle (TTL 1 s)"
         assert snapshot_path(data, sid).exists()
         assert snapshot_step(data, sid) == 3
+        listed = {s["id"]: s for s in opt.client.list_sessions()}
+        assert listed[sid]["step"] == 3  # still listed: evicted to disk, not gone
 
         opt.step(grads_for(3, params))  # brought back from its snapshot
         assert opt.step_count == 4
         assert opt.resyncs == 0
-        assert listed()
+        assert in_memory() == 1
 
     never_evicted = initial_params(4)
     with RemoteOptimizer(never_evicted, url=server.url, optimizer="adamw", timeout=10, **HYPER) as opt:
