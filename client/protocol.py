@@ -142,7 +142,7 @@ def retry_delay(call: Call, attempt: int, retry: Retry, reply: Reply | None = No
 
 def step_number(reply: Reply) -> int:
     tag = reply.headers.get("etag", "").removeprefix("W/").strip('"')
-    if not tag.isdigit():
+    if not (tag.isascii() and tag.isdigit()):
         raise APIError(reply.status, {"detail": f"answer carries no step ETag ({tag!r})"})
     return int(tag)
 

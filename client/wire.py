@@ -284,8 +284,13 @@ def _metadata(value: Any) -> dict[str, str]:
     return value
 
 
+# Parsed headers, by their bytes: a step sends the same header every time, so it is validated once. Bounded in count
+# and in bytes (headers of refused bodies are kept too, so an unbounded cache would hold whatever a client sends).
 _HEADERS: OrderedDict[bytes, tuple[tuple[TensorEntry, ...], dict[str, str]]] = OrderedDict()
 _HEADERS_KEPT = 256
+_HEADER_CACHED_MAX = 64 << 10  # larger headers are parsed every time (their bodies are large: the parse is cheap)
+_HEADERS_BYTES_KEPT = 4 << 20
+_headers_bytes = 0
 _HEADERS_LOCK = threading.Lock()
 
 
@@ -308,17 +313,29 @@ def parse(body: bytes | bytearray | memoryview, max_header_bytes: int = DEFAULT_
     data = view[8 + n :]
     with _HEADERS_LOCK:
         known = _HEADERS.get(raw)
+        if known is not None:
+            _HEADERS.move_to_end(raw)
     if known is None:
         known = _parse_header(raw)
-        with _HEADERS_LOCK:  # a step sends the same header every time: validate it once
-            _HEADERS[raw] = known
-            while len(_HEADERS) > _HEADERS_KEPT:
-                _HEADERS.popitem(last=False)
+        if len(raw) <= _HEADER_CACHED_MAX:
+            _remember(raw, known)
     entries, metadata = known
     end = max((e.stop for e in entries), default=0)
     if end != len(data):
         raise WireError(f"tensors cover {end} bytes of data but the body carries {len(data)}")
     return Safetensors(entries, dict(metadata), data)
+
+
+def _remember(raw: bytes, parsed: tuple[tuple[TensorEntry, ...], dict[str, str]]) -> None:
+    global _headers_bytes
+    with _HEADERS_LOCK:
+        if raw in _HEADERS:
+            return
+        _HEADERS[raw] = parsed
+        _headers_bytes += len(raw)
+        while len(_HEADERS) > _HEADERS_KEPT or _headers_bytes > _HEADERS_BYTES_KEPT:
+            old, _ = _HEADERS.popitem(last=False)
+            _headers_bytes -= len(old)
 
 
 def _parse_header(raw: bytes) -> tuple[tuple[TensorEntry, ...], dict[str, str]]:

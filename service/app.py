@@ -28,8 +28,8 @@ from optserve.client.wire import WireError
 
 from . import diskio, fused
 from .auth import Guard
-from .errors import ServiceError, error_answer, internal_error, problem, problem_json
-from .observability import Metrics, RequestObserver
+from .errors import ServiceError, error_answer, forget_frames, internal_error, problem, problem_json
+from .observability import Metrics, RequestObserver, printable
 from .persistence import Saver, Snapshots
 from .routes import Service, plain_errors, router
 from .settings import Settings
@@ -122,12 +122,14 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     @app.exception_handler(ServiceError)
     @app.exception_handler(WireError)
     async def service_error(request: Request, exc: Exception) -> JSONResponse:
+        forget_frames(exc)
         answer = error_answer(exc)
         assert answer is not None  # registered for ServiceError and WireError, which it answers
         return problem_json(answer.document, answer.status, answer.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        forget_frames(exc)
         errors = plain_errors(exc.errors())
         return problem_response(
             422, "Invalid request", "the request does not match the API", "invalid-request", errors=errors
@@ -135,6 +137,7 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        forget_frames(exc)
         slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
         title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
         headers = dict(getattr(exc, "headers", None) or {})
@@ -149,12 +152,14 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
         # The client closed the connection before its body arrived: nothing was applied, nobody to answer.
-        log.debug("client disconnected during %s %s", request.method, request.url.path)
+        forget_frames(exc)
+        log.debug("client disconnected during %s %s", request.method, printable(request.url.path))
         return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        log.exception("unhandled error on %s %s", request.method, printable(request.url.path))
+        forget_frames(exc)
         return problem_json(internal_error(), 500)
 
     return app

@@ -5,14 +5,17 @@ the socket and one that takes several times that.
   chunks and joins them: a second full copy).
 - :class:`BufferResponse` sends the safetensors header and the flat parameter buffer as they are (a ``Response``
   needs one joined ``bytes``).
-- :class:`LargeBodyProtocol` is uvicorn's httptools protocol receiving a large body straight into one buffer (taken
+- :class:`OptserveProtocol` is uvicorn's httptools protocol receiving a large body straight into one buffer (taken
   when the application first reads the body, after its auth and limit checks): one copy per piece off the socket,
-  no 64 KiB pause/resume rounds, no joining (uvicorn's own path copies every piece
-  three times: into its bytearray, into a ``bytes`` per message, and Starlette's join).
+  no 64 KiB pause/resume rounds, no joining (uvicorn's own path copies every piece three times: into its bytearray,
+  into a ``bytes`` per message, and Starlette's join). It also bounds what uvicorn leaves open: the size of a
+  request's head and the time it may take to arrive.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 from collections.abc import AsyncIterator, Sequence
 
@@ -40,31 +43,38 @@ async def receive_body(
     receive: Receive, content_length: str | None, max_bytes: int | None = None
 ) -> bytes | bytearray | memoryview:
     """The whole request body from ASGI ``receive``, read into one buffer sized by ``Content-Length`` when there is
-    one (and taken as it is when :class:`LargeBodyProtocol` already delivered it in one piece).
+    one (and taken as it is when :class:`OptserveProtocol` already delivered it in one piece).
 
     A body above ``max_bytes`` is refused with 413: from its ``Content-Length`` before anything is read, or as soon
     as a body without one grows past the limit. A client that disconnects first raises ``ClientDisconnect``.
     """
     length = content_length or ""
-    if not length.isdigit():
+    if not (length.isascii() and length.isdigit()):
         return await _read_unsized(receive, max_bytes)
     size = int(length)
     if max_bytes is not None and size > max_bytes:
         raise PayloadTooLarge(f"the body of {size} bytes exceeds the limit of {max_bytes}", limit=max_bytes)
     message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientDisconnect()
     if message["type"] == "http.request" and not message.get("more_body", False):  # the whole body in one message
         whole: bytes | memoryview = message.get("body", b"")  # (small bodies nearly always, large ones from
-        if len(whole) != size:  # LargeBodyProtocol)
+        if len(whole) != size:  # OptserveProtocol)
             raise BadRequest(f"the body of {len(whole)} bytes does not match its Content-Length of {size}")
         return whole
-    buf = bytearray(size)
-    view = memoryview(buf)
+    # In pieces: a small body into a buffer of its size; a large one into a buffer that grows with what arrives, so
+    # that a client announcing gigabytes and sending bytes never makes the server allocate, let alone zero, them.
+    buf = bytearray(size) if size <= DIRECT_MIN else bytearray()
+    view = memoryview(buf) if size <= DIRECT_MIN else None
     pos = 0
     async for chunk in _stream(receive, message):
         end = pos + len(chunk)
         if end > size:
             raise BadRequest(f"the body is longer than its Content-Length of {size} bytes")
-        view[pos:end] = chunk
+        if view is not None:
+            view[pos:end] = chunk
+        else:
+            buf += chunk
         pos = end
     if pos != size:
         raise BadRequest(f"the body ended after {pos} of its {size} bytes")
@@ -124,33 +134,102 @@ class BufferResponse(Response):
 
 
 DIRECT_MIN = 1 << 20  # bodies from this size on are received straight into one buffer
+MAX_REQUEST_HEAD_BYTES = 64 << 10  # defaults of the settings of the same names (read from the app's state)
+HEADER_TIMEOUT_SECONDS = 10.0
 MAX_DIRECT = 1 << 34  # never preallocate more than this on a client's word (a larger body takes the normal path)
 
 try:
     import numpy as np
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-    class LargeBodyProtocol(HttpToolsProtocol):
-        """uvicorn's httptools protocol, receiving a large body straight into one preallocated buffer.
+    class OptserveProtocol(HttpToolsProtocol):
+        """uvicorn's httptools protocol, with a bounded request head and large bodies received in one buffer.
 
-        For a request with a ``Content-Length`` of 1 MiB or more, each piece the parser hands over is copied once
-        into a buffer of that size (allocated without zeroing), the socket is never paused, and the application
-        receives the whole body as one ``http.request`` message holding a memoryview of that buffer. Smaller bodies
-        take uvicorn's own path.
+        - The request line and headers may take ``max_request_head_bytes`` (431 beyond, before the parser sees
+          more) and ``header_timeout_seconds`` from their first byte, or from the connection's start (408 after):
+          a slow or endless head holds neither memory nor a connection for long (uvicorn bounds neither).
+        - For a request with a ``Content-Length`` of 1 MiB or more, each piece the parser hands over is copied once
+          into a buffer of that size (allocated without zeroing, when the application first reads the body, after
+          its checks), the socket is never paused, and the application receives the whole body as one
+          ``http.request`` message holding a memoryview of that buffer. Smaller bodies take uvicorn's own path.
         """
 
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._in_head = True  # reading a request line and headers (or waiting for the next request's)
+            self._head_begun = False  # the parser has seen the first byte of a request whose head is incomplete
+            self._head_bytes = 0
+            self._heads_done = 0  # request heads and bodies completed on this connection
+            self._head_timer: asyncio.TimerHandle | None = None
+            self._arm_head_timer()
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is None:
+                seconds = float(self.app_state.get("header_timeout_seconds", HEADER_TIMEOUT_SECONDS))
+                self._head_timer = self.loop.call_later(seconds, self._head_timed_out)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self._head_begun or self.cycle is None:  # a head under way, or nothing at all since connecting
+                self._refuse(408, "Request Timeout", "the request line and headers did not arrive in time")
+
+        def _refuse(self, status: int, title: str, detail: str) -> None:
+            if self.transport.is_closing():
+                return
+            slug = title.lower().replace(" ", "-")
+            body = json.dumps({"type": f"urn:optserve:problem:{slug}", "title": title, "status": status,
+                               "detail": detail}).encode()  # fmt: skip
+            head = (f"HTTP/1.1 {status} {title}\r\ncontent-type: application/problem+json\r\n"
+                    f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()  # fmt: skip
+            self.transport.write(head + body)
+            self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            heads = self._heads_done
+            super().data_received(data)
+            if self._heads_done != heads:  # a head or a body ended in this piece: it was not all head
+                self._head_bytes = 0
+            elif self._in_head and not self.transport.is_closing():  # all of this piece is head
+                self._head_bytes += len(data)
+                limit = int(self.app_state.get("max_request_head_bytes", MAX_REQUEST_HEAD_BYTES))
+                if self._head_bytes > limit:  # at most one piece (256 KiB) beyond the limit was parsed
+                    self._refuse(431, "Request Header Fields Too Large",
+                                 f"the request line and headers exceed the limit of {limit} bytes")  # fmt: skip
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_begun = True
+            self._arm_head_timer()
+
         def on_headers_complete(self) -> None:
+            self._in_head = self._head_begun = False
+            self._heads_done += 1
+            self._disarm_head_timer()
             super().on_headers_complete()
             length = dict(self.headers).get(b"content-length", b"")
             limit = min(MAX_DIRECT, self.app_state.get("max_body_bytes", MAX_DIRECT))
             if length.isdigit() and DIRECT_MIN <= int(length) <= limit:  # above the limit, the app answers 413
                 _DirectBody.attach(self.cycle, int(length))
 
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._in_head = True
+            self._heads_done += 1
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
         def on_body(self, body: bytes) -> None:
             direct = getattr(self.cycle, "direct_body", None)
             if direct is None or direct.buffer is None:  # not asked for yet: uvicorn's own path (paused at 64 KiB)
                 super().on_body(body)
-            elif not self.cycle.response_complete:
+            elif direct.buffer is not _EMPTY and not self.cycle.response_complete:
                 direct.append(body)
 
     _EMPTY = np.empty(0, dtype=np.uint8)
@@ -202,7 +281,9 @@ try:
                     self._start()
                 while cycle.more_body and not cycle.disconnected and not cycle.response_complete:
                     await self._wait()
-                if not (cycle.disconnected or cycle.response_complete):
+                if cycle.disconnected or cycle.response_complete:
+                    self.buffer = _EMPTY  # nobody will read it: not kept until the garbage collector finds the cycle
+                else:
                     self.delivered = True
                     body = memoryview(self.buffer)  # type: ignore[arg-type]
                     # From here the application's views alone keep the buffer: when they are gone, the pool can
@@ -213,6 +294,6 @@ try:
                 await self._wait()
             return {"type": "http.disconnect"}
 
-    HTTP_PROTOCOL: type | str = LargeBodyProtocol
+    HTTP_PROTOCOL: type | str = OptserveProtocol
 except ImportError:  # pragma: no cover - httptools is part of uvicorn[standard]; fall back to uvicorn's choice
     HTTP_PROTOCOL = "auto"

@@ -23,6 +23,7 @@ about HTTP beyond the status number.
 
 from __future__ import annotations
 
+import traceback
 from typing import Any, NamedTuple
 
 from starlette.responses import JSONResponse
@@ -69,6 +70,21 @@ class ErrorAnswer(NamedTuple):
     slug: str
     document: dict[str, Any]
     headers: dict[str, str]
+
+
+def forget_frames(exc: BaseException) -> None:
+    """Clear the variables of the finished frames that a handled error's traceback holds (and those of its cause and
+    context). asyncio futures and anyio keep exceptions in reference cycles, which only the cyclic garbage
+    collector frees: until then a refused request's frames, and the body they hold, stay in memory."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        pending += [e.__cause__, e.__context__]
 
 
 def error_answer(exc: Exception) -> ErrorAnswer | None:

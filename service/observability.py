@@ -53,6 +53,12 @@ ROUTES = frozenset(
 )  # fmt: skip
 
 
+def printable(text: str) -> str:
+    """``text`` for a log line: control characters (a path's decoded ``%0A``) escaped, so that nobody can forge
+    lines in a text log."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_numbers) & 0xFFFFFFFF:08x}"
 
@@ -174,7 +180,9 @@ class _StoreCollector(Collector):
         failures = saver.failures if saver is not None else 0
         yield CounterMetricFamily("optserve_snapshot_failures", "Snapshots that failed", value=failures)
         failing = 1 if saver is not None and saver.failing else 0
-        yield GaugeMetricFamily("optserve_snapshots_failing", "1 from a failed snapshot until one succeeds", value=failing)
+        yield GaugeMetricFamily(
+            "optserve_snapshots_failing", "1 from a failed snapshot until one succeeds", value=failing
+        )
 
 
 class RequestObserver:
@@ -220,6 +228,7 @@ class RequestObserver:
         path = scope.get("path", "")
         method = scope.get("method", "")
         self.metrics.hot.request(method, route_of(path), status, sizes["in"], sizes["out"])
+        path = printable(path)
         if not access_log.isEnabledFor(logging.INFO):
             return
         fields = {

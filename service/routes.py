@@ -167,7 +167,7 @@ def parse_if_match(headers: HeaderMap) -> frozenset[int] | None:
     steps = set()
     for tag in value.split(","):
         tag = tag.strip().removeprefix("W/").strip('"')
-        if tag.isdigit():
+        if tag.isascii() and tag.isdigit():  # "\xb2" is a digit to isdigit, not to int
             steps.add(int(tag))
     return frozenset(steps)  # tags that are not step numbers can never match: 412
 

@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 from optserve.client import wire
 
 from .bodies import receive_body
-from .errors import BadRequest, ErrorAnswer, InvalidInput, error_answer, internal_error, problem_json
+from .errors import BadRequest, ErrorAnswer, InvalidInput, error_answer, forget_frames, internal_error, problem_json
 from .headers import RawHeaders
 from .observability import Metrics
 from .routes import (
@@ -66,10 +66,12 @@ class StepRoute:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             status, headers, parts = await self.step(scope, receive, scope["path_params"]["session_id"])
-        except ClientDisconnect:  # gone before its body arrived: nothing was applied; the 400 is for the log and
-            status, headers, parts = 400, [(b"content-length", b"0")], []  # the metrics (uvicorn drops it)
+        except ClientDisconnect as e:  # gone before its body arrived: nothing was applied; the 400 is for the log
+            forget_frames(e)  # and the metrics (uvicorn drops it)
+            status, headers, parts = 400, [(b"content-length", b"0")], []
         except Exception as e:
             status, headers, parts = self.refusal(e)
+            forget_frames(e)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         last = len(parts) - 1
         for i, part in enumerate(parts):
