@@ -6,10 +6,11 @@ Content negotiation, precondition headers and tensor responses live here; the st
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
@@ -38,6 +39,7 @@ from .settings import Settings
 from .store import SessionStore, check_session_id, new_session_id
 
 router = APIRouter()
+T = TypeVar("T")
 
 # --- OpenAPI: what the routes read and answer (the routes read raw bodies, so FastAPI cannot infer these) -------
 
@@ -98,6 +100,7 @@ class Service:
     settings: Settings
     store: SessionStore
     guard: Guard
+    json_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(JSON_DECODES))
 
     def body_limit(self, ctype: str) -> int:
         """The largest body accepted: JSON costs many times its size to decode, so it has its own, smaller limit."""
@@ -238,9 +241,37 @@ def answer_dtype(value: str | None) -> str:
     return value
 
 
-def json_object(body: bytes | bytearray | memoryview, what: str = "body") -> dict[str, Any]:
+JSON_DECODES = 2  # large JSON bodies decoded at once (each costs up to ~12x its size while decoded; the GIL is held)
+JSON_SLACK = 4096  # commas a JSON body may hold beyond one per parameter (between tensors and config members)
+
+
+def json_text(body: bytes | bytearray | memoryview, max_numbers: int) -> str:
+    """A JSON body as text (one copy), refused with 413 before it is decoded when it holds more numbers than a
+    session may have parameters (decoding costs many times the body's size)."""
     try:
-        obj = wire.loads(bytes(body) if isinstance(body, memoryview) else body, what)
+        text = str(body, "utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"body is not UTF-8: {e}") from None
+    if text.count(",") > max_numbers + JSON_SLACK:
+        raise PayloadTooLarge(
+            f"the body holds more numbers than the limit of {max_numbers} parameters per session", limit=max_numbers
+        )
+    return text
+
+
+async def decode_json_body(svc: Service, body: bytes | bytearray | memoryview, decode: Callable[[str], T]) -> T:
+    """``decode`` of a JSON body's text (see :func:`json_text`); a large one off the event loop, at most
+    ``JSON_DECODES`` at a time, so that concurrent large JSON bodies cannot multiply the memory they cost."""
+    text = json_text(body, svc.settings.max_params_per_session)
+    if len(text) <= INLINE_BODY_BYTES:
+        return decode(text)
+    async with svc.json_slots:
+        return await run_in_threadpool(decode, text)
+
+
+def json_object(body: str | bytes, what: str = "body") -> dict[str, Any]:
+    try:
+        obj = wire.loads(body, what)
     except wire.WireError as e:
         raise BadRequest(str(e)) from None
     if not isinstance(obj, dict):
@@ -268,12 +299,13 @@ def plain_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 def _create(
-    body: bytes | bytearray | memoryview, ctype: str, max_header_bytes: int
+    body: bytes | bytearray | memoryview | str, max_header_bytes: int
 ) -> tuple[str | None, SessionConfig, dict[str, np.ndarray]]:
-    if ctype == wire.SAFETENSORS:
+    """(id, config, params) of a create body: safetensors (bytes) or the text of a JSON body."""
+    if not isinstance(body, str):
         st = parse_safetensors(body, max_header_bytes)
         config = st.metadata.get("config")
-        config_obj = json_object(config.encode(), '__metadata__["config"]') if config is not None else {}
+        config_obj = json_object(config, '__metadata__["config"]') if config is not None else {}
         params = st.tensors()
     else:
         config_obj = json_object(body)
@@ -301,7 +333,11 @@ async def create_session(request: Request) -> JSONResponse:
     svc.guard.admin(request.headers)
     ctype = tensor_media_type(request.headers)
     body = await read_body(request, svc.body_limit(ctype))
-    session_id, config, params = _create(body, ctype, svc.settings.max_header_bytes)
+    limit = svc.settings.max_header_bytes
+    if ctype == wire.JSON:
+        session_id, config, params = await decode_json_body(svc, body, lambda text: _create(text, limit))
+    else:
+        session_id, config, params = _create(body, limit)
     session_id = check_session_id(session_id) if session_id is not None else new_session_id()
     token, digest = new_token() if svc.guard.enabled else (None, None)
     info = await svc.store.create(session_id, config, params, digest)
@@ -347,7 +383,8 @@ async def patch_session(session_id: str, request: Request) -> JSONResponse:
     await svc.store.check(who, session_id)
     if media_type(request.headers) != wire.JSON:
         raise UnsupportedMediaType(f"send the changes as {wire.JSON}")
-    patch = validated(PatchSession, json_object(await read_body(request, svc.body_limit(wire.JSON))))
+    text = json_text(await read_body(request, svc.body_limit(wire.JSON)), svc.settings.max_params_per_session)
+    patch = validated(PatchSession, json_object(text))
     info = await svc.store.patch(who, session_id, patch.hyperparams, patch.group)
     return JSONResponse(info, headers={"ETag": etag(info["step"])})
 

@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=4 << 30, gt=0)
     max_header_bytes: int = Field(default=16 << 20, gt=0, description="largest safetensors JSON header")
     max_json_body_bytes: int = Field(
-        default=64 << 20, gt=0, description="largest JSON body (decoding costs up to ~15x its size in memory)"
+        default=16 << 20, gt=0, description="largest JSON body (decoding costs up to ~12x its size in memory)"
     )
     max_request_head_bytes: int = Field(
         default=64 << 10, gt=0, description="largest HTTP request line plus headers (431 beyond)"

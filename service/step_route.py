@@ -26,10 +26,10 @@ from .errors import BadRequest, ErrorAnswer, InvalidInput, error_answer, forget_
 from .headers import RawHeaders
 from .observability import Metrics
 from .routes import (
-    INLINE_BODY_BYTES,
     SMALL_ANSWER,
     Service,
     answer_dtype,
+    decode_json_body,
     etag,
     idempotency_key,
     negotiate,
@@ -120,10 +120,8 @@ class StepRoute:
         if ctype == wire.SAFETENSORS:
             grads: Any = parse_safetensors(body, svc.settings.max_header_bytes)
             metadata = grads.metadata
-        elif len(body) <= INLINE_BODY_BYTES:
-            grads, metadata = wire.decode_json(bytes(body))
         else:
-            grads, metadata = await run_in_threadpool(wire.decode_json, bytes(body))
+            grads, metadata = await decode_json_body(svc, body, wire.decode_json)
         request = StepRequest(if_match, key, not minimal, missing == "skip", hyperparam_changes(metadata))
         result = await svc.store.step(who, session_id, grads, request)
         stepped = time.perf_counter()
