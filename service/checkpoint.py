@@ -18,6 +18,7 @@ from .errors import InvalidInput
 from .session import Counters, KeyRecord, Pending, Session, SessionConfig
 
 OUTCOMES = ("applied", "skipped", "accepted")
+SQUARES = {"exp_avg_sq", "max_exp_avg_sq", "square_avg"}  # averages of squares: never negative
 
 
 def dump_parts(session: Session) -> list[bytes | memoryview]:
@@ -100,7 +101,11 @@ def load(body: bytes | bytearray | memoryview, session_id: str) -> Session:
                     f"params/{slot.name} has {list(slot.shape)}"
                 )
             flat[slot.offset : slot.stop] = arrays[slot.name].reshape(-1)
+    for name in SQUARES & set(session.state):
+        if (session.state[name] < 0).any():
+            raise InvalidInput(f"checkpoint {name} holds negative values: no optimizer state has them")
     session.step_count = cp.step
     session.tensor_steps[:] = cp.tensor_steps
     session.token_digest = cp.token_sha256
+    session.bounds = None  # the state is not the zeros they were computed for: read the magnitudes at the first step
     return session

@@ -42,9 +42,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from optserve.client.wire import Safetensors
 
+from . import finite as finite_math
 from . import fused
 from .bodies import POOL
-from .errors import InvalidInput, NonFiniteGradient, PreconditionFailed, SessionNotFound, StepConflict
+from .errors import (
+    InvalidInput,
+    NonFiniteGradient,
+    NonFiniteResult,
+    PreconditionFailed,
+    SessionNotFound,
+    StepConflict,
+)
 from .hyperparams import AdamHyperparams, HyperparamError, Hyperparams, make_hyperparams, optimizer_kind, to_json
 from .layout import FlatLayout
 from .schedules import Constant, Schedule
@@ -255,6 +263,10 @@ class Session:
             state_names.update(dict.fromkeys(g.hp.state_names()))
         self.state = {name: np.zeros(self.layout.size, dtype=np.float32) for name in state_names}
         self.tensor_steps = np.zeros(len(self.layout.slots), dtype=np.int64)
+        # Upper bounds on the magnitudes of every buffer's values (see optserve.service.finite); None: unknown
+        self.bounds: finite_math.Bounds | None = finite_math.exact(self.params, self.state)
+        self._bounds_exact = True
+        self._next_bounds: finite_math.Bounds | None = None
         self.step_count = 0
         self.pending: Pending | None = None
         self.last_grad_norm: float | None = None
@@ -323,6 +335,21 @@ class Session:
                         "the gradients contain NaN or infinity; nothing was applied "
                         '(create the session with "nonfinite": "skip" to skip such steps instead)'
                     )
+                awaiting, pending = 0, self.pending
+                if self.config.accumulate > 1:
+                    awaiting = self.config.accumulate - (pending.count if pending else 0) - 1
+                    if not awaiting:  # the last contribution: the step is the average (computed, nothing changed)
+                        flat, present, finite = self._average(flat, present, finite)
+                        sumsq = sum_of_squares(flat) if finite else math.nan
+                norm = math.sqrt(sumsq) if finite else None
+                scale = clip_scale(norm, self.config.max_grad_norm) if norm is not None else 1.0
+                runs = self._runs(present, scheduled) if not awaiting and norm is not None else []
+                safe = awaiting > 0 or norm is None or self._stays_finite(flat, runs, scale, norm)
+                if not safe and self.config.nonfinite == "error":
+                    raise NonFiniteResult(
+                        "this step would make the parameters or the optimizer state NaN or infinite (a gradient, "
+                        "learning rate or weight decay too large for float32, or a zero eps); nothing was applied"
+                    )
             except InvalidInput:
                 self.counters.steps_rejected += 1
                 raise
@@ -331,33 +358,28 @@ class Session:
             self.version += 1
 
             contributors: list[str] = []
-            if self.config.accumulate > 1:
-                flat, present, finite, awaiting, contributors = self._accumulate(flat, present, finite)
-                if awaiting:
-                    self.counters.contributions += 1
-                    if key is not None:
-                        self.pending.keys.append(key)  # type: ignore[union-attr]
-                        self._remember(key, KeyRecord(self.step_count, "accepted"))
-                    return StepResult("accepted", self.step_count, None, awaiting=awaiting)
-                sumsq = sum_of_squares(flat) if finite else math.nan
-
-            norm = math.sqrt(sumsq) if finite else None
-            if norm is not None:
-                self._apply(flat, present, clip_scale(norm, self.config.max_grad_norm), scheduled)
+            if awaiting:  # a contribution, added to the pending sum
+                self._contribute(flat, present, finite, key)
+                return StepResult("accepted", self.step_count, None, awaiting=awaiting)
+            if pending is not None and self.config.accumulate > 1:
+                contributors, self.pending = pending.keys, None
+            applied = norm is not None and safe
+            if applied:
+                self._apply(flat, present, scale, runs)
                 self.step_count += 1
                 self.counters.steps_applied += 1
                 self.last_grad_norm = norm
             else:
                 self.counters.steps_skipped += 1
             # every contribution to this step now shares its outcome, so any of them replays the same answer
-            record = KeyRecord(self.step_count, "applied" if finite else "skipped", norm)
+            record = KeyRecord(self.step_count, "applied" if applied else "skipped", norm)
             for contributor in contributors:
                 if contributor in self.keys:
                     self.keys[contributor] = record
             if key is not None:
                 self._remember(key, record)
-            status: Literal["applied", "skipped"] = "applied" if finite else "skipped"
-            return StepResult(status, self.step_count, self._params_copy(want_params), not finite, norm)
+            status: Literal["applied", "skipped"] = "applied" if applied else "skipped"
+            return StepResult(status, self.step_count, self._params_copy(want_params), not applied, norm)
 
     @property
     def closed(self) -> bool:
@@ -389,11 +411,21 @@ class Session:
     def _awaiting(self) -> int:
         return self.config.accumulate - (self.pending.count if self.pending else 0)
 
-    def _accumulate(
+    def _average(
         self, flat: np.ndarray, present: np.ndarray | None, finite: bool
-    ) -> tuple[np.ndarray, np.ndarray | None, bool, int, list[str]]:
-        """Add one contribution; returns the averaged gradient once ``accumulate`` have come (awaiting == 0),
-        with the idempotency keys of the earlier contributions."""
+    ) -> tuple[np.ndarray, np.ndarray | None, bool]:
+        """The step's gradient once the last of ``accumulate`` contributions came: the average of all (a new array;
+        the pending sum is left as it is until the step is committed)."""
+        pending = self.pending
+        if pending is None:  # accumulate == 1 cannot come here; a fresh sum of one contribution
+            return flat, present, finite
+        average = pending.total + flat
+        average /= np.float32(self.config.accumulate)
+        seen = pending.present | (True if present is None else present)
+        return average, None if seen.all() else seen, finite and not pending.nonfinite
+
+    def _contribute(self, flat: np.ndarray, present: np.ndarray | None, finite: bool, key: str | None) -> None:
+        """Add a contribution to the pending sum (accumulate > 1, not the last one)."""
         if self.pending is None:
             self.pending = Pending(np.zeros(self.layout.size, np.float32), np.zeros(len(self.layout.slots), bool))
         pending = self.pending
@@ -401,13 +433,10 @@ class Session:
         pending.present |= True if present is None else present
         pending.count += 1
         pending.nonfinite |= not finite
-        awaiting = self.config.accumulate - pending.count
-        if awaiting:
-            return flat, present, finite, awaiting, []
-        self.pending = None
-        average = pending.total
-        average /= np.float32(self.config.accumulate)
-        return average, None if pending.present.all() else pending.present, not pending.nonfinite, 0, pending.keys
+        self.counters.contributions += 1
+        if key is not None:
+            pending.keys.append(key)
+            self._remember(key, KeyRecord(self.step_count, "accepted"))
 
     def _scheduled(self, hyperparams: list[Hyperparams]) -> list[Hyperparams]:
         """Each group's hyperparameters for the step being applied: lr times the schedule's factor.
@@ -445,11 +474,11 @@ class Session:
                     "infinite"
                 )
 
-    def _apply(
-        self, grads: np.ndarray, present: np.ndarray | None, grad_scale: float, hyperparams: list[Hyperparams]
-    ) -> None:
-        """Step every parameter group: one fused call per run of present tensors sharing a group and step number."""
+    def _runs(self, present: np.ndarray | None, hyperparams: list[Hyperparams]) -> list[finite_math.Run]:
+        """The ranges one step updates: runs of present tensors sharing a group and a step number, each with its
+        step number (1 for a tensor's first step) and hyperparameters."""
         slots, steps = self.layout.slots, self.tensor_steps
+        runs = []
         i = 0
         while i < len(slots):
             if present is not None and not present[i]:
@@ -463,23 +492,47 @@ class Session:
                 and (present is None or present[j])
             ):
                 j += 1
-            hp = hyperparams[slots[i].group]
-            fused.step_range(
-                self.optimizer,
-                self.params,
-                grads,
-                self.state,
-                slots[i].offset,
-                slots[j - 1].stop,
-                int(steps[i]) + 1,
-                hp,
-                grad_scale,
-            )
+            runs.append((slots[i].offset, slots[j - 1].stop, int(steps[i]) + 1, hyperparams[slots[i].group]))
             i = j
+        return runs
+
+    def _stays_finite(self, grads: np.ndarray, runs: list[finite_math.Run], grad_scale: float, norm: float) -> bool:
+        """Whether stepping ``runs`` keeps every parameter and state value finite (see
+        :mod:`optserve.service.finite`): proven from the bounds the session keeps, else from the exact magnitudes,
+        else by a dry run. Sets the bounds the step leads to in ``_next_bounds`` (None when only a dry run could
+        tell)."""
+        grad_bound = norm * grad_scale * finite_math.GRAD_MARGIN
+        for _ in range(2):
+            if self.bounds is None:
+                self.bounds = finite_math.exact(self.params, self.state)
+                self._bounds_exact = True
+            after = self.bounds.copy()
+            try:
+                for _, _, t, hp in runs:
+                    finite_math.step_bounds(self.optimizer, hp, t, grad_bound, self.bounds, after)
+            except finite_math.Unprovable:
+                break
+            except OverflowError:
+                if self._bounds_exact:
+                    break
+                self.bounds = None  # loose bounds: read the exact magnitudes and try again
+                continue
+            self._next_bounds = after
+            return True
+        self._next_bounds = None
+        return finite_math.dry_run(self.optimizer, self.params, grads, self.state, runs, grad_scale)
+
+    def _apply(
+        self, grads: np.ndarray, present: np.ndarray | None, grad_scale: float, runs: list[finite_math.Run]
+    ) -> None:
+        """Step every run of present tensors sharing a group and step number: one fused call each."""
+        for start, stop, t, hp in runs:
+            fused.step_range(self.optimizer, self.params, grads, self.state, start, stop, t, hp, grad_scale)
         if present is None:
-            steps += 1
+            self.tensor_steps += 1
         else:
-            steps[present] += 1
+            self.tensor_steps[present] += 1
+        self.bounds, self._bounds_exact = self._next_bounds, False
 
     def _remember(self, key: str, record: KeyRecord) -> None:
         self.keys[key] = record

@@ -135,9 +135,9 @@ class StepRoute:
             answer = json.dumps({"step": result.step, "status": "accepted", "awaiting": result.awaiting}).encode()
             return 202, content(wire.JSON, len(answer), out), [answer]
         meta = {}
-        if result.skipped:
-            meta["skipped"] = "non-finite-gradient"
-            out.append((b"optserve-step-skipped", b"non-finite-gradient"))
+        if result.skipped:  # a skipped step with a gradient norm was skipped for what it would have done
+            meta["skipped"] = "non-finite-gradient" if result.grad_norm is None else "non-finite-result"
+            out.append((b"optserve-step-skipped", meta["skipped"].encode()))
         if result.grad_norm is not None:
             meta["grad_norm"] = repr(result.grad_norm)
             out.append((b"optserve-grad-norm", meta["grad_norm"].encode()))
