@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +80,50 @@ def no_gc() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+@dataclass
+class Server:
+    """A server process started by :func:`launch`, with its log file."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    data_dir: Path
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Start ``optserve serve`` on a free port with its output in a log file; every process started is stopped (by
+    pid) at the end of the test."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(data_dir: Path, env: dict[str, str] | None = None) -> Server:
+        log = tmp_path / f"server-{next(_log_numbers)}.log"
+        sp = start_server_process(data_dir, env, log=log)
+        procs.append(sp.proc)
+        return Server(sp.url, sp.proc, data_dir, log)
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            stop_server_process(proc)
+
+
+_log_numbers = itertools.count()
+
+
+def poll(condition: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
 
 
 @pytest.fixture

@@ -7,21 +7,18 @@ starts is stopped by its pid when the test ends, whatever happened.
 
 from __future__ import annotations
 
-import itertools
 import random
 import re
 import signal
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, MutableMapping
-from dataclasses import dataclass
+from collections.abc import MutableMapping
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from conftest import start_server_process, stop_server_process
+from conftest import Server, poll
 from safetensors import safe_open
 
 from optserve.client import Client, RemoteOptimizer
@@ -33,40 +30,9 @@ from optserve.service.session import Session, SessionConfig
 pytestmark = pytest.mark.server
 
 HYPER = {"lr": 1e-2, "weight_decay": 0.01, "amsgrad": True}
-_log_numbers = itertools.count()
 
 
-# --- servers -------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen[bytes]
-    data_dir: Path
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Start ``optserve serve`` on a free port with its output in a log file; every process started is stopped (by
-    pid) at the end of the test."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(data_dir: Path, env: dict[str, str] | None = None) -> Server:
-        log = tmp_path / f"server-{next(_log_numbers)}.log"
-        sp = start_server_process(data_dir, env, log=log)
-        procs.append(sp.proc)
-        return Server(sp.url, sp.proc, data_dir, log)
-
-    try:
-        yield start
-    finally:
-        for proc in procs:
-            stop_server_process(proc)
+# --- servers ---------------------------------------------------------------------------------------------------------
 
 
 def sigkill(server: Server) -> None:
@@ -104,15 +70,6 @@ def tmp_files(data_dir: Path) -> list[Path]:
 def corrupt_files(data_dir: Path) -> list[Path]:
     folder = data_dir / "corrupt"
     return sorted(folder.iterdir()) if folder.exists() else []
-
-
-def poll(condition: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()
 
 
 # --- a small model with a deterministic gradient sequence ----------------------------------------------------------
