@@ -170,6 +170,10 @@ class _StoreCollector(Collector):
         yield GaugeMetricFamily("optserve_sessions", "Sessions held in memory", value=stats.sessions)
         yield GaugeMetricFamily("optserve_sessions_evicted", "Sessions evicted to disk (loaded on use)",
                                 value=stats.evicted)  # fmt: skip
+        yield CounterMetricFamily("optserve_session_evictions", "Sessions evicted to disk for idleness or room",
+                                  value=stats.evictions)  # fmt: skip
+        yield CounterMetricFamily("optserve_session_reloads", "Sessions loaded back from disk on use",
+                                  value=stats.reloads)  # fmt: skip
         yield GaugeMetricFamily("optserve_parameters", "Parameters held by all sessions", value=stats.parameters)
         yield GaugeMetricFamily("optserve_state_bytes", "Bytes of optimizer state held by all sessions",
                                 value=stats.state_bytes)  # fmt: skip

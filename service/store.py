@@ -123,6 +123,8 @@ class StoreStats:
     evicted: int  # on disk only
     parameters: int  # held in memory
     state_bytes: int  # held in memory
+    evictions: int = 0  # sessions evicted to disk so far
+    reloads: int = 0  # sessions loaded back from disk on use so far
     snapshots: Saver | None = None  # its durations, failures and failing
 
 
@@ -198,6 +200,7 @@ class MemoryStore:
         self._deleting: set[str] = set()  # tombstones: ids whose snapshot is being removed
         self._lock = threading.Lock()  # membership changes; never held while waiting for a session's lock
         self.ready = False
+        self.evictions = self.reloads = 0
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -266,12 +269,17 @@ class MemoryStore:
             with self._lock:
                 if self._sessions.get(session.id) is not session:
                     return False
-                session.gone = "evicted"
-                del self._sessions[session.id]
-                self._on_disk[session.id] = checkpoint_summary(session)
+                self._to_disk(session)
             return True
         finally:
             session.lock.release()
+
+    def _to_disk(self, session: Session) -> None:
+        """Evict (the membership lock and the session's lock held, its snapshot current)."""
+        session.gone = "evicted"
+        del self._sessions[session.id]
+        self._on_disk[session.id] = checkpoint_summary(session)
+        self.evictions += 1
 
     def health(self) -> Health:
         if not self.ready:
@@ -284,7 +292,7 @@ class MemoryStore:
     def stats(self) -> StoreStats:
         sessions = list(self._sessions.values())
         return StoreStats(len(sessions), len(self._on_disk), sum(s.layout.size for s in sessions),
-                          sum(s.nbytes for s in sessions), self.saver)  # fmt: skip
+                          sum(s.nbytes for s in sessions), self.evictions, self.reloads, self.saver)  # fmt: skip
 
     # --- admission ---------------------------------------------------------------------------------------------
 
@@ -332,6 +340,19 @@ class MemoryStore:
                 budget_bytes=self.limits.memory_budget_bytes,
             )
 
+    def _save_for_room(self, nbytes: int) -> None:
+        """Before :meth:`_make_room`, off the event loop: snapshot the least recently used sessions that would have
+        to leave memory for ``nbytes`` more to fit, so that they can (a session being saved meanwhile is skipped)."""
+        if self.saver is None:
+            return
+        excess = self._used() + nbytes - self.limits.memory_budget_bytes
+        for victim in sorted(list(self._sessions.values()), key=lambda s: s.updated_at):
+            if excess <= 0:
+                break
+            if victim.saved_version != victim.version:
+                self.saver.save(victim, wait=False)
+            excess -= victim.nbytes
+
     def _make_room(self, nbytes: int) -> None:
         """Under the membership lock: evict idle sessions whose snapshot is current (least recently used first)
         until ``nbytes`` more fit the budget, or raise 507."""
@@ -343,9 +364,7 @@ class MemoryStore:
                 continue
             try:
                 if victim.gone is None and victim.saved_version == victim.version:
-                    victim.gone = "evicted"
-                    del self._sessions[victim.id]
-                    self._on_disk[victim.id] = checkpoint_summary(victim)
+                    self._to_disk(victim)
             finally:
                 victim.lock.release()
         self._check_budget(nbytes, None)
@@ -403,12 +422,14 @@ class MemoryStore:
                 raise SessionNotFound(
                     f"the snapshot of session {session_id!r} does not load; it was set aside"
                 ) from None
+            self._save_for_room(session.nbytes)
             with self._lock:
                 if session_id not in self._on_disk or session_id in self._deleting:
                     raise SessionNotFound(f"no session {session_id!r}")
                 self._make_room(session.nbytes)
                 del self._on_disk[session_id]
                 self._sessions[session_id] = session
+                self.reloads += 1
         log.info("session %s reloaded from its snapshot at step %d", session_id, session.step_count)
         return session
 

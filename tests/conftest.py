@@ -40,12 +40,14 @@ class ServerProcess:
     data_dir: Path
 
 
-def start_server_process(data_dir: Path, env: dict[str, str] | None = None, log: Path | None = None) -> ServerProcess:
+def start_server_process(
+    data_dir: Path, env: dict[str, str] | None = None, log: Path | None = None, log_level: str = "warning"
+) -> ServerProcess:
     """``optserve serve`` as its own process (the console script of this environment); its output goes to ``log``
     when given (and is shown if the server does not come up)."""
     port = free_port()
     exe = Path(sys.executable).with_name("optserve")
-    cmd = [str(exe), "serve", "--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning"]
+    cmd = [str(exe), "serve", "--port", str(port), "--data-dir", str(data_dir), "--log-level", log_level]
     with open(log, "wb") if log is not None else contextlib.nullcontext() as out:
         proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"
@@ -101,9 +103,9 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     pid) at the end of the test."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(data_dir: Path, env: dict[str, str] | None = None) -> Server:
+    def start(data_dir: Path, env: dict[str, str] | None = None, log_level: str = "warning") -> Server:
         log = tmp_path / f"server-{next(_log_numbers)}.log"
-        sp = start_server_process(data_dir, env, log=log)
+        sp = start_server_process(data_dir, env, log=log, log_level=log_level)
         procs.append(sp.proc)
         return Server(sp.url, sp.proc, data_dir, log)
 
