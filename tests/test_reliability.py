@@ -233,7 +233,7 @@ def test_a_session_deleted_while_others_step_stays_deleted(tmp_path: Path, launc
     from its snapshot before the file was removed), listed, and it survived a restart."""
     server = launch(tmp_path / "data")
     http = httpx.Client(base_url=server.url, timeout=30)
-    n = 200_000
+    n = 1_000_000  # a step holds the session's lock for a while: the DELETE waits for it, the others knock meanwhile
     deleted = []
     for round_ in range(4):
         sid = create_large(http, n, session_id=f"doomed-{round_}")
@@ -244,7 +244,7 @@ def test_a_session_deleted_while_others_step_stays_deleted(tmp_path: Path, launc
                 while not stop.is_set():
                     step(own, sid, n)  # 200 until the delete, 404 after
 
-        threads = [threading.Thread(target=keep_stepping) for _ in range(3)]
+        threads = [threading.Thread(target=keep_stepping) for _ in range(4)]
         for th in threads:
             th.start()
         time.sleep(0.3)
