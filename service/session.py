@@ -33,7 +33,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,7 +45,15 @@ from optserve.client.wire import Safetensors
 from . import fused
 from .bodies import POOL
 from .errors import InvalidInput, NonFiniteGradient, PreconditionFailed, SessionNotFound, StepConflict
-from .hyperparams import AdamHyperparams, HyperparamError, Hyperparams, make_hyperparams, optimizer_kind, to_json
+from .hyperparams import (
+    AdamHyperparams,
+    HyperparamError,
+    Hyperparams,
+    SGDHyperparams,
+    make_hyperparams,
+    optimizer_kind,
+    to_json,
+)
 from .layout import FlatLayout
 from .schedules import Constant, Schedule
 
@@ -240,6 +248,9 @@ class Session:
             state_names.update(dict.fromkeys(g.hp.state_names()))
         self.state = {name: np.zeros(self.layout.size, dtype=np.float32) for name in state_names}
         self.tensor_steps = np.zeros(len(self.layout.slots), dtype=np.int64)
+        # SGD: whether each tensor's momentum buffer holds a value. torch creates it at the tensor's first step with
+        # momentum != 0 (from the gradient), which is not its first step when momentum is switched on mid-run.
+        self.momentum_started = np.zeros(len(self.layout.slots), dtype=bool)
         self.step_count = 0
         self.pending: Pending | None = None
         self.last_grad_norm: float | None = None
@@ -254,6 +265,8 @@ class Session:
         self.saved_version = -1
         self.saved_step = -1
         self.saved_at = 0.0
+        # Set by the store: raises LimitExceeded when its memory budget cannot hold this many more bytes.
+        self.budget: Callable[[int], None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -424,8 +437,10 @@ class Session:
     def _apply(
         self, grads: np.ndarray, present: np.ndarray | None, grad_scale: float, hyperparams: list[Hyperparams]
     ) -> None:
-        """Step every parameter group: one fused call per run of present tensors sharing a group and step number."""
+        """Step every parameter group: one fused call per run of present tensors sharing a group and step number
+        (and, for SGD, whether their momentum buffer starts now: such a run is stepped as a first step)."""
         slots, steps = self.layout.slots, self.tensor_steps
+        fresh = self._momentum_starting(hyperparams)
         i = 0
         while i < len(slots):
             if present is not None and not present[i]:
@@ -437,6 +452,7 @@ class Session:
                 and slots[j].group == slots[i].group
                 and steps[j] == steps[i]
                 and (present is None or present[j])
+                and (fresh is None or fresh[j] == fresh[i])
             ):
                 j += 1
             hp = hyperparams[slots[i].group]
@@ -447,7 +463,7 @@ class Session:
                 self.state,
                 slots[i].offset,
                 slots[j - 1].stop,
-                int(steps[i]) + 1,
+                1 if fresh is not None and fresh[i] else int(steps[i]) + 1,
                 hp,
                 grad_scale,
             )
@@ -456,6 +472,17 @@ class Session:
             steps += 1
         else:
             steps[present] += 1
+        if fresh is not None:
+            self.momentum_started |= fresh if present is None else fresh & present
+
+    def _momentum_starting(self, hyperparams: list[Hyperparams]) -> np.ndarray | None:
+        """SGD: the tensors whose momentum buffer this step starts (momentum on, buffer not started); None otherwise.
+
+        SGD's kernels start the buffer from the gradient at step number 1, the only use they make of the number."""
+        if self.optimizer != "sgd":
+            return None
+        on = [isinstance(hp, SGDHyperparams) and hp.momentum != 0 for hp in hyperparams]
+        return np.array([on[s.group] for s in self.layout.slots], dtype=bool) & ~self.momentum_started
 
     def _remember(self, key: str, record: KeyRecord) -> None:
         self.keys[key] = record
@@ -482,7 +509,10 @@ class Session:
         self, changes: HyperparamChanges
     ) -> tuple[list[tuple[ParamGroup, Hyperparams]], Hyperparams | None]:
         """Validate hyperparameter changes: one mapping for every group (which also becomes the session's), or a
-        list with one entry (or None) per group. Nothing is changed here; :meth:`_assign` does that."""
+        list with one entry (or None) per group. Nothing is changed here; :meth:`_assign` does that.
+
+        A change may need a state buffer the session does not hold yet (momentum switched on for SGD or RMSprop,
+        RMSprop's centered, amsgrad), as torch creates it when first needed: the memory budget must have room."""
         new_base = None
         if isinstance(changes, Mapping):
             per_group: list[Mapping[str, Any] | None] = [changes] * len(self.groups)
@@ -504,15 +534,27 @@ class Session:
                 hp = make_hyperparams(self.optimizer, values, base=group.hp)
             except HyperparamError as e:
                 raise InvalidInput(str(e)) from None
-            if set(hp.state_names()) != set(group.hp.state_names()):
-                raise InvalidInput(
-                    f"cannot change {', '.join(sorted(values))} of group {group.index} after creation: it changes "
-                    f"the optimizer state kept ({', '.join(group.hp.state_names()) or 'none'}); create a new session"
-                )
             planned.append((group, hp))
+        missing = self._missing_buffers(hp for _, hp in planned)
+        if missing and self.budget is not None:
+            self.budget(len(missing) * self.params.nbytes)
         return planned, new_base
 
+    def _missing_buffers(self, hyperparams: Iterable[Hyperparams]) -> list[str]:
+        """State buffers these hyperparameters step with that the session does not hold yet."""
+        needed = dict.fromkeys(name for hp in hyperparams for name in hp.state_names())
+        return [name for name in needed if name not in self.state]
+
+    def hold_buffers(self, names: Iterable[str]) -> None:
+        """Allocate zeroed state buffers for ``names`` not held yet (torch's lazily created state starts at zero;
+        SGD's momentum buffer starts from the gradient, see ``momentum_started``). Buffers are never dropped: one
+        switched off keeps its values and switching it on again resumes from them, as torch's state does."""
+        new = {name: np.zeros(self.layout.size, np.float32) for name in names if name not in self.state}
+        if new:  # a new dict: readers without the lock (the store's budget sums nbytes) never see one change size
+            self.state = {**self.state, **new}
+
     def _assign(self, planned: list[tuple[ParamGroup, Hyperparams]], new_base: Hyperparams | None) -> None:
+        self.hold_buffers(self._missing_buffers(hp for _, hp in planned))
         for group, hp in planned:
             group.hp = hp
         if new_base is not None:

@@ -79,6 +79,7 @@ class MemoryStore:
             except FileNotFoundError:
                 raise SessionNotFound(f"no session {session_id!r}") from None
             self._check_budget(session.nbytes, None)
+            session.budget = self._check_growth
             self._sessions[session_id] = session
             log.info("session %s reloaded from its snapshot at step %d", session_id, session.step_count)
             return session
@@ -121,6 +122,20 @@ class MemoryStore:
                 budget_bytes=self.limits.memory_budget_bytes,
             )
 
+    def _check_growth(self, nbytes: int) -> None:
+        """Refuse a session's growth by ``nbytes`` (a state buffer created by a hyperparameter change) beyond the
+        budget. Called under that session's lock, so without the store's (``replace`` takes them the other way
+        round); the sum reads a copy of the membership."""
+        used = sum(s.nbytes for s in list(self._sessions.values()))
+        if used + nbytes > self.limits.memory_budget_bytes:
+            raise LimitExceeded(
+                f"this change needs {nbytes} more bytes of state; {used} of the memory budget of "
+                f"{self.limits.memory_budget_bytes} bytes are in use",
+                needed_bytes=nbytes,
+                used_bytes=used,
+                budget_bytes=self.limits.memory_budget_bytes,
+            )
+
     # --- membership --------------------------------------------------------------------------------------------
 
     def add(self, session: Session) -> None:
@@ -130,6 +145,7 @@ class MemoryStore:
                 raise Conflict(f"session {session.id!r} already exists", session_id=session.id)
             self._check_count(None)
             self._check_budget(session.nbytes, None)
+            session.budget = self._check_growth
             self._sessions[session.id] = session
 
     def replace(self, session: Session) -> bool:
@@ -140,6 +156,7 @@ class MemoryStore:
             self._check_budget(session.nbytes, session.id)
             if old is not None:
                 old.close()
+            session.budget = self._check_growth
             self._sessions[session.id] = session
             existed = old is not None or (self.snapshots is not None and self.snapshots.exists(session.id))
         return existed
