@@ -322,7 +322,7 @@ def test_one_cycle_lr_turns_momentum_on_as_in_torch(url, remote_cls, torch_cls):
         for s in scheds:
             s.step()
     assert_same_params(local, remote)
-    assert remote_opt.client.session(remote_opt.session_id)["state"][-1] in ("momentum_buffer", "square_avg")
+    assert "momentum_buffer" in remote_opt.client.session(remote_opt.session_id)["state"]
 
 
 def test_sgd_momentum_switched_on_mid_run_by_hand_matches_torch(url):
