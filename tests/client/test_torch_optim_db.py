@@ -25,16 +25,15 @@ from typing import Any
 import pytest
 import torch
 
-pytest.importorskip("expecttest")  # common_optimizers imports it
-from torch.testing._internal.common_optimizers import (  # noqa: E402
+from torch.testing._internal.common_optimizers import (  # needs expecttest (the test extra)
     OptimizerErrorEnum,
     OptimizerInput,
     _get_optim_inputs_including_global_cliquey_kwargs,
     optim_db,
 )
 
-from optserve.client import Client  # noqa: E402
-from optserve.client.torch import RemoteAdam, RemoteAdamW, RemoteRMSprop, RemoteSGD  # noqa: E402
+from optserve.client import Client
+from optserve.client.torch import RemoteAdam, RemoteAdamW, RemoteRMSprop, RemoteSGD
 
 STEPS = 20
 TOL = {"rtol": 1e-5, "atol": 1e-6}
