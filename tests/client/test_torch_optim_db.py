@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from torch.testing._internal.common_optimizers import (  # needs expecttest (the test extra)
     OptimizerErrorEnum,
     OptimizerInput,
