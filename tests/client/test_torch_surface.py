@@ -114,6 +114,24 @@ def test_a_decoupled_adam_state_dict_loads_into_torch_adam_as_adamw(url):
     assert_same_params(model, twin_model)
 
 
+def test_an_adamw_state_dict_makes_remote_adam_step_as_adamw_and_a_hand_change_is_refused(url):
+    local, remote = make_model(), make_model()
+    local_opt = torch.optim.AdamW(local.parameters(), lr=0.01, weight_decay=0.2)
+    for i in range(3):
+        train_step(local, local_opt, i)
+    remote.load_state_dict(local.state_dict())
+    remote_opt = RemoteAdam(remote.parameters(), url=url)  # L2 Adam, until the state dict says otherwise
+    remote_opt.load_state_dict(local_opt.state_dict())
+    assert remote_opt.client.session(remote_opt.session_id)["optimizer"] == "adamw"
+    for i in range(3, 6):
+        train_step(local, local_opt, i)
+        train_step(remote, remote_opt, i)
+    assert_same_params(local, remote)
+    remote_opt.param_groups[0]["decoupled_weight_decay"] = False  # torch would switch to L2 here: refused, loudly
+    with pytest.raises(ValueError, match="decoupled_weight_decay"):
+        train_step(remote, remote_opt, 6)
+
+
 @pytest.mark.parametrize(
     ("remote_cls", "torch_cls", "hp"),
     [
