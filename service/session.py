@@ -479,10 +479,13 @@ class Session:
         """SGD: the tensors whose momentum buffer this step starts (momentum on, buffer not started); None otherwise.
 
         SGD's kernels start the buffer from the gradient at step number 1, the only use they make of the number."""
-        if self.optimizer != "sgd":
+        if self.optimizer != "sgd" or self.momentum_started.all():
             return None
-        on = [isinstance(hp, SGDHyperparams) and hp.momentum != 0 for hp in hyperparams]
-        return np.array([on[s.group] for s in self.layout.slots], dtype=bool) & ~self.momentum_started
+        on = np.array([isinstance(hp, SGDHyperparams) and hp.momentum != 0 for hp in hyperparams])
+        if not on.any():
+            return None
+        fresh = on[[s.group for s in self.layout.slots]] & ~self.momentum_started
+        return fresh if fresh.any() else None
 
     def _remember(self, key: str, record: KeyRecord) -> None:
         self.keys[key] = record
