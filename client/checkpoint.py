@@ -8,7 +8,10 @@ Tensors are float32, named ``params/<name>`` and ``<state>/<name>`` (``exp_avg/<
 - ``step`` and ``tensor_steps`` (one step number per tensor, layout order);
 - ``counters``, ``idempotency_keys`` (``[key, step, outcome, grad_norm]``) and, while contributions are pending,
   ``pending`` (``{"count", "nonfinite", "present"}``);
-- ``token_sha256``: the digest of the session's bearer token, when it has one (the token itself is never stored).
+- ``token_sha256``: the digest of the session's bearer token, when it has one (the token itself is never stored);
+- ``momentum_started`` (SGD): per tensor, whether its momentum buffer holds a value (torch creates it at the tensor's
+  first step with momentum, which need not be its first step). Without it: every stepped tensor of a group with
+  momentum.
 
 The server writes and reads it; the client builds one to load a torch ``state_dict`` into a session. Both use this
 module, so the format is defined once.
@@ -46,6 +49,7 @@ class Checkpoint:
     pending: dict[str, Any] | None = None
     session_id: str | None = None
     token_sha256: str | None = None  # the digest of the session's bearer token (never the token)
+    momentum_started: list[bool] | None = None  # SGD: per tensor, whether its momentum buffer holds a value
 
     @property
     def names(self) -> list[str]:
@@ -69,6 +73,8 @@ def encode_parts(cp: Checkpoint) -> list[bytes | memoryview]:
         metadata["pending"] = json.dumps(cp.pending)
     if cp.token_sha256 is not None:
         metadata["token_sha256"] = cp.token_sha256
+    if cp.momentum_started is not None:
+        metadata["momentum_started"] = json.dumps(cp.momentum_started)
     tensors: dict[str, np.ndarray] = {}
     for prefix, arrays in [("params", cp.params), *cp.state.items()]:
         for name in cp.names:
@@ -163,8 +169,13 @@ def decode(body: bytes | bytearray | memoryview) -> Checkpoint:
         and all(isinstance(p, bool) for p in pending["present"])
     ):
         raise CheckpointError("checkpoint pending must be {count, nonfinite, present}")
+    started = _json(meta, "momentum_started") if "momentum_started" in meta else None
+    if started is not None and not (
+        isinstance(started, list) and len(started) == len(names) and all(isinstance(s, bool) for s in started)
+    ):
+        raise CheckpointError("checkpoint momentum_started must list one true or false per tensor")
     params = groups.pop("params")
     token = meta.get("token_sha256")
     if token is not None and not (len(token) == 64 and all(c in "0123456789abcdef" for c in token)):
         raise CheckpointError("checkpoint token_sha256 must be 64 hex digits")
-    return Checkpoint(config, step, steps, params, groups, counters, keys, pending, meta.get("id"), token)
+    return Checkpoint(config, step, steps, params, groups, counters, keys, pending, meta.get("id"), token, started)

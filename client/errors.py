@@ -14,10 +14,10 @@ OptserveError
     +-- PreconditionFailed    412  the session is not at the step sent in If-Match (.current_step)
     +-- PayloadTooLarge       413
     +-- UnsupportedMediaType  415
-    +-- InvalidInput          422  wrong tensors, invalid hyperparameters
+    +-- InvalidInput          422  wrong tensors, invalid hyperparameters (also a ValueError)
     |   +-- NonFiniteGradient 422  NaN or infinity in the gradients
-    +-- LimitExceeded         429 / 507  too many sessions, memory budget
-    +-- ServerError           5xx  steps retry these safely
+    +-- LimitExceeded         429 / 507  too many sessions, memory budget (not retried)
+    +-- ServerError           other 5xx  steps retry these safely
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ class UnsupportedMediaType(APIError):
     pass
 
 
-class InvalidInput(APIError):
-    pass
+class InvalidInput(APIError, ValueError):
+    """Invalid values: a ``ValueError`` too, as code written for ``torch.optim`` expects of them."""
 
 
 class NonFiniteGradient(InvalidInput):
@@ -123,5 +123,5 @@ def error_for(status: int, problem: dict[str, Any]) -> APIError:
     """The most specific exception for a status and problem document."""
     cls = _BY_TYPE.get(str(problem.get("type")))
     if cls is None:
-        cls = ServerError if status >= 500 else _BY_STATUS.get(status, APIError)
+        cls = _BY_STATUS.get(status, ServerError if status >= 500 else APIError)
     return cls(status, problem)

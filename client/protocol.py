@@ -131,10 +131,10 @@ def retry_delay(call: Call, attempt: int, retry: Retry, reply: Reply | None = No
     """Seconds to wait before sending ``call`` again after attempt ``attempt`` failed in transit (``reply`` None) or
     answered ``reply``; None when that answer is final.
 
-    Only failures that may be transient are retried (transport errors and 5xx), and only for calls that are safe to
-    send twice (``Call.retry_safe``).
+    Only failures that may be transient are retried (transport errors and 5xx but 507, the memory budget), and only
+    for calls that are safe to send twice (``Call.retry_safe``).
     """
-    if not call.retry_safe or (reply is not None and reply.status < 500):
+    if not call.retry_safe or (reply is not None and (reply.status < 500 or reply.status == 507)):
         return None
     delays = retry.delays()
     return delays[attempt] if attempt < len(delays) else None

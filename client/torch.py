@@ -9,30 +9,45 @@
         optimizer.step()          # gradients go to the server, updated parameters come back
         scheduler.step()
 
-``RemoteAdam``, ``RemoteAdamW``, ``RemoteSGD`` and ``RemoteRMSprop`` take their ``torch.optim`` twin's arguments plus
-``url=`` (or ``client=``), ``session_id=`` (attach to an existing session), ``timeout=`` and ``retry=``. They accept
-``model.parameters()``, ``model.named_parameters()`` (the names become the tensor names on the server; otherwise
-parameters are named by their index, as in torch's ``state_dict``) and lists of parameter-group dicts.
+``RemoteAdam``, ``RemoteAdamW``, ``RemoteSGD`` and ``RemoteRMSprop`` take their ``torch.optim`` twin's arguments
+(validated by torch itself: the same exceptions for the same mistakes) plus ``url=`` (or ``client=``),
+``session_id=`` (attach to an existing session), ``timeout=``, ``retry=``, ``nonfinite=``, ``max_grad_norm=``,
+``token=`` and ``wire_dtype=``; any other keyword is a TypeError, as in torch. They accept ``model.parameters()``,
+``model.named_parameters()`` (the names become the tensor names on the server; otherwise parameters are named by
+their index, as in torch's ``state_dict``) and lists of parameter-group dicts.
 
-- Hyperparameters changed in ``param_groups`` (by hand or by any ``lr_scheduler``) travel with the next step.
+- Hyperparameters changed in ``param_groups`` (by hand or by any ``lr_scheduler``) travel with the next step; one
+  that needs state the session lacks (momentum switched on) makes the server create it, as torch does.
+- ``add_param_group`` adds the group's tensors to the session (zero state, as torch's for a new group).
 - Parameters whose ``grad`` is None are skipped, their state untouched, as torch does.
+- Complex parameters are stepped as their real view (``torch.view_as_real``), as torch's four optimizers do.
 - A bfloat16 or float16 model keeps float32 master weights on the server; gradients travel in the model's dtype.
 - ``state_dict()`` / ``load_state_dict()`` have torch's shape (``step``, ``exp_avg``, ``exp_avg_sq``,
-  ``max_exp_avg_sq``, ``momentum_buffer``, ``square_avg``, ``grad_avg``), so checkpointing code written for torch
-  works unchanged; for a non-float32 model each state also carries ``master_param``. Load the model's state dict
-  before the optimizer's, as usual: loading sends the model's current parameters with the state.
+  ``max_exp_avg_sq``, ``momentum_buffer``, ``square_avg``, ``grad_avg`` and every key torch writes in a parameter
+  group), so checkpointing code written for torch works unchanged, both ways; for a non-float32 model each state
+  also carries ``master_param``. Loading back the state dict just taken (nothing stepped or changed since) costs
+  no transfer. Load the model's state dict before the optimizer's, as usual: loading another state sends the
+  model's current parameters with it.
+- ``foreach``, ``fused`` and ``capturable`` only choose torch's implementation: accepted (with torch's checks),
+  the server has one. ``differentiable=True`` is refused: autograd cannot follow a step taken on the server.
+- ``copy.deepcopy`` gives an independent optimizer on a new session holding a copy of the state; pickling raises
+  TypeError (pickle ``state_dict()`` instead).
 """
 
 from __future__ import annotations
 
+import copy
 import uuid
 import warnings
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypedDict
 
 import numpy as np
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import _device_dtype_check_for_fused, _get_capturable_supported_devices
 from typing_extensions import Unpack
 
 from . import checkpoint, wire
@@ -44,16 +59,28 @@ __all__ = ["RemoteAdam", "RemoteAdamW", "RemoteSGD", "RemoteRMSprop"]
 
 _STEP_KEY_OPTIMIZERS = ("adam", "adamw", "rmsprop")  # torch keeps a per-parameter "step" for these, not for SGD
 _WIRE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_EXACT_DTYPES = (torch.float32, torch.complex64)  # held by the server's float32 master weights without rounding
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """The real tensor the server steps for ``t``: a complex tensor's ``view_as_real`` (shape (..., 2))."""
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A CPU float32 (or float16) numpy view or copy of a tensor."""
-    t = t.detach()
+    """A CPU float32 (or float16) numpy view or copy of a tensor (of its real view, if complex)."""
+    t = _real(t.detach())
     if t.device.type != "cpu":
         t = t.cpu()
     if t.dtype not in (torch.float32, torch.float16):
         t = t.float()  # bfloat16 has no numpy type: exact as float32, and the wire rounds back exactly
     return t.numpy()
+
+
+def _to_torch(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """A float32 array (the server's layout of ``like``) as a new tensor shaped like ``like`` (complex if it is)."""
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).copy())
+    return torch.view_as_complex(t.reshape(*like.shape, 2)) if like.is_complex() else t.reshape(like.shape)
 
 
 def _plain(value: Any) -> Any:
@@ -79,15 +106,55 @@ class RemoteOptions(TypedDict, total=False):
     wire_dtype: str | None  # "float16"/"bfloat16": gradients sent and parameters answered in it (master stays fp32)
 
 
+@dataclass
+class _Handed:
+    """What the last ``state_dict()`` handed out, to recognise it when it is loaded back unchanged."""
+
+    version: int  # the optimizer's version then (every step, load or new group bumps it)
+    group_params: list[list[int]]
+    tensors: dict[tuple[int, str], tuple[weakref.ref[torch.Tensor], int]]  # state tensors and their _version
+    params: list[int]  # the parameters' _version counters
+
+
 class _RemoteOptimizer(Optimizer):
-    """The shared body of the four drop-ins: a ``torch.optim.Optimizer`` that steps on the server."""
+    """The shared body of the four drop-ins: a ``torch.optim.Optimizer`` that steps on the server.
+
+    Subclasses name their twin (``_twin``), the hyperparameters the server steps with (``_server_hps``), the
+    optimizer state torch keeps (``_buffers``) and what torch's ``__setstate__`` fills into a loaded parameter
+    group that lacks a key (``_setstate_defaults``).
+    """
+
+    _twin: type[Optimizer]
+    _server_hps: tuple[str, ...]
+    _buffers: tuple[str, ...]
+    _setstate_defaults: Mapping[str, Any]
 
     def __init__(
-        self, params: Iterable[Any], defaults: dict[str, Any], optimizer: str, **remote: Unpack[RemoteOptions]
+        self,
+        params: Iterable[Any],
+        twin_kwargs: dict[str, Any],
+        optimizer: str,
+        remote: dict[str, Any],
+        extra_defaults: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(params, defaults)
+        unknown = sorted(set(remote) - set(RemoteOptions.__annotations__))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword argument {unknown[0]!r}")
+        # torch's own checks of the arguments, with its exceptions and messages; a twin over no data costs nothing
+        probe = self._twin([torch.empty(0)], **twin_kwargs)
+        if probe.defaults.get("differentiable"):
+            raise RuntimeError(
+                f"{type(self).__name__} does not support differentiable=True: the step runs on the server, where "
+                "autograd cannot follow it"
+            )
         self._optimizer = optimizer
-        self._hp_names = tuple(defaults)
+        self._names: list[str] = []
+        self._params: list[torch.Tensor] = []
+        self._connected = False
+        self._version = 0
+        self._handed: _Handed | None = None
+        super().__init__(params, {**probe.defaults, **(extra_defaults or {})})
+        optimizer = self._optimizer = self._server_optimizer(self.param_groups)  # groups may set their own flags
         client, session_id, token = remote.get("client"), remote.get("session_id"), remote.get("token")
         self._timeout = remote.get("timeout", 60.0)
         self._retry = remote.get("retry")
@@ -98,19 +165,11 @@ class _RemoteOptimizer(Optimizer):
         )  # fmt: skip
         if session_id is not None and token is not None:
             self.client.use_token(session_id, token)
-        self._names: list[str] = []
-        self._params: list[torch.Tensor] = []
-        for group in self.param_groups:
-            names = group.get("param_names") or [str(len(self._names) + i) for i in range(len(group["params"]))]
-            self._names.extend(names)
-            self._params.extend(group["params"])
-        if len(set(self._names)) != len(self._names):
-            raise ValueError("parameter names must be unique across parameter groups")
         if session_id is None:
             info = self.client.create_session(
                 {n: _to_numpy(p) for n, p in zip(self._names, self._params)},
                 optimizer,
-                hyperparams={k: _plain(v) for k, v in defaults.items()},
+                hyperparams={k: _plain(self.defaults[k]) for k in self._server_hps},
                 param_groups=self._group_specs(),
                 nonfinite=remote.get("nonfinite"),
                 max_grad_norm=remote.get("max_grad_norm"),
@@ -119,30 +178,42 @@ class _RemoteOptimizer(Optimizer):
         else:
             info = self.client.session(session_id)
             shapes = {n: tuple(t["shape"]) for n, t in info["tensors"].items()}
-            if shapes != {n: tuple(p.shape) for n, p in zip(self._names, self._params)}:
+            if shapes != {n: tuple(_real(p).shape) for n, p in zip(self._names, self._params)}:
                 raise ValueError(f"session {session_id!r} holds tensors {shapes}, which are not these parameters")
+            if info["optimizer"] != optimizer:
+                raise ValueError(f"session {session_id!r} steps {info['optimizer']}, not {optimizer}")
             self._sent = [g["hyperparams"] for g in info["param_groups"]]
         self.session_id: str = info["id"]
         self._step_count: int = info["step"]
+        self._connected = True
         self.last_grad_norm: float | None = None
         if session_id is not None:
             self._copy_in(*self.client.params(self.session_id))
 
     # --- helpers ----------------------------------------------------------------------------------------------
 
-    def _hyperparams(self, group: dict[str, Any]) -> dict[str, Any]:
-        return {k: _plain(group[k]) for k in self._hp_names}
+    def _hyperparams(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: _plain(group[k]) for k in self._server_hps}
 
-    def _group_specs(self) -> list[dict[str, Any]]:
+    def _group_specs(self, groups: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         specs, start = [], 0
-        for group in self.param_groups:
+        for group in self.param_groups if groups is None else groups:
             names = self._names[start : start + len(group["params"])]
             start += len(names)
             specs.append({"params": names, **self._hyperparams(group)})
         return specs
 
+    def _server_optimizer(self, groups: list[dict[str, Any]]) -> str:
+        """The server's optimizer for these groups (Adam's ``decoupled_weight_decay`` picks adam or adamw)."""
+        return self._optimizer
+
     def _changes(self) -> list[dict[str, Any] | None] | None:
         """Hyperparameters changed in ``param_groups`` since they were last sent, per group."""
+        if self._server_optimizer(self.param_groups) != self._optimizer:
+            raise ValueError(
+                f"{type(self).__name__}: decoupled_weight_decay cannot change after creation (the session steps "
+                f"{self._optimizer}); load a state dict with the new setting, or create another optimizer"
+            )
         changes: list[dict[str, Any] | None] = []
         for group, sent in zip(self.param_groups, self._sent):
             now = self._hyperparams(group)
@@ -150,14 +221,75 @@ class _RemoteOptimizer(Optimizer):
             changes.append(diff or None)
         return changes if any(changes) else None
 
-    def _copy_in(self, step: int, tensors: dict[str, np.ndarray]) -> None:
+    def _copy_in(self, step: int, tensors: Mapping[str, np.ndarray]) -> None:
         self._step_count = step
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the arrays are read-only views of the answer; only read
             for name, p in zip(self._names, self._params):
-                p.copy_(torch.from_numpy(tensors[name]).reshape(p.shape))
+                real = _real(p)
+                real.copy_(torch.from_numpy(tensors[name]).reshape(real.shape))
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        """What torch refuses of a group at its first step, refused when the group is added; and what a remote
+        step cannot do like torch's."""
+        params = group["params"]
+        if len(params) != len(set(params)):
+            raise ValueError(
+                f"{type(self).__name__} does not support a parameter listed twice in a group (torch would step it "
+                "twice per step with one state)"
+            )
+        if group.get("differentiable"):
+            raise RuntimeError(f"{type(self).__name__} does not support differentiable=True")
+        for p in params:
+            if group.get("fused"):
+                _device_dtype_check_for_fused(p)
+            if group.get("capturable") and p.device.type not in _get_capturable_supported_devices():
+                raise AssertionError(  # torch's exception and message for this, at its first step
+                    "If capturable=True, params and state_steps must be on supported devices: "
+                    f"{_get_capturable_supported_devices()}."
+                )
+
+    def _required_buffers(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        """The state buffers torch creates for a parameter of this group."""
+        return self._buffers
 
     # --- torch.optim.Optimizer ------------------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group`` (same checks and defaults); after construction the group's tensors are
+        added to the session, with zero state and torch's names (their index, or the names given)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._check_group(group)
+            names = group.get("param_names") or [str(len(self._names) + i) for i in range(len(group["params"]))]
+            if len(set(names)) != len(names) or set(names) & set(self._names):
+                raise ValueError("parameter names must be unique across parameter groups")
+            if self._connected:
+                self._add_to_session(group, names)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+        self._names.extend(names)
+        self._params.extend(group["params"])
+
+    def _add_to_session(self, group: dict[str, Any], names: list[str]) -> None:
+        """The session's checkpoint with these tensors added as a new group, put back in its place."""
+        cp = checkpoint.decode(self.client.checkpoint(self.session_id))
+        for name, p in zip(names, group["params"]):
+            value = _to_numpy(p).astype(np.float32)
+            cp.params[name] = value
+            for arrays in cp.state.values():
+                arrays[name] = np.zeros_like(value)
+        cp.config["param_groups"].append({"params": names, **self._hyperparams(group)})
+        cp.tensor_steps = cp.tensor_steps + [0] * len(names)
+        if cp.momentum_started is not None:
+            cp.momentum_started = cp.momentum_started + [False] * len(names)
+        if cp.pending is not None:
+            cp.pending["present"] = cp.pending["present"] + [False] * len(names)
+        self._step_count = self.client.restore(self.session_id, checkpoint.encode(cp))["step"]
+        self._sent.append(self._hyperparams(group))
+        self._version += 1
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -200,6 +332,7 @@ class _RemoteOptimizer(Optimizer):
             # The server restarted from a snapshot older than our last step: take its parameters and step there.
             self._copy_in(*self.client.params(self.session_id))
             result = send()
+        self._version += 1
         if changes:
             self._sent = [self._hyperparams(g) for g in self.param_groups]
         self.last_grad_norm = result.grad_norm
@@ -211,73 +344,158 @@ class _RemoteOptimizer(Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer state in torch's shape, read from the server's checkpoint of the session."""
-        cp = checkpoint.decode(self.client.checkpoint(self.session_id))
-        steps = dict(zip(cp.names, cp.tensor_steps))
+        """The optimizer state in torch's shape, read from the server's checkpoint of the session (before any step
+        has been applied there is no state, and only the session's info is read). torch's state-dict hooks run."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         state: dict[int, dict[str, Any]] = {}
-        for index, (name, p) in enumerate(zip(self._names, self._params)):
-            if steps[name] == 0:
-                continue
-            entry: dict[str, Any] = {}
-            if self._optimizer in _STEP_KEY_OPTIMIZERS:
-                entry["step"] = torch.tensor(float(steps[name]))
-            for buffer, arrays in cp.state.items():
-                if buffer != "accumulated":
-                    entry[buffer] = torch.from_numpy(arrays[name].copy())
-            if p.dtype != torch.float32:
-                entry["master_param"] = torch.from_numpy(cp.params[name].copy())
-            if entry:
-                state[index] = entry
+        if self.client.session(self.session_id)["step"] > 0:
+            cp = checkpoint.decode(self.client.checkpoint(self.session_id))
+            steps = dict(zip(cp.names, cp.tensor_steps))
+            # SGD: torch holds a momentum buffer only for the tensors stepped with momentum
+            started = dict(zip(cp.names, cp.momentum_started or [s > 0 for s in cp.tensor_steps]))
+            for index, (name, p) in enumerate(zip(self._names, self._params)):
+                if steps[name] == 0:
+                    continue
+                entry: dict[str, Any] = {}
+                if self._optimizer in _STEP_KEY_OPTIMIZERS:
+                    entry["step"] = torch.tensor(float(steps[name]))
+                for buffer, arrays in cp.state.items():
+                    sgd_unstarted = self._optimizer == "sgd" and not started[name]
+                    if buffer != "accumulated" and not (buffer == "momentum_buffer" and sgd_unstarted):
+                        entry[buffer] = _to_torch(arrays[name], p)
+                if p.dtype not in _EXACT_DTYPES:
+                    entry["master_param"] = _to_torch(cp.params[name], p)
+                if entry:
+                    state[index] = entry
         groups, start = [], 0
         for group in self.param_groups:
             packed = {k: v for k, v in group.items() if k != "params"}
             packed["params"] = list(range(start, start + len(group["params"])))
             start += len(group["params"])
             groups.append(packed)
-        return {"state": state, "param_groups": groups}
+        self._handed = _Handed(
+            self._version,
+            [g["params"] for g in groups],
+            {(i, k): (weakref.ref(v), v._version) for i, e in state.items() for k, v in e.items()},
+            [p._version for p in self._params],
+        )
+        state_dict: dict[str, Any] = {"state": state, "param_groups": groups}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def _is_handed(self, state_dict: Mapping[str, Any]) -> bool:
+        """``state_dict`` is what the last ``state_dict()`` handed out, unchanged, and nothing moved since: the
+        same tensors (maybe in new dicts, as ``accelerate`` makes them) with no in-place change, the same
+        parameter ids, no step, load or new group, and the model's parameters untouched."""
+        handed = self._handed
+        if handed is None or handed.version != self._version:
+            return False
+        if [list(g["params"]) for g in state_dict["param_groups"]] != handed.group_params:
+            return False
+        if [p._version for p in self._params] != handed.params:
+            return False
+        seen = 0
+        for index, entry in state_dict["state"].items():
+            for key, value in entry.items():
+                ref, version = handed.tensors.get((index, key), (None, -1))
+                tensor = ref() if ref is not None else None
+                if tensor is None or tensor is not value or tensor._version != version:
+                    return False
+                seen += 1
+        return seen == len(handed.tensors)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load torch-shaped optimizer state into the session (with the model's current parameters)."""
-        saved_groups = state_dict["param_groups"]
+        """Load torch-shaped optimizer state into the session (with the model's current parameters), as torch's
+        ``load_state_dict`` does, hooks included. The state dict just handed out by ``state_dict()``, unchanged,
+        is taken as it is: the session already holds it, and only the groups' values are updated."""
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = copy.deepcopy(state_dict["param_groups"])
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
             raise ValueError(
                 "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
             )
+        groups = []
         for group, saved in zip(self.param_groups, saved_groups):
-            group.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
+            new = {**saved, "params": group["params"]}
+            if "param_names" in group and "param_names" not in new:
+                new["param_names"] = group["param_names"]
+            for key, default in self._setstate_defaults.items():
+                new.setdefault(key, default)
+            self._loaded_group(new)
+            groups.append(new)
+        optimizer = self._server_optimizer(groups)
+        if optimizer != self._optimizer or not self._is_handed(state_dict):
+            self._restore(state_dict, saved_groups, groups, optimizer)
+        self.param_groups = groups
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _loaded_group(self, group: dict[str, Any]) -> None:
+        """Adjust a loaded group as the twin's ``__setstate__`` does."""
+
+    def _restore(
+        self,
+        state_dict: Mapping[str, Any],
+        saved_groups: list[dict[str, Any]],
+        groups: list[dict[str, Any]],
+        optimizer: str,
+    ) -> None:
+        """Put a checkpoint built from ``state_dict`` and the model's parameters in the session's place."""
         info = self.client.session(self.session_id)
-        saved_state = {int(k): v for k, v in state_dict["state"].items()}
+        position = {saved: i for i, saved in enumerate(p for g in saved_groups for p in g["params"])}
+        saved_state = {position[k]: v for k, v in state_dict["state"].items() if k in position}
+        held = set(info["state"])
+        for group in groups:
+            held.update(self._required_buffers(group))
+        held.update(k for entry in saved_state.values() for k in entry if k in self._buffers)
         params: dict[str, np.ndarray] = {}
-        buffers: dict[str, dict[str, np.ndarray]] = {b: {} for b in info["state"]}
+        buffers: dict[str, dict[str, np.ndarray]] = {b: {} for b in self._buffers if b in held}
         tensor_steps: list[int] = []
+        started: list[bool] = []
         for index, (name, p) in enumerate(zip(self._names, self._params)):
             entry = saved_state.get(index, {})
+            shape = tuple(_real(p).shape)
             master = entry.get("master_param")
-            params[name] = _to_numpy(master if master is not None else p).astype(np.float32)
+            params[name] = _to_numpy(master if master is not None else p).astype(np.float32).reshape(shape)
             for buffer, arrays in buffers.items():
                 value = entry.get(buffer)
                 arrays[name] = (
-                    np.zeros(tuple(p.shape), np.float32)
-                    if value is None
-                    else _to_numpy(value).astype(np.float32).reshape(tuple(p.shape))
+                    np.zeros(shape, np.float32) if value is None else _to_numpy(value).astype(np.float32).reshape(shape)
                 )
+            started.append(entry.get("momentum_buffer") is not None)
             if "step" in entry:
                 tensor_steps.append(int(_plain(entry["step"])))
             else:  # SGD keeps no step: a momentum buffer means the parameter has been stepped
-                tensor_steps.append(1 if entry.get("momentum_buffer") is not None else 0)
+                tensor_steps.append(1 if started[-1] else 0)
         config = {k: info[k] for k in ("nonfinite", "max_grad_norm", "schedule", "accumulate")}
         config.update(
-            optimizer=self._optimizer,
-            hyperparams={k: _plain(v) for k, v in self.defaults.items() if k in self._hp_names},
-            param_groups=self._group_specs(),
+            optimizer=optimizer,
+            hyperparams={k: _plain(self.defaults[k]) for k in self._server_hps},
+            param_groups=self._group_specs(groups),
         )
-        cp = checkpoint.Checkpoint(config, max(tensor_steps, default=0), tensor_steps, params, buffers)
+        cp = checkpoint.Checkpoint(
+            config,
+            max(tensor_steps, default=0),
+            tensor_steps,
+            params,
+            buffers,
+            momentum_started=started if optimizer == "sgd" else None,
+        )
         restored = self.client.restore(self.session_id, checkpoint.encode(cp))
-        self._step_count = restored["step"]
-        self._sent = [self._hyperparams(g) for g in self.param_groups]
-        self._copy_in(*self.client.params(self.session_id))
+        self._optimizer = optimizer
+        self._sent = [self._hyperparams(g) for g in groups]
+        self._version += 1
+        self._copy_in(restored["step"], params)  # what the session holds now (rounded, for a low-precision model)
 
     def close(self, delete: bool = False) -> None:
         """Release the connection (and delete the session on the server when ``delete``)."""
@@ -286,86 +504,181 @@ class _RemoteOptimizer(Optimizer):
         if self._owns_client:
             self.client.close()
 
+    # --- copies -------------------------------------------------------------------------------------------------
 
-class RemoteAdam(_RemoteOptimizer):
+    def __deepcopy__(self, memo: dict[int, Any]) -> _RemoteOptimizer:
+        """An independent optimizer over copies of the parameters, on a new session holding a copy of this one's
+        state (its checkpoint, imported under a new id). A client passed in is shared, an own client is not."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key not in ("client", "_handed", "session_id"):
+                setattr(new, key, copy.deepcopy(value, memo))
+        new._handed = None
+        if self._owns_client:
+            new.client = Client(self.client.url, timeout=self._timeout, retry=self._retry)
+            new.client.credentials.default = self.client.credentials.default
+        else:
+            new.client = self.client
+        new.session_id = uuid.uuid4().hex
+        token = self.client.credentials.sessions.get(self.session_id)
+        if token is not None:  # the checkpoint carries the token's digest: the same token opens the copy
+            new.client.use_token(new.session_id, token)
+        info = new.client.restore(new.session_id, self.client.checkpoint(self.session_id))
+        new._step_count = info["step"]
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            f"cannot pickle (or copy.copy) {type(self).__name__}: its state lives in session {self.session_id!r} "
+            "on the server; save optimizer.state_dict() instead (torch.save works on it), or copy.deepcopy it"
+        )
+
+
+class _AdamFamily(_RemoteOptimizer):
+    _twin: type[Optimizer] = torch.optim.Adam
+    _server_hps = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "eps_root")
+    _buffers = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _setstate_defaults = {
+        "amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+        "decoupled_weight_decay": False, "fused": None, "eps_root": 0.0,
+    }  # fmt: skip
+
+    def _server_optimizer(self, groups: list[dict[str, Any]]) -> str:
+        decoupled = {bool(g.get("decoupled_weight_decay", False)) for g in groups}
+        if len(decoupled) > 1:
+            raise ValueError(
+                f"{type(self).__name__} steps every group with decoupled weight decay or none: the parameter groups "
+                "mix decoupled_weight_decay True and False"
+            )
+        return "adamw" if decoupled == {True} else "adam"
+
+    def _required_buffers(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return self._buffers if group["amsgrad"] else self._buffers[:2]
+
+
+class RemoteAdam(_AdamFamily):
     """``torch.optim.Adam`` with its state on the server (``decoupled_weight_decay=True`` makes it AdamW)."""
 
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0,
         amsgrad: bool = False,
         *,
+        foreach: bool | None = None,
         maximize: bool = False,
-        eps_root: float = 0.0,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        eps_root: float = 0.0,
         **remote: Unpack[RemoteOptions],
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        eps_root=eps_root)  # fmt: skip
-        super().__init__(params, defaults, "adamw" if decoupled_weight_decay else "adam", **remote)
+        twin = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach,
+                    maximize=maximize, capturable=capturable, differentiable=differentiable, fused=fused,
+                    decoupled_weight_decay=decoupled_weight_decay)  # fmt: skip
+        optimizer = "adamw" if decoupled_weight_decay else "adam"
+        super().__init__(params, twin, optimizer, dict(remote), {"eps_root": eps_root})
 
 
-class RemoteAdamW(_RemoteOptimizer):
+class RemoteAdamW(_AdamFamily):
     """``torch.optim.AdamW`` with its state on the server."""
+
+    _twin = torch.optim.AdamW
 
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         eps_root: float = 0.0,
         **remote: Unpack[RemoteOptions],
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        eps_root=eps_root)  # fmt: skip
-        super().__init__(params, defaults, "adamw", **remote)
+        twin = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                    foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused)  # fmt: skip
+        super().__init__(params, twin, "adamw", dict(remote), {"eps_root": eps_root})
+
+    def _loaded_group(self, group: dict[str, Any]) -> None:
+        group["decoupled_weight_decay"] = True  # as torch's AdamW.__setstate__
 
 
 class RemoteSGD(_RemoteOptimizer):
     """``torch.optim.SGD`` with its state on the server."""
 
+    _twin = torch.optim.SGD
+    _server_hps = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+    _buffers = ("momentum_buffer",)
+    _setstate_defaults = {
+        "nesterov": False, "maximize": False, "foreach": None, "differentiable": False, "fused": False,
+    }  # fmt: skip
+
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
+        lr: float | torch.Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | torch.Tensor = 0,
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
         **remote: Unpack[RemoteOptions],
     ) -> None:
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                        maximize=maximize)  # fmt: skip
-        super().__init__(params, defaults, "sgd", **remote)
+        twin = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                    maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)  # fmt: skip
+        super().__init__(params, twin, "sgd", dict(remote))
+
+    def _required_buffers(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return self._buffers if group["momentum"] != 0 else ()
 
 
 class RemoteRMSprop(_RemoteOptimizer):
     """``torch.optim.RMSprop`` with its state on the server."""
 
+    _twin = torch.optim.RMSprop
+    _server_hps = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
+    _buffers = ("square_avg", "momentum_buffer", "grad_avg")
+    _setstate_defaults = {
+        "momentum": 0, "centered": False, "foreach": None, "maximize": False, "differentiable": False,
+        "capturable": False,
+    }  # fmt: skip
+
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-2,
+        lr: float | torch.Tensor = 1e-2,
         alpha: float = 0.99,
         eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        momentum: float = 0.0,
+        weight_decay: float = 0,
+        momentum: float = 0,
         centered: bool = False,
-        *,
+        capturable: bool = False,
+        foreach: bool | None = None,
         maximize: bool = False,
+        differentiable: bool = False,
         **remote: Unpack[RemoteOptions],
     ) -> None:
-        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
-                        maximize=maximize)  # fmt: skip
-        super().__init__(params, defaults, "rmsprop", **remote)
+        twin = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                    centered=centered, capturable=capturable, foreach=foreach, maximize=maximize,
+                    differentiable=differentiable)  # fmt: skip
+        super().__init__(params, twin, "rmsprop", dict(remote))
+
+    def _required_buffers(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("square_avg", *(("momentum_buffer",) if group["momentum"] > 0 else ()),
+                *(("grad_avg",) if group["centered"] else ()))  # fmt: skip

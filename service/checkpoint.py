@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from optserve.client.checkpoint import Checkpoint, CheckpointError, decode, encode_parts
 
 from .errors import InvalidInput
+from .hyperparams import SGDHyperparams, optimizer_kind
 from .session import Counters, KeyRecord, Pending, Session, SessionConfig
 
 OUTCOMES = ("applied", "skipped", "accepted")
@@ -47,6 +48,7 @@ def dump_versioned(session: Session, held: bool = False) -> tuple[list[bytes | m
             else {"count": pending.count, "nonfinite": pending.nonfinite, "present": pending.present.tolist()},
             session_id=session.id,
             token_sha256=session.token_digest,
+            momentum_started=session.momentum_started.tolist() if session.optimizer == "sgd" else None,
         )
     views = {prefix: session.layout.views(flat) for prefix, flat in buffers.items()}
     cp.params = views.pop("params")
@@ -66,9 +68,12 @@ def load(body: bytes | bytearray | memoryview, session_id: str) -> Session:
     except (CheckpointError, ValidationError) as e:
         raise InvalidInput(f"invalid checkpoint: {e}") from None
     session = Session(session_id, config, {n: cp.params[n] for n in cp.names})
-    expected = set(session.state) | ({"accumulated"} if cp.pending is not None else set())
-    if set(cp.state) != expected:
-        raise InvalidInput(f"checkpoint state buffers {sorted(cp.state)} do not match its config ({sorted(expected)})")
+    # Buffers the config steps with must be there; others the optimizer keeps may be too (switched off since).
+    buffers, known = set(cp.state) - {"accumulated"}, set(optimizer_kind(session.optimizer).buffers)
+    if not set(session.state) <= buffers <= known or ("accumulated" in cp.state) != (cp.pending is not None):
+        expected = sorted(session.state) + (["accumulated"] if cp.pending is not None else [])
+        raise InvalidInput(f"checkpoint state buffers {sorted(cp.state)} do not match its config ({expected})")
+    session.hold_buffers(sorted(buffers))
     try:
         if cp.pending is not None:
             present = np.array(cp.pending["present"], dtype=bool)
@@ -106,6 +111,13 @@ def load(body: bytes | bytearray | memoryview, session_id: str) -> Session:
             raise InvalidInput(f"checkpoint {name} holds negative values: no optimizer state has them")
     session.step_count = cp.step
     session.tensor_steps[:] = cp.tensor_steps
+    if session.optimizer == "sgd":
+        if cp.momentum_started is not None:
+            started = np.array(cp.momentum_started, dtype=bool)
+        else:  # written before momentum could change: every stepped tensor of a group with momentum has its buffer
+            on = [isinstance(g.hp, SGDHyperparams) and g.hp.momentum != 0 for g in session.groups]
+            started = np.array([on[s.group] for s in session.layout.slots], dtype=bool)
+        session.momentum_started[:] = started & (session.tensor_steps > 0) & ("momentum_buffer" in session.state)
     session.token_digest = cp.token_sha256
     session.bounds = None  # the state is not the zeros they were computed for: read the magnitudes at the first step
     return session

@@ -74,7 +74,7 @@ def _adam(hp: AdamHyperparams, decoupled: bool, t: int, g: float, b: Bounds, out
         g += hp.weight_decay * p
     if g > SQRT_SAFE:
         raise OverflowError
-    m, v = b["exp_avg"], b["exp_avg_sq"]
+    m, v = b.get("exp_avg", 0.0), b.get("exp_avg_sq", 0.0)
     m = m if m > g else g
     v1 = beta2 * v + (1 - beta2) * g * g
     v = v if v > v1 else v1
@@ -100,7 +100,7 @@ def _sgd(hp: SGDHyperparams, t: int, g: float, b: Bounds, out: Bounds) -> None:
     g += hp.weight_decay * p
     if hp.momentum != 0:
         momentum = abs(hp.momentum)
-        buf = momentum * b["momentum_buffer"] + abs(1 - hp.dampening) * g
+        buf = momentum * b.get("momentum_buffer", 0.0) + abs(1 - hp.dampening) * g
         buf = buf if buf > g else g
         _raise(out, "momentum_buffer", buf)
         g = g + momentum * buf if hp.nesterov else buf
@@ -117,12 +117,12 @@ def _rmsprop(hp: RMSpropHyperparams, t: int, g: float, b: Bounds, out: Bounds) -
     eps = _f32(hp.eps)
     if eps <= 0:
         raise Unprovable  # sqrt(v) + eps may be 0
-    _raise(out, "square_avg", hp.alpha * b["square_avg"] + (1 - hp.alpha) * g * g)
+    _raise(out, "square_avg", hp.alpha * b.get("square_avg", 0.0) + (1 - hp.alpha) * g * g)
     ratio = g / eps  # |g| / (sqrt(v) + eps)
     if not ratio < SAFE:
         raise OverflowError
     if hp.momentum > 0:
-        buf = hp.momentum * b["momentum_buffer"] + ratio
+        buf = hp.momentum * b.get("momentum_buffer", 0.0) + ratio
         _raise(out, "momentum_buffer", buf)
         ratio = buf
     _raise(out, "params", p + hp.lr * ratio)
@@ -133,7 +133,7 @@ def _raise(out: Bounds, name: str, value: float) -> None:
     value *= MARGIN
     if not value < SAFE:  # also NaN
         raise OverflowError
-    if value > out[name]:
+    if value > out.get(name, 0.0):  # a buffer created by this step (momentum switched on) starts at zero
         out[name] = value
 
 
@@ -167,7 +167,8 @@ def dry_run(
     largest = max((stop - start for start, stop, _, _ in runs), default=0)
     n = min(DRY_CHUNK, largest)
     p_copy = np.empty(n, np.float32)
-    s_copy = {name: np.empty(n, np.float32) for name in state}
+    names = set(state).union(*(hp.state_names() for _, _, _, hp in runs))  # with buffers this step creates
+    s_copy = {name: np.empty(n, np.float32) for name in names}
     for start, stop, t, hp in runs:
         for lo in range(start, stop, DRY_CHUNK):
             hi = min(lo + DRY_CHUNK, stop)
@@ -176,7 +177,10 @@ def dry_run(
             p[:] = params[lo:hi]
             s = {name: buf[:k] for name, buf in s_copy.items()}
             for name, buf in s.items():
-                buf[:] = state[name][lo:hi]
+                if name in state:
+                    buf[:] = state[name][lo:hi]
+                else:
+                    buf[:] = 0.0
             fused.step_range(optimizer, p, grads[lo:hi], s, 0, k, t, hp, grad_scale)
             if not (np.isfinite(p).all() and all(np.isfinite(buf).all() for buf in s.values())):
                 return False

@@ -120,18 +120,20 @@ Hyperparams = AdamHyperparams | SGDHyperparams | RMSpropHyperparams
 
 @dataclass(frozen=True)
 class OptimizerKind:
-    """One servable optimizer: its name, hyperparameter class and defaults."""
+    """One servable optimizer: its name, hyperparameter class, defaults and every state buffer it may keep."""
 
     name: str
     hyperparams: type
     defaults: Mapping[str, Any]
+    buffers: tuple[str, ...]
 
 
+_ADAM_BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 OPTIMIZERS: dict[str, OptimizerKind] = {
-    "adam": OptimizerKind("adam", AdamHyperparams, {}),
-    "adamw": OptimizerKind("adamw", AdamHyperparams, {"weight_decay": 1e-2}),
-    "sgd": OptimizerKind("sgd", SGDHyperparams, {}),
-    "rmsprop": OptimizerKind("rmsprop", RMSpropHyperparams, {}),
+    "adam": OptimizerKind("adam", AdamHyperparams, {}, _ADAM_BUFFERS),
+    "adamw": OptimizerKind("adamw", AdamHyperparams, {"weight_decay": 1e-2}, _ADAM_BUFFERS),
+    "sgd": OptimizerKind("sgd", SGDHyperparams, {}, ("momentum_buffer",)),
+    "rmsprop": OptimizerKind("rmsprop", RMSpropHyperparams, {}, ("square_avg", "momentum_buffer", "grad_avg")),
 }
 
 

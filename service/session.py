@@ -33,7 +33,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -53,7 +53,15 @@ from .errors import (
     SessionNotFound,
     StepConflict,
 )
-from .hyperparams import AdamHyperparams, HyperparamError, Hyperparams, make_hyperparams, optimizer_kind, to_json
+from .hyperparams import (
+    AdamHyperparams,
+    HyperparamError,
+    Hyperparams,
+    SGDHyperparams,
+    make_hyperparams,
+    optimizer_kind,
+    to_json,
+)
 from .layout import FlatLayout
 from .schedules import Constant, Schedule
 
@@ -267,6 +275,9 @@ class Session:
         self.bounds: finite_math.Bounds | None = finite_math.exact(self.params, self.state)
         self._bounds_exact = True
         self._next_bounds: finite_math.Bounds | None = None
+        # SGD: whether each tensor's momentum buffer holds a value. torch creates it at the tensor's first step with
+        # momentum != 0 (from the gradient), which is not its first step when momentum is switched on mid-run.
+        self.momentum_started = np.zeros(len(self.layout.slots), dtype=bool)
         self.step_count = 0
         self.pending: Pending | None = None
         self.last_grad_norm: float | None = None
@@ -284,6 +295,8 @@ class Session:
         self.saved_version = -1
         self.saved_step = -1
         self.saved_at = 0.0
+        # Set by the store: raises LimitExceeded when its memory budget cannot hold this many more bytes.
+        self.budget: Callable[[int], None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -343,7 +356,8 @@ class Session:
                         sumsq = sum_of_squares(flat) if finite else math.nan
                 norm = math.sqrt(sumsq) if finite else None
                 scale = clip_scale(norm, self.config.max_grad_norm) if norm is not None else 1.0
-                runs = self._runs(present, scheduled) if not awaiting and norm is not None else []
+                fresh = self._momentum_starting(scheduled)
+                runs = self._runs(present, scheduled, fresh) if not awaiting and norm is not None else []
                 safe = awaiting > 0 or norm is None or self._stays_finite(flat, runs, scale, norm)
                 if not safe and self.config.nonfinite == "error":
                     raise NonFiniteResult(
@@ -365,7 +379,7 @@ class Session:
                 contributors, self.pending = pending.keys, None
             applied = norm is not None and safe
             if applied:
-                self._apply(flat, present, scale, runs)
+                self._apply(flat, present, scale, runs, fresh)
                 self.step_count += 1
                 self.counters.steps_applied += 1
                 self.last_grad_norm = norm
@@ -474,9 +488,12 @@ class Session:
                     "infinite"
                 )
 
-    def _runs(self, present: np.ndarray | None, hyperparams: list[Hyperparams]) -> list[finite_math.Run]:
-        """The ranges one step updates: runs of present tensors sharing a group and a step number, each with its
-        step number (1 for a tensor's first step) and hyperparameters."""
+    def _runs(
+        self, present: np.ndarray | None, hyperparams: list[Hyperparams], fresh: np.ndarray | None
+    ) -> list[finite_math.Run]:
+        """The ranges one step updates: runs of present tensors sharing a group and a step number (and, for SGD,
+        whether their momentum buffer starts now: such a run is stepped as a first step), each with its step number
+        (1 for a tensor's first step) and hyperparameters."""
         slots, steps = self.layout.slots, self.tensor_steps
         runs = []
         i = 0
@@ -490,9 +507,11 @@ class Session:
                 and slots[j].group == slots[i].group
                 and steps[j] == steps[i]
                 and (present is None or present[j])
+                and (fresh is None or fresh[j] == fresh[i])
             ):
                 j += 1
-            runs.append((slots[i].offset, slots[j - 1].stop, int(steps[i]) + 1, hyperparams[slots[i].group]))
+            t = 1 if fresh is not None and fresh[i] else int(steps[i]) + 1
+            runs.append((slots[i].offset, slots[j - 1].stop, t, hyperparams[slots[i].group]))
             i = j
         return runs
 
@@ -523,7 +542,12 @@ class Session:
         return finite_math.dry_run(self.optimizer, self.params, grads, self.state, runs, grad_scale)
 
     def _apply(
-        self, grads: np.ndarray, present: np.ndarray | None, grad_scale: float, runs: list[finite_math.Run]
+        self,
+        grads: np.ndarray,
+        present: np.ndarray | None,
+        grad_scale: float,
+        runs: list[finite_math.Run],
+        fresh: np.ndarray | None,
     ) -> None:
         """Step every run of present tensors sharing a group and step number: one fused call each."""
         for start, stop, t, hp in runs:
@@ -532,7 +556,21 @@ class Session:
             self.tensor_steps += 1
         else:
             self.tensor_steps[present] += 1
+        if fresh is not None:
+            self.momentum_started |= fresh if present is None else fresh & present
         self.bounds, self._bounds_exact = self._next_bounds, False
+
+    def _momentum_starting(self, hyperparams: list[Hyperparams]) -> np.ndarray | None:
+        """SGD: the tensors whose momentum buffer this step starts (momentum on, buffer not started); None otherwise.
+
+        SGD's kernels start the buffer from the gradient at step number 1, the only use they make of the number."""
+        if self.optimizer != "sgd" or self.momentum_started.all():
+            return None
+        on = np.array([isinstance(hp, SGDHyperparams) and hp.momentum != 0 for hp in hyperparams])
+        if not on.any():
+            return None
+        fresh = on[[s.group for s in self.layout.slots]] & ~self.momentum_started
+        return fresh if fresh.any() else None
 
     def _remember(self, key: str, record: KeyRecord) -> None:
         self.keys[key] = record
@@ -559,7 +597,10 @@ class Session:
         self, changes: HyperparamChanges
     ) -> tuple[list[tuple[ParamGroup, Hyperparams]], Hyperparams | None]:
         """Validate hyperparameter changes: one mapping for every group (which also becomes the session's), or a
-        list with one entry (or None) per group. Nothing is changed here; :meth:`_assign` does that."""
+        list with one entry (or None) per group. Nothing is changed here; :meth:`_assign` does that.
+
+        A change may need a state buffer the session does not hold yet (momentum switched on for SGD or RMSprop,
+        RMSprop's centered, amsgrad), as torch creates it when first needed: the memory budget must have room."""
         new_base = None
         if isinstance(changes, Mapping):
             per_group: list[Mapping[str, Any] | None] = [changes] * len(self.groups)
@@ -581,15 +622,27 @@ class Session:
                 hp = make_hyperparams(self.optimizer, values, base=group.hp)
             except HyperparamError as e:
                 raise InvalidInput(str(e)) from None
-            if set(hp.state_names()) != set(group.hp.state_names()):
-                raise InvalidInput(
-                    f"cannot change {', '.join(sorted(values))} of group {group.index} after creation: it changes "
-                    f"the optimizer state kept ({', '.join(group.hp.state_names()) or 'none'}); create a new session"
-                )
             planned.append((group, hp))
+        missing = self._missing_buffers(hp for _, hp in planned)
+        if missing and self.budget is not None:
+            self.budget(len(missing) * self.params.nbytes)
         return planned, new_base
 
+    def _missing_buffers(self, hyperparams: Iterable[Hyperparams]) -> list[str]:
+        """State buffers these hyperparameters step with that the session does not hold yet."""
+        needed = dict.fromkeys(name for hp in hyperparams for name in hp.state_names())
+        return [name for name in needed if name not in self.state]
+
+    def hold_buffers(self, names: Iterable[str]) -> None:
+        """Allocate zeroed state buffers for ``names`` not held yet (torch's lazily created state starts at zero;
+        SGD's momentum buffer starts from the gradient, see ``momentum_started``). Buffers are never dropped: one
+        switched off keeps its values and switching it on again resumes from them, as torch's state does."""
+        new = {name: np.zeros(self.layout.size, np.float32) for name in names if name not in self.state}
+        if new:  # a new dict: readers without the lock (the store's budget sums nbytes) never see one change size
+            self.state = {**self.state, **new}
+
     def _assign(self, planned: list[tuple[ParamGroup, Hyperparams]], new_base: Hyperparams | None) -> None:
+        self.hold_buffers(self._missing_buffers(hp for _, hp in planned))
         for group, hp in planned:
             group.hp = hp
         if new_base is not None:

@@ -226,6 +226,7 @@ class MemoryStore:
             except Exception as e:  # noqa: BLE001 - any failure sets this one file aside, never the others
                 self.snapshots.set_aside(session_id, None, f"{type(e).__name__}: {e}")
                 continue
+            session.budget = self._check_growth
             self._sessions[session_id] = session
             loaded += 1
         log.info("loaded %d session(s) from %s, %d left on disk (memory budget)", loaded, self.snapshots.dir, left)
@@ -301,8 +302,8 @@ class MemoryStore:
         return ids - (replacing is not None and (replacing in self._sessions or replacing in self._on_disk))
 
     def _used(self, replacing: str | None = None) -> int:
-        held = sum(s.nbytes for sid, s in self._sessions.items() if sid != replacing)
-        return held + sum(n for sid, n in self._reserved.items() if sid != replacing)
+        held = sum(s.nbytes for sid, s in list(self._sessions.items()) if sid != replacing)
+        return held + sum(n for sid, n in list(self._reserved.items()) if sid != replacing)
 
     def admit(self, n_tensors: int, n_params: int, state_buffers: int, replacing: str | None = None) -> None:
         """Refuse a session that would break a limit, before any of its memory is allocated."""
@@ -334,6 +335,20 @@ class MemoryStore:
         if used + nbytes > self.limits.memory_budget_bytes:
             raise LimitExceeded(
                 f"this session needs {nbytes} bytes of state; {used} of the memory budget of "
+                f"{self.limits.memory_budget_bytes} bytes are in use",
+                needed_bytes=nbytes,
+                used_bytes=used,
+                budget_bytes=self.limits.memory_budget_bytes,
+            )
+
+    def _check_growth(self, nbytes: int) -> None:
+        """Refuse a session's growth by ``nbytes`` (a state buffer created by a hyperparameter change) beyond the
+        budget. Called under that session's lock, so without the membership lock (taken before sessions' locks);
+        the sum reads a copy of the membership, so two sessions growing at once may pass it together."""
+        used = self._used()
+        if used + nbytes > self.limits.memory_budget_bytes:
+            raise LimitExceeded(
+                f"this change needs {nbytes} more bytes of state; {used} of the memory budget of "
                 f"{self.limits.memory_budget_bytes} bytes are in use",
                 needed_bytes=nbytes,
                 used_bytes=used,
@@ -428,6 +443,7 @@ class MemoryStore:
                     raise SessionNotFound(f"no session {session_id!r}")
                 self._make_room(session.nbytes)
                 del self._on_disk[session_id]
+                session.budget = self._check_growth
                 self._sessions[session_id] = session
                 self.reloads += 1
         log.info("session %s reloaded from its snapshot at step %d", session_id, session.step_count)
@@ -475,6 +491,7 @@ class MemoryStore:
         with self._lock:
             old = self._sessions.get(session.id)
             existed = old is not None or self._on_disk.pop(session.id, None) is not None
+            session.budget = self._check_growth
             self._sessions[session.id] = session
         if old is not None:
             old.close("replaced")  # requests still holding it look the id up again

@@ -376,8 +376,6 @@ def test_patch_all_groups_then_one_group_changes_the_math(http):
 @pytest.mark.parametrize(
     "patch",
     [
-        pytest.param({"hyperparams": {"amsgrad": True}}, id="structural-amsgrad"),
-        pytest.param({"hyperparams": {"amsgrad": True}, "group": 0}, id="structural-amsgrad-one-group"),
         pytest.param({"hyperparams": {"momentum": 0.9}}, id="unknown-hyperparam"),
         pytest.param({"hyperparams": {"lr": -0.1}}, id="negative-lr"),
         pytest.param({"hyperparams": {"betas": [1.5, 0.9]}}, id="beta-out-of-range"),

@@ -119,7 +119,7 @@ def test_centered_rmsprop_and_eps0_are_checked_by_a_dry_run_and_match_the_unguar
         for t in range(20):
             s.step(grads(1.0, t))
             flat, _ = twin.layout.gather(grads(1.0, t))
-            twin._apply(flat, None, 1.0, twin._runs(None, [g.hp for g in twin.groups]))  # no guard
+            twin._apply(flat, None, 1.0, twin._runs(None, [g.hp for g in twin.groups], None), None)  # no guard
             twin.step_count += 1
         assert state_bytes(s) == state_bytes(twin)
 
