@@ -247,16 +247,17 @@ engine_setup() {
 }
 
 engine_processes() { # pids of this engine: dockerd's descendants, and processes whose command line names its folder
-    local p cmd comm
+    local p cmd comm stat ppid
     local -A parent=() seen=()
     for p in /proc/[0-9]*; do
         p=${p#/proc/}
         [[ $p == "$$" || $p == "$BASHPID" ]] && continue
-        read -r _ _ _ ppid _ <"/proc/$p/stat" 2>/dev/null || continue
+        stat=$(cat 2>/dev/null "/proc/$p/stat") || continue
+        read -r _ ppid _ <<<"${stat##*) }" # after "pid (comm) ": state, ppid
         parent[$p]=$ppid
         comm=$(cat "/proc/$p/comm" 2>/dev/null)
         case $comm in dockerd | containerd* | runc | docker-proxy | docker-init) ;; *) continue ;; esac
-        cmd=$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null)
+        cmd=$(tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline")
         [[ $cmd == *"$ENGINE/"* ]] && seen[$p]=1
     done
     local changed=1
@@ -568,7 +569,7 @@ calls = sorted(int(p.suffix[1:]) for p in d.glob("argv.*"))
 
 
 def answer(n):
-    blocks = d.joinpath(f"headers.{n}").read_text().strip().split("\r\n\r\n")
+    blocks = d.joinpath(f"headers.{n}").read_bytes().decode().strip().split("\r\n\r\n")
     status_line, *lines = blocks[-1].split("\r\n")
     headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
     out = d.joinpath(f"out.{n}").read_bytes()
@@ -639,7 +640,7 @@ EOF
 check_non_root() {
     local user uids
     user=$(docker inspect -f '{{.Config.User}}' "$CID")
-    uids=$(docker top "$CID" -eo uid,args | tail -n +2)
+    uids=$(docker top "$CID" -eo uid,pid,args | tail -n +2)
     echo "$uids"
     if [[ -z $uids ]] || awk '{ print $1 }' <<<"$uids" | grep -qx '0\|root'; then
         echo "a process of the container runs as root (or none runs)"
