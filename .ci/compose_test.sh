@@ -631,7 +631,7 @@ check_python_client() { # the numpy example trains against the container with th
         python=$ROOT/.venv/bin/python
     fi
     out=$LOGS/train_numpy.log
-    bg "$python" examples/train_numpy.py --url "$URL" --token "$API_KEY" --steps 300 >"$out" 2>&1 || {
+    run "$python" examples/train_numpy.py --url "$URL" --token="$API_KEY" --steps 300 >"$out" 2>&1 || {
         cat "$out"
         echo "train_numpy.py failed"
         return 1

@@ -2,7 +2,7 @@
 
     python examples/train_numpy.py                      # starts a server in this process
     python examples/train_numpy.py --url http://127.0.0.1:8000 --steps 500
-    python examples/train_numpy.py --url http://127.0.0.1:8000 --token "$OPTSERVE_API_KEY"   # a server with auth on
+    python examples/train_numpy.py --url http://127.0.0.1:8000 --token="$OPTSERVE_API_KEY"   # a server with auth on
 
 Data: three interleaved spirals (generated). Biases get no weight decay (a second parameter group); gradients are
 clipped to a global norm of 1 on the server.
