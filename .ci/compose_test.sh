@@ -18,7 +18,8 @@
 #      imported under the FROM name, so neither the Dockerfile nor docker-compose.yml is edited for the test.
 #   4. the suites (functions suite_NAME, chosen by OPTSERVE_CI_SUITES, default "single"): `up -d --build --wait`
 #      with a generated .env (a user's own .env is moved aside and put back), then checks against the container.
-#   5. cleanup: down -v, images removed, engine stopped, host restored (and checked), temporary folders deleted.
+#   5. cleanup: down -v --rmi all (on an engine of the user's too: an optserve:latest there is rebuilt and removed),
+#      the stand-in removed, engine stopped, host restored (and checked), temporary folders deleted.
 #
 # Adding a suite (e.g. a Ray cluster compose file): write suite_ray() that sets COMPOSE_FILES, calls
 # compose_up and runs `check NAME function` for its own checks; then OPTSERVE_CI_SUITES="single ray".
@@ -796,8 +797,8 @@ main() {
     timed base-image "$t0"
     for suite in $SUITES; do
         "suite_$suite"
-        if ((PROJECT_UP)); then
-            compose down -v >"$LOGS/down-$suite.log" 2>&1
+        if ((PROJECT_UP)); then # its containers, network, volume and the images it built
+            compose down -v --rmi all >"$LOGS/down-$suite.log" 2>&1 || cat "$LOGS/down-$suite.log"
             PROJECT_UP=0
         fi
     done
