@@ -94,7 +94,7 @@ check() {
     else
         FAILED=$((FAILED + 1))
         say "FAIL $name: ${reason:-exit status $rc}"
-        head -n -1 "$out" | tail -n 25 | sed 's/^/    | /'
+        head -n -1 "$out" | tail -n 25 | sed 's/^/    | /' >&3
     fi
     return $rc
 }
