@@ -15,10 +15,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # Dependencies first, in their own layer: it is rebuilt only when pyproject.toml changes, not on every code change.
+# The server's dependencies are the [server] extra (pip only warns while a pyproject.toml has no such extra).
 COPY pyproject.toml README.md ./
 RUN mkdir -p service client \
     && touch service/__init__.py client/__init__.py \
-    && pip install . \
+    && pip install "./[server]" \
     && pip uninstall --yes optserve
 
 COPY service/ service/

@@ -2,6 +2,7 @@
 
     python examples/train_numpy.py                      # starts a server in this process
     python examples/train_numpy.py --url http://127.0.0.1:8000 --steps 500
+    python examples/train_numpy.py --url http://127.0.0.1:8000 --token="$OPTSERVE_API_KEY"   # a server with auth on
 
 Data: three interleaved spirals (generated). Biases get no weight decay (a second parameter group); gradients are
 clipped to a global norm of 1 on the server.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from typing import Any
 
 import numpy as np
@@ -58,9 +60,15 @@ def forward_backward(p: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> 
 
 
 def arguments(description: str, steps: int = 400) -> argparse.ArgumentParser:
-    """The options of the examples that train this network: ``--url``, ``--steps``, ``--lr``, ``--hidden``."""
+    """The options of the examples that train this network: ``--url``, ``--token``, ``--steps``, ``--lr``,
+    ``--hidden``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--url", help="optserve server (default: start one in this process)")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("OPTSERVE_API_KEY") or None,
+        help="admin key of a server with auth on (default: $OPTSERVE_API_KEY)",
+    )
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--hidden", type=int, default=64)
@@ -96,7 +104,7 @@ def main() -> None:
     x, y = spirals()
     params = init(args.hidden, classes=3)
     with contextlib.ExitStack() as stack:
-        opt = stack.enter_context(remote_adamw(params, server_url(stack, args.url), args.lr))
+        opt = stack.enter_context(remote_adamw(params, server_url(stack, args.url), args.lr, token=args.token))
         print(f"session {opt.session_id}: {sum(p.size for p in params.values())} parameters, AdamW on the server")
         for step in range(1, args.steps + 1):
             loss, accuracy, grads = forward_backward(params, x, y)

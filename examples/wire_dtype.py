@@ -19,10 +19,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def train(url: str, dtype: str, steps: int, lr: float, hidden: int) -> tuple[float, float, dict[str, np.ndarray]]:
+def train(
+    url: str, dtype: str, steps: int, lr: float, hidden: int, token: str | None = None
+) -> tuple[float, float, dict[str, np.ndarray]]:
     x, y = spirals()
     params = init(hidden, classes=3)
-    with remote_adamw(params, url, lr, wire_dtype=None if dtype == "float32" else dtype) as opt:
+    with remote_adamw(params, url, lr, wire_dtype=None if dtype == "float32" else dtype, token=token) as opt:
         for _ in range(steps):
             _, _, grads = forward_backward(params, x, y)
             opt.step(grads)
@@ -35,7 +37,7 @@ def main() -> None:
     args = arguments(__doc__.splitlines()[0]).parse_args()
     with contextlib.ExitStack() as stack:
         url = server_url(stack, args.url)
-        runs = {dtype: train(url, dtype, args.steps, args.lr, args.hidden) for dtype in DTYPES}
+        runs = {dtype: train(url, dtype, args.steps, args.lr, args.hidden, args.token) for dtype in DTYPES}
     n = sum(p.size for p in runs["float32"][2].values())
     print(f"{args.steps} AdamW steps of a {n}-parameter network, one run per wire dtype")
     print("| wire dtype | data bytes per step, each way | final loss | accuracy | max abs(param - float32 run) |")

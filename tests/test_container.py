@@ -1,24 +1,19 @@
-"""The container, without a Docker engine: the Dockerfile lints clean, docker-compose.yml agrees with it, and the
-image's exact install steps and start command work in a fresh virtual environment."""
+"""The container files, without a Docker engine: the Dockerfile lints clean, docker-compose.yml agrees with it and the
+build context holds only what the image needs. The image itself is built and run on a real engine by
+.ci/compose_test.sh (CI runs it after these tests)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
-
-from optserve.service.embedded import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +64,8 @@ def test_compose_agrees_with_the_dockerfile() -> None:
     (service,) = compose["services"].values()
     assert service["command"] == d["CMD"]
     env = service["environment"]
-    assert service["ports"] == [f"{env['OPTSERVE_PORT']}:{d['EXPOSE']}"]
+    # the host side is configurable, 8000 by default: "${OPTSERVE_HOST_PORT:-8000}:8000"
+    assert service["ports"] == [f"${{OPTSERVE_HOST_PORT:-{env['OPTSERVE_PORT']}}}:{d['EXPOSE']}"]
     (volume,) = service["volumes"]
     name, target = volume.split(":")
     assert target == env["OPTSERVE_DATA_DIR"] == d["ENV"]["OPTSERVE_DATA_DIR"]
@@ -80,41 +76,11 @@ def test_compose_agrees_with_the_dockerfile() -> None:
     assert "OPTSERVE_API_KEY=" in (ROOT / ".env.example").read_text()  # auth on: the key comes from .env
 
 
-@pytest.mark.server
-def test_image_start_command_in_a_fresh_venv_built_by_the_dockerfile_steps(tmp_path: Path) -> None:
-    d = dockerfile()
-    app = tmp_path / "app"
-    app.mkdir()
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "VIRTUAL_ENV": str(venv)}
-    env.pop("PYTHONPATH", None)
-    for op, rest in instructions():  # the image's COPY and install steps, in order, into a fresh venv
-        if op == "COPY":
-            *sources, target = rest.split()
-            for source in sources:
-                if (ROOT / source).is_dir():
-                    shutil.copytree(ROOT / source, app / target, dirs_exist_ok=True)
-                else:
-                    shutil.copy(ROOT / source, app / target)
-        elif op == "RUN":  # the Python steps; useradd/chown are about the image's users, not the environment
-            for step in (s.strip() for s in rest.split("&&")):
-                if step.startswith(("pip ", "mkdir -p service", "touch ")):
-                    subprocess.run(step, shell=True, cwd=app, env=env, check=True, timeout=600)  # noqa: S602
-    port = free_port()
-    server_env = {**env, **d["ENV"], "OPTSERVE_PORT": str(port), "OPTSERVE_DATA_DIR": str(tmp_path / "data")}
-    server_env["NUMBA_CACHE_DIR"] = str(tmp_path / "numba")
-    proc = subprocess.Popen(d["CMD"], cwd=tmp_path, env=server_env)
-    try:
-        # OPTSERVE_HOST=0.0.0.0 in the image; loopback reaches it
-        wait_healthy(f"http://127.0.0.1:{port}", timeout=60, alive=lambda: proc.poll() is None)
-        check = subprocess.run(d["HEALTHCHECK"], env=server_env, timeout=10, check=False)
-        assert check.returncode == 0
-        started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
-        assert time.monotonic() - started < 10
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+def test_build_context_is_only_what_the_image_copies() -> None:
+    """.dockerignore keeps .venv (GBs with torch), data/, .git and .env (the key) out of the context sent to the
+    engine: everything is ignored but what the Dockerfile's COPY lines name."""
+    rules = [r for r in (ROOT / ".dockerignore").read_text().splitlines() if r.strip() and not r.startswith("#")]
+    assert rules[0] == "*"
+    kept = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
+    copied = {src.rstrip("/") for op, rest in instructions() if op == "COPY" for src in rest.split()[:-1]}
+    assert kept == copied
