@@ -7,13 +7,13 @@ WHEELS ?= /opt/wheels
 PIP    := $(BIN)/python -m pip
 PIP_FLAGS := --disable-pip-version-check $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 
-.PHONY: serve test install install-test lint format clean
+.PHONY: serve test bench install install-test lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 install: $(BIN)/python
-	$(PIP) install -q $(PIP_FLAGS) -e .
+	$(PIP) install -q $(PIP_FLAGS) -e '.[server]'
 
 install-test: $(BIN)/python
 	$(PIP) install -q $(PIP_FLAGS) -e '.[test,dev]'
@@ -23,6 +23,10 @@ serve: install
 
 test: install-test
 	$(BIN)/python -m pytest
+
+# The benchmark needs the server, torch (its comparison points) and Debian's wrk (table 3).
+bench: install-test
+	$(BIN)/python bench/run.py $(ARGS)
 
 lint: install-test
 	$(BIN)/ruff check service client tests examples bench locustfile.py

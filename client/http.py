@@ -8,6 +8,7 @@ The two are twins: every method builds its request and reads its answer with the
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -21,7 +22,21 @@ from .errors import TransportError
 from .protocol import Call, Credentials, HyperparamChanges, Reply, Retry, StepResult
 from .transport import SocketTransport
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+
+def default_url() -> str:
+    """Where the server is when no URL is given: ``OPTSERVE_URL``, else the address ``optserve serve`` binds from
+    ``OPTSERVE_HOST`` and ``OPTSERVE_PORT`` (a wildcard host meaning this machine), else http://127.0.0.1:8000.
+    One setting points every tool (the CLI, ``Client``, the optimizers) at the server."""
+    url = os.environ.get("OPTSERVE_URL", "").strip()
+    if url:
+        return url
+    host = os.environ.get("OPTSERVE_HOST", "").strip() or "127.0.0.1"
+    if host in ("0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address
+    port = os.environ.get("OPTSERVE_PORT", "").strip() or "8000"
+    return f"http://{host}:{port}"
 
 
 def _http_kwargs(url: str, timeout: float | httpx.Timeout, headers: Mapping[str, str] | None) -> dict[str, Any]:
@@ -40,8 +55,8 @@ def _step_call(session_id: str, grads: Mapping[str, Any], key: str | None, **kwa
 class _Base:
     """What both clients hold: the server's URL, the retry policy and the bearer tokens."""
 
-    def __init__(self, url: str, retry: Retry | None, token: str | None) -> None:
-        self.url = url.rstrip("/")
+    def __init__(self, url: str | None, retry: Retry | None, token: str | None) -> None:
+        self.url = (url or default_url()).rstrip("/")
         self.retry = retry or Retry()
         self.credentials = Credentials(token)
 
@@ -60,7 +75,7 @@ class Client(_Base):
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | None = None,
         *,
         timeout: float | httpx.Timeout = 60.0,
         retry: Retry | None = None,
@@ -71,7 +86,7 @@ class Client(_Base):
         super().__init__(url, retry, token)
         if transport is None and self.url.startswith("http://"):
             transport = SocketTransport(timeout=timeout if isinstance(timeout, (int, float)) else None)
-        self._http = httpx.Client(transport=transport, **_http_kwargs(url, timeout, headers))
+        self._http = httpx.Client(transport=transport, **_http_kwargs(self.url, timeout, headers))
 
     def __enter__(self) -> Client:
         return self
@@ -204,7 +219,7 @@ class AsyncClient(_Base):
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | None = None,
         *,
         timeout: float | httpx.Timeout = 60.0,
         retry: Retry | None = None,
@@ -213,7 +228,7 @@ class AsyncClient(_Base):
         token: str | None = None,
     ) -> None:
         super().__init__(url, retry, token)
-        self._http = httpx.AsyncClient(transport=transport, **_http_kwargs(url, timeout, headers))
+        self._http = httpx.AsyncClient(transport=transport, **_http_kwargs(self.url, timeout, headers))
 
     async def __aenter__(self) -> AsyncClient:
         return self

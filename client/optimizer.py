@@ -16,7 +16,8 @@ import numpy as np
 
 from . import wire
 from .errors import PreconditionFailed
-from .http import DEFAULT_URL, Client
+from .http import Client
+from .lease import Lease, settle
 from .protocol import Retry, StepResult
 
 
@@ -30,6 +31,9 @@ class RemoteOptimizer:
 
     ``nonfinite``, ``max_grad_norm``, ``schedule`` and ``accumulate`` configure a new session (see the README);
     ``token`` is the admin key (to create) or the session's token (to attach) on a server with auth on.
+    A session created here is deleted when the optimizer is closed, garbage collected or the interpreter exits
+    normally (see :mod:`optserve.client.lease`), unless it is named (``name=``, its id) or ``keep=True``; an attached
+    one is never deleted by closing, unless ``close(delete=True)``.
     ``wire_dtype`` float16 or bfloat16 halves the bytes of a step each way: the gradients are sent in it and the
     updated parameters come back rounded to it, while the session keeps float32 master weights (so rounding never
     accumulates: ``params`` holds the rounded master weights after each step).
@@ -44,7 +48,7 @@ class RemoteOptimizer:
     def __init__(
         self,
         params: MutableMapping[str, np.ndarray],
-        url: str = DEFAULT_URL,
+        url: str | None = None,
         optimizer: str = "adamw",
         *,
         client: Client | None = None,
@@ -58,6 +62,8 @@ class RemoteOptimizer:
         accumulate: int | None = None,
         token: str | None = None,
         wire_dtype: str | None = None,
+        name: str | None = None,
+        keep: bool = False,
         **hyperparams: Any,
     ) -> None:
         self.params = params
@@ -78,10 +84,13 @@ class RemoteOptimizer:
                 max_grad_norm=max_grad_norm,
                 schedule=dict(schedule) if schedule else None,
                 accumulate=accumulate,
+                session_id=name,
             )
         else:
             info = self.client.session(session_id)
         self.session_id: str = info["id"]
+        anonymous = session_id is None and name is None and not keep
+        self._lease = Lease(self, self.client.url, self.client.credentials, self.session_id) if anonymous else None
         self.info = info
         self.names: list[str] = list(info["tensors"])
         self.step_count: int = info["step"]
@@ -143,10 +152,10 @@ class RemoteOptimizer:
         """Change hyperparameters on the server (e.g. ``lr=1e-4``), for every group or for ``group``."""
         self.info = self.client.update_hyperparams(self.session_id, group, **hyperparams)
 
-    def close(self, delete: bool = False) -> None:
-        """Release the connection (and delete the session on the server when ``delete``)."""
-        if delete:
-            self.client.delete_session(self.session_id)
+    def close(self, delete: bool | None = None) -> None:
+        """Release the connection. The session is deleted on the server if this optimizer created it without a
+        name and without ``keep=True`` (``delete=None``), or whenever ``delete`` is True; ``False`` keeps it."""
+        settle(self._lease, self.client, self.session_id, delete)
         if self._owns_client:
             self.client.close()
 

@@ -52,7 +52,8 @@ from typing_extensions import Unpack
 
 from . import checkpoint, wire
 from .errors import PreconditionFailed
-from .http import DEFAULT_URL, Client
+from .http import Client
+from .lease import Lease, settle
 from .protocol import Retry, StepResult
 
 __all__ = ["RemoteAdam", "RemoteAdamW", "RemoteSGD", "RemoteRMSprop"]
@@ -95,7 +96,7 @@ def _plain(value: Any) -> Any:
 class RemoteOptions(TypedDict, total=False):
     """Where and how the drop-ins reach the server: the keyword arguments they add to their torch twins."""
 
-    url: str  # default http://127.0.0.1:8000
+    url: str  # default: OPTSERVE_URL, else OPTSERVE_HOST/OPTSERVE_PORT, else http://127.0.0.1:8000
     session_id: str | None  # attach to this session instead of creating one
     client: Client | None  # an existing client (url, timeout, retry and token are then its own)
     timeout: float  # seconds, default 60
@@ -104,6 +105,8 @@ class RemoteOptions(TypedDict, total=False):
     max_grad_norm: float | None  # server-side clipping, for a new session
     token: str | None  # admin key (to create) or the session's token (to attach)
     wire_dtype: str | None  # "float16"/"bfloat16": gradients sent and parameters answered in it (master stays fp32)
+    name: str | None  # create the session under this id (kept after close, like an attached one)
+    keep: bool  # keep a session created here after close (default: deleted on close, collection or exit)
 
 
 @dataclass
@@ -161,7 +164,7 @@ class _RemoteOptimizer(Optimizer):
         self._wire_dtype = wire.check_wire_dtype(remote.get("wire_dtype"))
         self._owns_client = client is None
         self.client = client if client is not None else Client(
-            remote.get("url", DEFAULT_URL), timeout=self._timeout, retry=self._retry, token=token
+            remote.get("url"), timeout=self._timeout, retry=self._retry, token=token
         )  # fmt: skip
         if session_id is not None and token is not None:
             self.client.use_token(session_id, token)
@@ -173,6 +176,7 @@ class _RemoteOptimizer(Optimizer):
                 param_groups=self._group_specs(),
                 nonfinite=remote.get("nonfinite"),
                 max_grad_norm=remote.get("max_grad_norm"),
+                session_id=remote.get("name"),
             )
             self._sent = [self._hyperparams(g) for g in self.param_groups]
         else:
@@ -184,6 +188,8 @@ class _RemoteOptimizer(Optimizer):
                 raise ValueError(f"session {session_id!r} steps {info['optimizer']}, not {optimizer}")
             self._sent = [g["hyperparams"] for g in info["param_groups"]]
         self.session_id: str = info["id"]
+        self._keep = bool(remote.get("keep")) or remote.get("name") is not None
+        self._lease = self._new_lease() if session_id is None else None
         self._step_count: int = info["step"]
         self._connected = True
         self.last_grad_norm: float | None = None
@@ -497,10 +503,14 @@ class _RemoteOptimizer(Optimizer):
         self._version += 1
         self._copy_in(restored["step"], params)  # what the session holds now (rounded, for a low-precision model)
 
-    def close(self, delete: bool = False) -> None:
-        """Release the connection (and delete the session on the server when ``delete``)."""
-        if delete:
-            self.client.delete_session(self.session_id)
+    def _new_lease(self) -> Lease | None:
+        """The lease that deletes a session created here when this optimizer goes (unless kept or named)."""
+        return None if self._keep else Lease(self, self.client.url, self.client.credentials, self.session_id)
+
+    def close(self, delete: bool | None = None) -> None:
+        """Release the connection. The session is deleted on the server if this optimizer created it without a
+        name and without ``keep=True`` (``delete=None``), or whenever ``delete`` is True; ``False`` keeps it."""
+        settle(self._lease, self.client, self.session_id, delete)
         if self._owns_client:
             self.client.close()
 
@@ -512,7 +522,7 @@ class _RemoteOptimizer(Optimizer):
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            if key not in ("client", "_handed", "session_id"):
+            if key not in ("client", "_handed", "session_id", "_lease"):
                 setattr(new, key, copy.deepcopy(value, memo))
         new._handed = None
         if self._owns_client:
@@ -526,6 +536,7 @@ class _RemoteOptimizer(Optimizer):
             new.client.use_token(new.session_id, token)
         info = new.client.restore(new.session_id, self.client.checkpoint(self.session_id))
         new._step_count = info["step"]
+        new._lease = new._new_lease()  # the copy's session is its own, an anonymous one
         return new
 
     def __reduce_ex__(self, protocol: Any) -> Any:

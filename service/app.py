@@ -75,7 +75,8 @@ def make_store(settings: Settings) -> SessionStore:
         memory_budget_bytes=settings.memory_budget_bytes,
     )
     saver = Saver(snapshots, settings.snapshot_every_steps, settings.snapshot_every_seconds, settings.fsync_every_step)
-    return MemoryStore(limits, snapshots, saver, Lifetimes(settings.session_ttl_seconds))
+    lifetimes = Lifetimes(settings.session_ttl_seconds, settings.session_expire_seconds)
+    return MemoryStore(limits, snapshots, saver, lifetimes)
 
 
 def create_app(settings: Settings | None = None, store: SessionStore | None = None) -> FastAPI:

@@ -5,7 +5,8 @@
     optserve checkpoint export ID FILE | import ID FILE  [--url URL] [--token T]
     optserve loadtest [--clients N] [--params P] [--duration S | --steps K] [--csv F] [--plot F.png] [--url] [--token]
 
-``--url`` defaults to ``OPTSERVE_URL`` or http://127.0.0.1:8000, ``--token`` to ``OPTSERVE_TOKEN`` (the admin
+``--url`` defaults to ``OPTSERVE_URL``, else the address of ``OPTSERVE_HOST``/``OPTSERVE_PORT`` (what ``optserve
+serve`` binds), else http://127.0.0.1:8000; ``--token`` to ``OPTSERVE_TOKEN`` (the admin
 key or a session's token when auth is on).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import sys
@@ -21,7 +23,7 @@ from pathlib import Path
 
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("OPTSERVE_URL", "http://127.0.0.1:8000"))
+    parser.add_argument("--url", default=None, help="the server (default: OPTSERVE_URL, else OPTSERVE_HOST/PORT)")
     parser.add_argument("--token", default=os.environ.get("OPTSERVE_TOKEN"), help="admin key or session token")
 
 
@@ -81,9 +83,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    import uvicorn
+    try:
+        import uvicorn
 
-    from .app import create_app
+        from .app import create_app
+    except ImportError as e:  # the plain install is the client
+        raise SystemExit(f"optserve serve needs the server's dependencies ({e.name} is missing): "
+                         "pip install 'optserve[server]'") from None  # fmt: skip
+
     from .bodies import HTTP_PROTOCOL
     from .observability import configure_logging
     from .settings import Settings
@@ -164,6 +171,8 @@ def loadtest(args: argparse.Namespace) -> None:
     from . import loadtest as lt
 
     duration = args.duration if args.duration is not None else (None if args.steps is not None else 10.0)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # before the test, not after it
+        _fail(RuntimeError("--plot needs matplotlib: pip install matplotlib"))
     try:
         report = asyncio.run(
             lt.run(args.url, args.clients, args.params, duration, args.steps, args.optimizer, args.token,

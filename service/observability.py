@@ -174,6 +174,8 @@ class _StoreCollector(Collector):
                                   value=stats.evictions)  # fmt: skip
         yield CounterMetricFamily("optserve_session_reloads", "Sessions loaded back from disk on use",
                                   value=stats.reloads)  # fmt: skip
+        yield CounterMetricFamily("optserve_sessions_expired", "Sessions deleted for idleness (expired)",
+                                  value=stats.expired)  # fmt: skip
         yield GaugeMetricFamily("optserve_parameters", "Parameters held by all sessions", value=stats.parameters)
         yield GaugeMetricFamily("optserve_state_bytes", "Bytes of optimizer state held by all sessions",
                                 value=stats.state_bytes)  # fmt: skip

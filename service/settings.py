@@ -62,3 +62,6 @@ class Settings(BaseSettings):
     session_ttl_seconds: float = Field(
         default=86400.0, ge=0, description="evict sessions idle this long from memory (snapshotted first; 0: never)"
     )
+    session_expire_seconds: float = Field(
+        default=7 * 86400.0, ge=0, description="delete sessions without a step or change this long (0: never)"
+    )

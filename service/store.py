@@ -38,7 +38,7 @@ from anyio import to_thread
 from optserve.client.wire import Safetensors, WireError
 
 from . import checkpoint
-from .auth import Access
+from .auth import ADMIN, Access
 from .errors import (
     Conflict,
     InvalidInput,
@@ -92,9 +92,11 @@ class Limits:
 
 @dataclass(frozen=True)
 class Lifetimes:
-    """How long idle sessions stay: ``ttl_seconds`` in memory (then evicted to disk), 0 meaning forever."""
+    """How long idle sessions (no step or change) stay: ``ttl_seconds`` in memory, then evicted to disk;
+    ``expire_seconds`` at all, then deleted with their snapshot (a crashed client's session). 0 means forever."""
 
     ttl_seconds: float = 0.0
+    expire_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class StoreStats:
     state_bytes: int  # held in memory
     evictions: int = 0  # sessions evicted to disk so far
     reloads: int = 0  # sessions loaded back from disk on use so far
+    expired: int = 0  # sessions deleted for idleness (OPTSERVE_SESSION_EXPIRE_SECONDS) so far
     snapshots: Saver | None = None  # its durations, failures and failing
 
 
@@ -200,7 +203,7 @@ class MemoryStore:
         self._deleting: set[str] = set()  # tombstones: ids whose snapshot is being removed
         self._lock = threading.Lock()  # membership changes; never held while waiting for a session's lock
         self.ready = False
-        self.evictions = self.reloads = 0
+        self.evictions = self.reloads = self.expired = 0
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -244,7 +247,8 @@ class MemoryStore:
             log.info("shutdown: snapshots flushed (%d failed)", failed)
 
     async def maintain(self, now: float) -> None:
-        """Time-based snapshots and idle eviction (the app calls this every half second)."""
+        """Expiry, time-based snapshots and idle eviction (the app calls this every half second)."""
+        await self._expire(now)
         saver = self.saver
         if saver is None:
             return
@@ -259,6 +263,24 @@ class MemoryStore:
                     log.info("session %s evicted after %.0f s idle", session.id, now - session.updated_at)
             elif saver.due(session, now):
                 saver.request(session)
+
+    async def _expire(self, now: float) -> None:
+        """Delete the sessions idle for ``expire_seconds`` (in memory or on disk), as a DELETE would."""
+        expire = self.lifetimes.expire_seconds
+        if not expire:
+            return
+        idle = [s.id for s in list(self._sessions.values()) if now - s.updated_at > expire]
+        idle += [sid for sid, summary in list(self._on_disk.items()) if now - summary.updated_at > expire]
+        for session_id in idle:
+            try:
+                await self.delete(ADMIN, session_id)
+            except SessionNotFound:
+                continue  # deleted meanwhile
+            except ServiceError as e:
+                log.warning("session %s expired but could not be deleted: %s", session_id, e.detail)
+                continue
+            self.expired += 1
+            log.info("session %s deleted after %.0f s without a step or change", session_id, expire)
 
     def _evict(self, session: Session) -> bool:
         """Drop a session from memory if every change is in its snapshot; atomic with steps (its lock)."""
@@ -292,8 +314,10 @@ class MemoryStore:
 
     def stats(self) -> StoreStats:
         sessions = list(self._sessions.values())
-        return StoreStats(len(sessions), len(self._on_disk), sum(s.layout.size for s in sessions),
-                          sum(s.nbytes for s in sessions), self.evictions, self.reloads, self.saver)  # fmt: skip
+        return StoreStats(
+            len(sessions), len(self._on_disk), sum(s.layout.size for s in sessions), sum(s.nbytes for s in sessions),
+            self.evictions, self.reloads, self.expired, self.saver,
+        )  # fmt: skip
 
     # --- admission ---------------------------------------------------------------------------------------------
 

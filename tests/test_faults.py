@@ -52,7 +52,7 @@ def grads_for(params: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
 
 def train(url: str, steps: int, n: int = 2000) -> tuple[str, dict[str, np.ndarray]]:
     params = initial_params(n)
-    with RemoteOptimizer(params, url=url, optimizer="adamw", timeout=TIMEOUT, retry=RETRY, **HYPER) as opt:
+    with RemoteOptimizer(params, url=url, optimizer="adamw", timeout=TIMEOUT, retry=RETRY, keep=True, **HYPER) as opt:
         for i in range(steps):
             opt.step(grads_for(params, i))
         assert opt.step_count == steps

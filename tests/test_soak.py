@@ -167,7 +167,7 @@ def test_concurrent_soak(server_process) -> None:
         }
     private_specs = {"private-small": (SMALL, 3), "private-medium": (MEDIUM, 4)}
     private = {
-        name: RemoteOptimizer(initial(n, seed), url=url, optimizer="adamw", timeout=TIMEOUT, **HYPER)
+        name: RemoteOptimizer(initial(n, seed), url=url, optimizer="adamw", timeout=TIMEOUT, keep=True, **HYPER)
         for name, (n, seed) in private_specs.items()
     }
     done = {name: [0] for name in private}

@@ -130,7 +130,7 @@ def test_retries_give_up_after_the_policy_and_refusals_are_not_retried(server) -
 
 def test_remote_optimizer_attaches_to_an_existing_session_and_changes_hyperparams(server) -> None:
     first = small_params()
-    with RemoteOptimizer(first, url=server.url, optimizer="sgd", lr=0.5) as opt:
+    with RemoteOptimizer(first, url=server.url, optimizer="sgd", lr=0.5, keep=True) as opt:
         opt.step(grads_for(0))
         opt.set_hyperparams(lr=0.25)
         assert opt.info["hyperparams"]["lr"] == 0.25
