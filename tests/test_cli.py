@@ -20,8 +20,38 @@ ROOT = Path(__file__).resolve().parents[1]
 OPTSERVE = str(Path(sys.executable).with_name("optserve"))
 
 
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([OPTSERVE, *args], capture_output=True, text=True, timeout=timeout, check=False)
+def cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("OPTSERVE_")} | (env or {})
+    return subprocess.run([OPTSERVE, *args], capture_output=True, text=True, timeout=timeout, check=False,
+                          env=environment)  # fmt: skip
+
+
+def test_one_setting_points_every_tool_at_the_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``OPTSERVE_PORT=9000 make serve`` and then the CLI, Client() and the optimizers without url=: the same
+    address (OPTSERVE_URL when set, else OPTSERVE_HOST/OPTSERVE_PORT)."""
+    from conftest import start_server_process, stop_server_process
+
+    from optserve.client import RemoteOptimizer
+
+    sp = start_server_process(tmp_path / "data")
+    port = sp.url.rsplit(":", 1)[1]
+    try:
+        for env in ({"OPTSERVE_PORT": port}, {"OPTSERVE_HOST": "0.0.0.0", "OPTSERVE_PORT": port},
+                    {"OPTSERVE_URL": sp.url, "OPTSERVE_PORT": "9"}):  # fmt: skip
+            listing = cli("sessions", "list", env=env)
+            assert listing.returncode == 0, (env, listing.stderr)
+            for name in ("OPTSERVE_URL", "OPTSERVE_HOST", "OPTSERVE_PORT"):
+                monkeypatch.delenv(name, raising=False)
+            for name, value in env.items():
+                monkeypatch.setenv(name, value)
+            with Client() as client:
+                assert client.url == sp.url
+                assert client.list_sessions() is not None
+            with RemoteOptimizer({"w": np.zeros(2, np.float32)}, lr=0.1) as opt:
+                opt.step({"w": np.ones(2, np.float32)})
+        assert cli("sessions", "list", env={"OPTSERVE_PORT": "9"}).returncode == 1  # the setting is really used
+    finally:
+        stop_server_process(sp.proc)
 
 
 def test_sessions_and_checkpoint_commands(server_process, tmp_path: Path) -> None:
