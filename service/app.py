@@ -66,7 +66,12 @@ class OptserveApp(FastAPI):
 
 
 def make_store(settings: Settings) -> SessionStore:
-    """The store the settings ask for: sessions in this process, snapshotted to the data folder."""
+    """The store the settings ask for: sessions in this process, snapshotted to the data folder, or on the session
+    hosts of a Ray cluster (``OPTSERVE_STORE=ray``)."""
+    if settings.store == "ray":
+        from .cluster import RayStore  # Ray is the [ray] extra: imported only when asked for
+
+        return RayStore(settings)
     snapshots = Snapshots(settings.data_dir)
     limits = Limits(
         max_sessions=settings.max_sessions,

@@ -58,7 +58,11 @@ class EmbeddedServer:
 
 @contextmanager
 def serve_in_thread(
-    data_dir: str | Path | None = None, port: int = 0, settings: Settings | None = None, **uvicorn_options: Any
+    data_dir: str | Path | None = None,
+    port: int = 0,
+    settings: Settings | None = None,
+    start_timeout: float = 30.0,
+    **uvicorn_options: Any,
 ) -> Iterator[EmbeddedServer]:
     """Run a server on 127.0.0.1 (a free port unless ``port``) until the block exits.
 
@@ -80,7 +84,7 @@ def serve_in_thread(
         thread.start()
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_healthy(url, alive=thread.is_alive)
+            wait_healthy(url, timeout=start_timeout, alive=thread.is_alive)
             yield EmbeddedServer(url, app, store)
         finally:
             server.should_exit = True

@@ -49,6 +49,14 @@ class ServiceError(Exception):
     def problem(self) -> dict[str, Any]:
         return problem(self.status, self.slug, self.title, self.detail, **self.extra)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled with its extra members (an error raised on a cluster's session host reaches the front whole)
+        return (_rebuild, (type(self), self.detail, self.extra))
+
+
+def _rebuild(cls: type[ServiceError], detail: str, extra: dict[str, Any]) -> ServiceError:
+    return cls(detail, **extra)
+
 
 def problem(status: int, slug: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:
     """A problem details document (RFC 9457): the one shape of every error answer."""

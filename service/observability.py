@@ -48,8 +48,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 ROUTES = frozenset(
     ["/v1/sessions", "/v1/sessions/{id}", "/v1/sessions/{id}/step", "/v1/sessions/{id}/params",
-     "/v1/sessions/{id}/checkpoint", "/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc",
-     "/openapi.json"]
+     "/v1/sessions/{id}/checkpoint", "/v1/cluster", "/healthz", "/readyz", "/metrics", "/docs",
+     "/docs/oauth2-redirect", "/redoc", "/openapi.json"]
 )  # fmt: skip
 
 

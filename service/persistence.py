@@ -109,9 +109,10 @@ class Snapshots:
         session.saved_version, session.saved_step, session.saved_at = session.version, session.step_count, time.time()
         return session
 
-    def clean(self) -> None:
-        """Remove temporary files of writes cut short by a crash (the previous snapshot of each is intact)."""
-        for tmp in self.dir.glob(".*.tmp"):
+    def clean(self, session_id: str | None = None) -> None:
+        """Remove temporary files of writes cut short by a crash (the previous snapshot of each is intact): all of
+        them, or those of one session (a folder shared by several servers: only one's own)."""
+        for tmp in self.dir.glob(f".{session_id}.*.tmp" if session_id is not None else ".*.tmp"):
             tmp.unlink(missing_ok=True)
 
     def ids(self) -> Iterator[str]:

@@ -510,6 +510,16 @@ async def put_checkpoint(session_id: str, request: Request) -> JSONResponse:
     )
 
 
+@router.get("/v1/cluster", tags=["cluster"], responses=answers(s200={wire.JSON: OBJECT}))
+async def cluster(request: Request) -> dict[str, Any]:
+    """The nodes holding sessions: ``{"nodes": [{"node_id", "alive", "sessions", "memory_bytes"}, ...]}`` (one node,
+    ``local``, for a single-process server; a sharded session's shards as ``<id>#<k>``). Needs the admin key when
+    auth is on."""
+    svc = service(request)
+    svc.guard.admin(request.headers)
+    return await svc.store.cluster()
+
+
 # --- health --------------------------------------------------------------------------------------------------------
 
 

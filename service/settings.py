@@ -28,6 +28,14 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["text", "json"] = "text"
 
+    # where sessions live: this process (memory), or session hosts on a Ray cluster (ray)
+    store: Literal["memory", "ray"] = "memory"
+    ray_address: str | None = Field(default=None, description="a Ray cluster to join (unset: start a local one)")
+    ray_namespace: str = Field(default="optserve", description="Ray namespace of this deployment's actors")
+    ray_recovery_seconds: float = Field(
+        default=60.0, gt=0, description="how long a request waits for a session whose host is gone (then 503)"
+    )
+
     # durability
     snapshot_every_steps: int = Field(
         default=100, ge=0, description="snapshot a session after this many steps (0: never)"

@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -148,6 +148,7 @@ class SessionStore(Protocol):
     async def maintain(self, now: float) -> None: ...
     def health(self) -> Health: ...
     def stats(self) -> StoreStats: ...
+    async def cluster(self) -> dict[str, Any]: ...
     async def create(
         self, session_id: str, config: SessionConfig, params: Mapping[str, np.ndarray], token_digest: str | None
     ) -> dict[str, Any]: ...
@@ -192,8 +193,13 @@ class MemoryStore:
         snapshots: Snapshots | None = None,
         saver: Saver | None = None,
         lifetimes: Lifetimes | None = None,
+        scan: bool = True,
     ) -> None:
+        """``scan``: at start, read every snapshot in the folder back (the folder is this store's alone); False
+        when the folder is shared (a cluster): the store then holds the sessions given to :meth:`adopt`."""
         self.limits = limits or Limits()
+        self.scan = scan
+        self.on_deleted: Callable[[str], object] = lambda session_id: None  # a hook: the session is gone for good
         self.snapshots = snapshots
         self.saver = saver if saver is not None else (Saver(snapshots) if snapshots is not None else None)
         self.lifetimes = lifetimes or Lifetimes()
@@ -208,9 +214,35 @@ class MemoryStore:
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self.snapshots is not None:
+        if self.snapshots is not None and self.scan:
             await to_thread.run_sync(self._load_all)
         self.ready = True
+
+    def adopt(self, session_id: str) -> None:
+        """Take on a session from its snapshot in the (shared) folder: held on disk, loaded on first use. Raises
+        FileNotFoundError when there is no snapshot, ValueError when it is not one."""
+        assert self.snapshots is not None
+        with self._lock:
+            if session_id in self._sessions or session_id in self._on_disk:
+                return
+        self.snapshots.clean(session_id)
+        summary = self.snapshots.summary(session_id)
+        with self._lock:
+            if session_id not in self._sessions:
+                self._on_disk.setdefault(session_id, summary)
+
+    def drop(self, session_id: str) -> None:
+        """Forget a session without touching its snapshot (it is another store's now, or it goes back to the
+        snapshot's step); requests waiting for it look the id up again."""
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+            self._on_disk.pop(session_id, None)
+        if session is not None:
+            session.close("replaced")
+
+    def session_ids(self) -> list[str]:
+        """Every session this store holds, in memory or on disk."""
+        return [*list(self._sessions), *list(self._on_disk)]
 
     def _load_all(self) -> None:
         """Read every snapshot back: the most recently written first into memory while the budget holds them, the
@@ -311,6 +343,12 @@ class MemoryStore:
         if failing is not None:
             return Health(False, {"status": "degraded", "snapshots": "failing", "error": failing})
         return Health(True, {"status": "ready", "sessions": len(self._sessions) + len(self._on_disk)})
+
+    async def cluster(self) -> dict[str, Any]:
+        """This process as the one node of ``GET /v1/cluster``."""
+        stats = self.stats()
+        node = {"node_id": "local", "alive": True, "sessions": self.session_ids(), "memory_bytes": stats.state_bytes}
+        return {"nodes": [node]}
 
     def stats(self) -> StoreStats:
         sessions = list(self._sessions.values())
@@ -583,6 +621,7 @@ class MemoryStore:
         finally:
             with self._lock:
                 self._deleting.discard(session_id)
+        self.on_deleted(session_id)
 
     def _remove(self, session_id: str, session: Session | None) -> None:
         if session is not None:
