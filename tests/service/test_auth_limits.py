@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from stores import ray_settings
 
 from optserve.client import Client, wire
 from optserve.client.errors import AuthenticationError, PermissionDenied
@@ -50,8 +51,11 @@ class Server:
 
 
 @contextmanager
-def running(data_dir: Path, *, verbose_logs: bool = False, **settings: Any) -> Iterator[Server]:
+def running(
+    data_dir: Path, *, verbose_logs: bool = False, ray: pytest.FixtureRequest | None = None, **settings: Any
+) -> Iterator[Server]:
     """A uvicorn server in a thread with ``Settings(data_dir=data_dir, **settings)``; stopped and joined on exit.
+    With ``ray`` (the test's request), its sessions live on the test process's Ray cluster.
 
     ``verbose_logs``: uvicorn leaves logging alone (``log_config=None``) and logs at debug level with access lines,
     so that every record reaches the test's handlers."""
@@ -60,18 +64,25 @@ def running(data_dir: Path, *, verbose_logs: bool = False, **settings: Any) -> I
         if verbose_logs
         else {"log_level": "critical", "access_log": False}
     )
-    full = Settings(data_dir=data_dir, snapshot_every_seconds=0, **settings)
-    with serve_in_thread(settings=full, **options) as embedded:
-        yield Server(embedded.url, int(embedded.url.rsplit(":", 1)[1]), data_dir)
+    if ray is None:
+        full = Settings(data_dir=data_dir, snapshot_every_seconds=0, **settings)
+    else:
+        full = ray_settings(ray, data_dir, snapshot_every_seconds=0, **settings)
+    with serve_in_thread(settings=full, start_timeout=300, **options) as embedded:
+        try:
+            yield Server(embedded.url, int(embedded.url.rsplit(":", 1)[1]), data_dir)
+        finally:
+            if ray is not None:
+                embedded.store.destroy()  # type: ignore[attr-defined]
 
 
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """``serve(**settings)``: a server with those settings, for the rest of the test."""
+def serve(tmp_path: Path, store_kind: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., Server]]:
+    """``serve(**settings)``: a server with those settings, for the rest of the test (on each store)."""
     stack: list[Any] = []
 
     def start(**settings: Any) -> Server:
-        cm = running(tmp_path / f"data{len(stack)}", **settings)
+        cm = running(tmp_path / f"data{len(stack)}", ray=request if store_kind == "ray" else None, **settings)
         server = cm.__enter__()
         stack.append(cm)
         return server
@@ -82,8 +93,11 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
 
 @pytest.fixture(scope="module")
-def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with running(tmp_path_factory.mktemp("auth"), api_key=ADMIN) as server:
+def auth_server(
+    tmp_path_factory: pytest.TempPathFactory, store_kind: str, request: pytest.FixtureRequest
+) -> Iterator[Server]:
+    ray = request if store_kind == "ray" else None
+    with running(tmp_path_factory.mktemp("auth"), api_key=ADMIN, ray=ray) as server:
         yield server
 
 

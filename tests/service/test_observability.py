@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ from optserve.service.app import create_app
 from optserve.service.embedded import free_port, wait_healthy
 from optserve.service.observability import ROUTES, JsonFormatter, new_request_id, route_of
 from optserve.service.settings import Settings
+from optserve.service.store import MemoryStore
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -61,9 +63,19 @@ def test_metrics_count_steps_refusals_bytes_and_sessions(server) -> None:
         > 3 * 4000
     )
     listed = httpx.get(f"{server.url}/v1/sessions").json()["sessions"]  # the test server never evicts
-    assert metric(text, "optserve_parameters") == sum(s["num_params"] for s in listed)
-    assert metric(text, "optserve_sessions") == len(listed)
-    assert metric(text, "optserve_state_bytes") == sum(server.store.get(s["id"]).nbytes for s in listed)
+
+    def gauges_agree() -> bool:  # a cluster's front refreshes them every 2 s
+        text = httpx.get(f"{server.url}/metrics").text
+        held = metric(text, "optserve_parameters") == sum(s["num_params"] for s in listed)
+        return held and metric(text, "optserve_sessions") == len(listed)
+
+    deadline = time.monotonic() + 10
+    while not gauges_agree() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert gauges_agree()
+    if isinstance(server.store, MemoryStore):
+        held = sum(server.store.get(s["id"]).nbytes for s in listed)
+        assert metric(httpx.get(f"{server.url}/metrics").text, "optserve_state_bytes") == held
 
 
 def test_request_id_is_echoed_or_made(server) -> None:
