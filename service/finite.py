@@ -32,6 +32,7 @@ SAFE = 1e36  # float32's largest value is 3.4e38: every bound stays below this, 
 SQRT_SAFE = 1e18  # a gradient bound beyond this may overflow when squared
 MARGIN = 1.0001  # relative slack for float32 rounding of the few operations each bound covers
 GRAD_MARGIN = 1.01  # the norm (float32 dot products) may be a little below the largest gradient element
+UNDERFLOW = 1.1e-19  # elements below this square to less than float32's smallest normal: the norm may be 0 for them
 DRY_CHUNK = 1 << 16  # elements stepped at a time in a dry run (the copies stay in cache)
 
 Bounds = dict[str, float]  # buffer name ("params", "exp_avg", ...) -> upper bound on its values' magnitudes
@@ -98,12 +99,16 @@ def _adam(hp: AdamHyperparams, decoupled: bool, t: int, g: float, b: Bounds, out
 def _sgd(hp: SGDHyperparams, t: int, g: float, b: Bounds, out: Bounds) -> None:
     p = b["params"]
     g += hp.weight_decay * p
+    if not g < SAFE:  # the gradient with its weight decay, before anything else
+        raise OverflowError
     if hp.momentum != 0:
         momentum = abs(hp.momentum)
         buf = momentum * b.get("momentum_buffer", 0.0) + abs(1 - hp.dampening) * g
         buf = buf if buf > g else g
         _raise(out, "momentum_buffer", buf)
         g = g + momentum * buf if hp.nesterov else buf
+        if not g < SAFE:
+            raise OverflowError
     _raise(out, "params", p + hp.lr * g)
 
 

@@ -520,7 +520,7 @@ class Session:
         :mod:`optserve.service.finite`): proven from the bounds the session keeps, else from the exact magnitudes,
         else by a dry run. Sets the bounds the step leads to in ``_next_bounds`` (None when only a dry run could
         tell)."""
-        grad_bound = norm * grad_scale * finite_math.GRAD_MARGIN
+        grad_bound = max(norm, finite_math.UNDERFLOW) * grad_scale * finite_math.GRAD_MARGIN
         for _ in range(2):
             if self.bounds is None:
                 self.bounds = finite_math.exact(self.params, self.state)

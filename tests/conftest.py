@@ -57,18 +57,23 @@ class ServerProcess:
 
 
 def start_server_process(
-    data_dir: Path, env: dict[str, str] | None = None, log: Path | None = None, log_level: str = "warning"
+    data_dir: Path,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+    log_level: str = "warning",
+    port: int | None = None,
+    timeout: float = 60.0,
 ) -> ServerProcess:
-    """``optserve serve`` as its own process (the console script of this environment); its output goes to ``log``
-    when given (and is shown if the server does not come up)."""
-    port = free_port()
+    """``optserve serve`` as its own process (the console script of this environment) on ``port`` (a free one by
+    default); its output goes to ``log`` when given (and is shown if the server does not come up)."""
+    port = port or free_port()
     exe = Path(sys.executable).with_name("optserve")
     cmd = [str(exe), "serve", "--port", str(port), "--data-dir", str(data_dir), "--log-level", log_level]
     with open(log, "wb") if log is not None else contextlib.nullcontext() as out:
         proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, alive=lambda: proc.poll() is None)
+        wait_healthy(url, timeout=timeout, alive=lambda: proc.poll() is None)
     except Exception as e:
         stop_server_process(proc)
         if log is not None:
@@ -119,9 +124,11 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     pid) at the end of the test."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(data_dir: Path, env: dict[str, str] | None = None, log_level: str = "warning") -> Server:
+    def start(
+        data_dir: Path, env: dict[str, str] | None = None, log_level: str = "warning", port: int | None = None
+    ) -> Server:
         log = tmp_path / f"server-{next(_log_numbers)}.log"
-        sp = start_server_process(data_dir, env, log=log, log_level=log_level)
+        sp = start_server_process(data_dir, env, log=log, log_level=log_level, port=port, timeout=180)
         procs.append(sp.proc)
         return Server(sp.url, sp.proc, data_dir, log)
 

@@ -50,8 +50,10 @@ def grads(scale: float, seed: int) -> dict[str, np.ndarray]:
         ("sgd", {"lr": 1e30}, 1, 1e10),  # the parameters overflow
         ("rmsprop", {"alpha": 5.0}, 0, 1.0),  # square_avg goes negative: sqrt is NaN
         ("adam", {"eps": 0.0, "amsgrad": True}, 0, 0.0),
+        # gradients whose squares underflow float32 (a norm of 0) divided by a denormal eps, times a huge lr
+        ("adam", {"lr": 1e30, "eps": 1e-45}, 0, 1e-30),
     ],
-    ids=["huge-gradient", "eps0-zero-gradient", "sgd-lr1e30", "rmsprop-alpha5", "amsgrad-eps0"],
+    ids=["huge-gradient", "eps0-zero-gradient", "sgd-lr1e30", "rmsprop-alpha5", "amsgrad-eps0", "underflowing-norm"],
 )
 def test_a_step_that_would_make_the_state_non_finite_is_refused_and_changes_nothing(
     optimizer: str, hyperparams: dict, warm_up: int, gradient_scale: float
@@ -124,7 +126,7 @@ def test_centered_rmsprop_and_eps0_are_checked_by_a_dry_run_and_match_the_unguar
         assert state_bytes(s) == state_bytes(twin)
 
 
-HOSTILE = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+HOSTILE = settings(max_examples=400, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 magnitudes = st.sampled_from([0.0, 1e-45, 1e-30, 1e-8, 1e-3, 1.0, 1e3, 1e10, 1e18, 1e20, 1e30, 1e38])
 
 

@@ -1,0 +1,69 @@
+"""A multi-node Ray cluster simulated on this machine (``ray.cluster_utils.Cluster``, as Ray's own tests use it), run
+in a process of its own and driven line by line over stdin/stdout, so that tests can start and kill nodes while the
+optserve fronts under test are separate processes (a process is the driver of one Ray cluster at most).
+
+    python tests/raycluster.py NODES        -> prints {"address", "nodes": [{"node_id", "pids"}]} as one JSON line
+    then commands, one per line: "kill I" (SIGKILL node I's processes: I=0 is the head), "add", "stop"
+
+Every Ray process listens on 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` before Ray is imported; the test
+checks with ``ss -ltnp``); node deaths are detected within ~1.5 s (health checks every 500 ms, 3 misses). The
+runner stops every node it started, by process id, when it is told to stop, when its stdin closes, or on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import tempfile
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rc", dir="/tmp"))
+
+from ray.cluster_utils import Cluster  # noqa: E402
+
+HEALTH = {"health_check_period_ms": 500, "health_check_failure_threshold": 3, "health_check_timeout_ms": 500,
+          "health_check_initial_delay_ms": 500}  # fmt: skip
+NODE = {"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False,
+        "object_store_memory": 256 * 1024 * 1024}  # fmt: skip
+
+
+def describe(node) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    pids = [p.process.pid for procs in node.all_processes.values() for p in procs if p.process is not None]
+    return {"node_id": node.node_id, "pids": pids}
+
+
+def main() -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={**NODE, "_system_config": HEALTH})
+    nodes = [cluster.head_node]
+
+    def stop(*_: object) -> None:
+        cluster.shutdown()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    for _ in range(int(sys.argv[1]) - 1):
+        nodes.append(cluster.add_node(**NODE))
+    cluster.wait_for_nodes()
+    print(json.dumps({"address": cluster.address, "nodes": [describe(n) for n in nodes]}), flush=True)
+    for line in sys.stdin:
+        command = line.split()
+        if not command:
+            continue
+        if command[0] == "kill":
+            node = nodes[int(command[1])]
+            cluster.remove_node(node, allow_graceful=False)
+            print(json.dumps({"killed": node.node_id}), flush=True)
+        elif command[0] == "add":
+            node = cluster.add_node(**NODE)
+            cluster.wait_for_nodes()
+            nodes.append(node)
+            print(json.dumps(describe(node)), flush=True)
+        elif command[0] == "stop":
+            break
+    stop()
+
+
+if __name__ == "__main__":
+    main()

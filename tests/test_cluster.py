@@ -1,0 +1,206 @@
+"""Sessions on a real multi-node Ray cluster simulated on this machine (tests/raycluster.py), behind ``optserve
+serve`` fronts that are processes of their own: two fronts sharing sessions, a front killed and restarted
+mid-training, a sharded session's bits, and the SIGKILL of the node holding a session while a client trains through
+it, with the exactly-once accounting. Every Ray process listens on 127.0.0.1 only; every process is stopped by its
+pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from conftest import Server
+
+from optserve.client import Client, RemoteOptimizer, Retry
+
+pytestmark = pytest.mark.server
+RUNNER = Path(__file__).with_name("raycluster.py")
+PATIENT = Retry(attempts=60, backoff=0.2, max_backoff=1.0)  # rides over a front's restart (~10 s)
+
+
+@dataclass
+class RayCluster:
+    address: str
+    nodes: list[dict[str, Any]]
+    proc: subprocess.Popen[str]
+
+    def command(self, line: str, timeout: float = 120) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self.proc.stdout.readline()
+            if out.startswith("{"):
+                answer: dict[str, Any] = json.loads(out)
+                return answer
+            if not out and self.proc.poll() is not None:
+                break
+        raise AssertionError(f"the cluster runner did not answer {line!r}")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RayCluster]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(RUNNER), "3"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = ""
+        deadline = time.monotonic() + 180
+        while not line.startswith("{") and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                raise AssertionError("the Ray cluster did not start")
+        started = json.loads(line)
+        yield RayCluster(started["address"], started["nodes"], proc)
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                assert proc.stdin is not None
+                proc.stdin.write("stop\n")
+                proc.stdin.flush()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def front_env(cluster: RayCluster, namespace: str, **settings: str) -> dict[str, str]:
+    return {"OPTSERVE_STORE": "ray", "OPTSERVE_RAY_ADDRESS": cluster.address, "OPTSERVE_RAY_NAMESPACE": namespace,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **settings}  # fmt: skip
+
+
+def where(url: str, session_id: str) -> str:
+    """The node id holding a session (GET /v1/cluster)."""
+    for node in httpx.get(f"{url}/v1/cluster", timeout=30).json()["nodes"]:
+        if session_id in node["sessions"] or any(s.startswith(f"{session_id}#") for s in node["sessions"]):
+            return str(node["node_id"])
+    raise AssertionError(f"{session_id} is on no node")
+
+
+def params(n: int = 2000, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"w": rng.standard_normal((n // 10, 10)).astype(np.float32), "b": rng.standard_normal(10).astype(np.float32)}
+
+
+def grads_for(t: int, p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1000 + t)
+    return {k: (0.5 * v + rng.standard_normal(v.shape)).astype(np.float32) for k, v in p.items()}
+
+
+def test_ray_listens_on_loopback_only(cluster: RayCluster) -> None:
+    pids = {pid for node in cluster.nodes for pid in node["pids"]}
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    ours = [line for line in out.splitlines() if any(f"pid={pid}," in line for pid in pids)]
+    assert ours, "no listening socket of the cluster's processes found"
+    for line in ours:
+        local = line.split()[3]
+        assert re.match(r"^(127\.0\.0\.1|\[::ffff:127\.0\.0\.1\]):\d+$", local), line
+
+
+def test_two_fronts_serve_every_session(cluster: RayCluster, tmp_path: Path, launch: Callable[..., Server]) -> None:
+    env = front_env(cluster, f"two-{uuid.uuid4().hex[:6]}")
+    a, b = launch(tmp_path / "data", env), launch(tmp_path / "data", env)
+    p = params()
+    with RemoteOptimizer(p, url=a.url, optimizer="adamw", lr=0.01, keep=True) as opt:
+        for t in range(3):
+            opt.step(grads_for(t, p))
+        sid = opt.session_id
+    via_b = Client(b.url)
+    assert via_b.session(sid)["step"] == 3
+    q = {k: np.zeros_like(v) for k, v in p.items()}
+    with RemoteOptimizer(q, url=b.url, session_id=sid) as attached:  # stepped, read and patched through the other
+        for name in p:
+            np.testing.assert_array_equal(q[name], p[name])
+        attached.step(grads_for(3, q))
+        attached.set_hyperparams(lr=0.02)
+    assert Client(a.url).session(sid)["hyperparams"]["lr"] == 0.02
+    checkpoint = Client(a.url).checkpoint(sid)
+    via_b.restore(f"{sid}-copy", checkpoint)
+    assert Client(a.url).session(f"{sid}-copy")["step"] == 4
+    nodes = httpx.get(f"{a.url}/v1/cluster").json()["nodes"]
+    assert len([n for n in nodes if n["alive"]]) == 3
+    via_b.delete_session(sid)
+    assert httpx.get(f"{a.url}/v1/sessions/{sid}").status_code == 404
+
+
+def test_a_front_killed_and_restarted_mid_training_loses_nothing(
+    cluster: RayCluster, tmp_path: Path, launch: Callable[..., Server]
+) -> None:
+    env = front_env(cluster, f"restart-{uuid.uuid4().hex[:6]}")
+    front = launch(tmp_path / "data", env)
+    port = front.url.rsplit(":", 1)[1]
+    p, clean = params(seed=1), params(seed=1)
+    steps = 40
+    with RemoteOptimizer(p, url=front.url, optimizer="adamw", lr=0.01, retry=PATIENT, timeout=30, keep=True) as opt:
+        for t in range(steps):
+            if t == 15:
+                front.proc.kill()  # SIGKILL: it held nothing
+                front.proc.wait(timeout=10)
+                front = launch(tmp_path / "data", env, port=int(port))
+            opt.step(grads_for(t, p))
+        sid = opt.session_id
+    info = Client(front.url).session(sid)
+    assert info["step"] == info["counters"]["steps_applied"] == steps
+    with RemoteOptimizer(clean, url=front.url, optimizer="adamw", lr=0.01) as twin:
+        for t in range(steps):
+            twin.step(grads_for(t, clean))
+    for name in p:
+        np.testing.assert_array_equal(p[name], clean[name])
+
+
+def test_sigkill_of_the_node_holding_a_session_while_it_trains(
+    cluster: RayCluster, tmp_path: Path, launch: Callable[..., Server]
+) -> None:
+    """The node holding the session dies mid-training: its sessions come back on the surviving hosts from their
+    snapshots (fsync every step: none lost); the client's retries carry the loop on; no step is applied twice."""
+    env = front_env(cluster, f"kill-{uuid.uuid4().hex[:6]}", OPTSERVE_FSYNC_EVERY_STEP="true")
+    front = launch(tmp_path / "data", env)
+    head = cluster.nodes[0]["node_id"]
+    # a session on a worker node (the head holds the cluster's control plane: killing it ends the cluster)
+    for seed in range(10):
+        p = params(seed=10 + seed)
+        opt = RemoteOptimizer(p, url=front.url, optimizer="adamw", lr=0.01, retry=PATIENT, timeout=60)
+        if where(front.url, opt.session_id) != head:
+            break
+        opt.close()
+    victim = where(front.url, opt.session_id)
+    index = next(i for i, n in enumerate(cluster.nodes) if n["node_id"] == victim)
+    clean = {k: v.copy() for k, v in params(seed=10 + seed).items()}
+    steps = 30
+    started = None
+    for t in range(steps):
+        if t == 10:
+            cluster.command(f"kill {index}")
+            started = time.monotonic()
+        opt.step(grads_for(t, p))
+        if t == 10:
+            recovered = time.monotonic() - started
+    info = Client(front.url).session(opt.session_id)
+    assert info["step"] == info["counters"]["steps_applied"] == steps, info["counters"]
+    assert info["counters"]["steps_skipped"] == 0
+    assert where(front.url, opt.session_id) != victim
+    with RemoteOptimizer(clean, url=front.url, optimizer="adamw", lr=0.01) as twin:
+        for t in range(steps):
+            twin.step(grads_for(t, clean))
+    for name in p:
+        np.testing.assert_array_equal(p[name], clean[name])
+    print(f"\n[cluster] the step after the node's SIGKILL answered after {recovered:.1f} s")
+    assert recovered < 30
+    opt.close()
