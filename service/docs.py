@@ -31,6 +31,9 @@ ASSETS = {
     "favicon.png": "image/png",
 }
 CACHE_FOREVER = "public, max-age=31536000, immutable"  # the URL changes with the package's version
+# The pages may load from this server only: ReDoc's menu shows a logo from cdn.redoc.ly whatever its options, and
+# an offline browser should not even try.
+SAME_ORIGIN_ONLY = {"Content-Security-Policy": "default-src 'self' 'unsafe-inline' data: blob:"}
 
 router = APIRouter(include_in_schema=False)
 
@@ -52,7 +55,7 @@ def asset_bytes(name: str) -> bytes:
 
 @router.get("/docs")
 async def swagger_ui(request: Request) -> HTMLResponse:
-    return get_swagger_ui_html(
+    page = get_swagger_ui_html(
         openapi_url=under_root(request, request.app.openapi_url),
         title=f"{request.app.title} - Swagger UI",
         swagger_js_url=asset_url(request, "swagger-ui-bundle.js"),
@@ -61,6 +64,8 @@ async def swagger_ui(request: Request) -> HTMLResponse:
         oauth2_redirect_url=under_root(request, request.app.swagger_ui_oauth2_redirect_url),
         swagger_ui_parameters=request.app.swagger_ui_parameters,
     )
+    page.headers.update(SAME_ORIGIN_ONLY)
+    return page
 
 
 @router.get("/docs/oauth2-redirect")
@@ -70,13 +75,15 @@ async def swagger_ui_oauth2_redirect() -> HTMLResponse:
 
 @router.get("/redoc")
 async def redoc(request: Request) -> HTMLResponse:
-    return get_redoc_html(
+    page = get_redoc_html(
         openapi_url=under_root(request, request.app.openapi_url),
         title=f"{request.app.title} - ReDoc",
         redoc_js_url=asset_url(request, "redoc.standalone.js"),
         redoc_favicon_url=asset_url(request, "favicon.png"),
         with_google_fonts=False,
     )
+    page.headers.update(SAME_ORIGIN_ONLY)
+    return page
 
 
 @router.get(ASSETS_PATH + "/{version}/{name}")
