@@ -6,6 +6,10 @@ BIN    := $(VENV)/bin
 WHEELS ?= /opt/wheels
 PIP    := $(BIN)/python -m pip
 PIP_FLAGS := --disable-pip-version-check $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
+# tests/test_docs_browser.py drives Debian's Chromium (as root, install-test installs it: ~30 s, 414 MB); it fails
+# without one unless OPTSERVE_SKIP_BROWSER_TESTS=1.
+CHROMIUM ?= /usr/bin/chromium
+APT_CHROMIUM := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
 .PHONY: serve test bench install install-test lint format clean
 
@@ -17,6 +21,10 @@ install: $(BIN)/python
 
 install-test: $(BIN)/python
 	$(PIP) install -q $(PIP_FLAGS) -e '.[test,dev]'
+	@test -x $(CHROMIUM) || [ "$$(id -u)" != 0 ] || { echo "installing Debian's chromium for the browser tests"; \
+		$(APT_CHROMIUM) >/dev/null || { apt-get update -qq && $(APT_CHROMIUM) >/dev/null; }; }
+	@test -x $(CHROMIUM) || echo "warning: no $(CHROMIUM): tests/test_docs_browser.py will fail; install Debian's" \
+		"chromium (make install-test does as root) or set OPTSERVE_SKIP_BROWSER_TESTS=1" >&2
 
 serve: install
 	$(BIN)/optserve serve

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from optserve.client.wire import WireError
 
-from . import diskio, fused
+from . import diskio, docs, fused
 from .auth import Guard
 from .errors import ServiceError, error_answer, forget_frames, internal_error, problem, problem_json
 from .observability import Metrics, RequestObserver, printable
@@ -115,6 +115,8 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
         version=__version__,
         summary="Remote optimizer stepping: Adam, AdamW, SGD and RMSprop state held per session.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load their assets from CDNs: ours come from this server (docs.py)
+        redoc_url=None,
     )
     metrics = Metrics(store)
     json_logs = settings.log_format == "json"
@@ -124,6 +126,7 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     app.state.step_route = StepRoute(svc, metrics)
     app.step_app = RequestObserver(app.state.step_route, metrics, json_logs)
     app.router.routes.extend(router.routes)  # directly: include_router adds a matching layer to every request
+    app.router.routes.extend(docs.router.routes)
 
     @app.exception_handler(ServiceError)
     @app.exception_handler(WireError)

@@ -46,10 +46,11 @@ os.register_at_fork(after_in_child=_new_id_prefix)  # workers forked after impor
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+DOCS_ASSETS = "/docs/assets/{version}/{name}"  # the files of Swagger UI and ReDoc (docs.py): one route label
 ROUTES = frozenset(
     ["/v1/sessions", "/v1/sessions/{id}", "/v1/sessions/{id}/step", "/v1/sessions/{id}/params",
      "/v1/sessions/{id}/checkpoint", "/v1/cluster", "/healthz", "/readyz", "/metrics", "/docs",
-     "/docs/oauth2-redirect", "/redoc", "/openapi.json"]
+     "/docs/oauth2-redirect", "/redoc", "/openapi.json", DOCS_ASSETS]
 )  # fmt: skip
 
 
@@ -64,8 +65,10 @@ def new_request_id() -> str:
 
 
 def route_of(path: str) -> str:
-    """The route of a path, session ids folded; ``other`` for any path that is not a route, so that a client
-    probing random paths cannot grow the set of label values."""
+    """The route of a path, session ids and docs assets folded; ``other`` for any path that is not a route, so that
+    a client probing random paths cannot grow the set of label values."""
+    if path.startswith("/docs/assets/"):
+        return DOCS_ASSETS  # one label for every asset, real or not
     route = _SESSION_PATH.sub("/v1/sessions/{id}", path) if path.startswith("/v1/sessions/") else path
     return route if route in ROUTES else "other"
 
