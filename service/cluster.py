@@ -429,6 +429,8 @@ class RayStore:
                 max_task_retries=0,
                 max_concurrency=64,
                 num_cpus=0,
+                # on the head node, which holds the cluster's control plane anyway: it goes only with the cluster
+                resources={"node:__internal_head__": 0.001},
             )  # fmt: skip
             .remote(self.config)
         )
@@ -446,7 +448,7 @@ class RayStore:
 
     async def _refresh_totals(self) -> None:
         with _suppress_gone():
-            self._totals = await self._coordinator.totals.remote()
+            self._totals = await asyncio.wait_for(asyncio.wrap_future(self._coordinator.totals.remote().future()), 10)
         self._last_totals = time.time()
 
     def health(self) -> Health:
@@ -506,19 +508,36 @@ class RayStore:
                 raise access.missing(session_id)
             if host is not None:
                 try:
-                    return await getattr(host, method).remote(access, session_id, *args)
+                    return await self._await(getattr(host, method).remote(access, session_id, *args), session_id)
                 except RayTaskError as e:
                     cause = _cause(e)
                     if isinstance(cause, SessionNotFound) and not fresh:  # moved since we looked: look again
                         fresh = True
                         continue
                     raise cause from None
-                except GONE:
+                except (*GONE, _HostGone):
                     pass
             if time.monotonic() >= deadline:
                 raise StorageUnavailable(f"the host of session {session_id!r} is unavailable; try again")
             await asyncio.sleep(0.2)
             fresh = True
+
+    async def _await(self, ref: Any, session_id: str) -> Any:
+        """The answer of a call to a host; a call whose host's node died never answers, so every second the wait
+        checks that the session's host is still alive and still its host (else :class:`_HostGone`)."""
+        future = asyncio.wrap_future(ref.future())
+        name = self._where.get(session_id)
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=1.0)
+            if done:
+                return future.result()
+            if name is None:
+                continue
+            now = await to_thread.run_sync(directory_get, self.namespace, session_id)
+            nodes = await to_thread.run_sync(alive_nodes)
+            if now != name or name[len(HOST_PREFIX) :] not in nodes:
+                future.cancel()
+                raise _HostGone(name)
 
     # --- operations ------------------------------------------------------------------------------------------------
 
@@ -602,6 +621,10 @@ class RayStore:
         return info, replaced
 
 
+class _HostGone(Exception):
+    """The host a call went to is dead or no longer the session's (the call never ran, or ran on a dead node)."""
+
+
 class _suppress_gone:
     """Ignore a coordinator or host that is gone (best-effort calls)."""
 
@@ -609,4 +632,4 @@ class _suppress_gone:
         return None
 
     def __exit__(self, kind: type[BaseException] | None, *rest: object) -> bool:
-        return kind is not None and issubclass(kind, (*GONE, ServiceError))
+        return kind is not None and issubclass(kind, (*GONE, ServiceError, TimeoutError))

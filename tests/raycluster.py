@@ -12,11 +12,13 @@ runner stops every node it started, by process id, when it is told to stop, when
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
 import tempfile
+import threading
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rc", dir="/tmp"))
@@ -34,13 +36,34 @@ def describe(node) -> dict[str, object]:  # type: ignore[no-untyped-def]
     return {"node_id": node.node_id, "pids": pids}
 
 
+def ours() -> list[int]:
+    """Every process of this cluster: started with this runner's RAY_TMPDIR in its environment (raylets, the GCS,
+    their workers and actors, whoever their parent is now)."""
+    marker = f"RAY_TMPDIR={os.environ['RAY_TMPDIR']}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker in f.read().split(b"\0"):
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
 def main() -> None:
     cluster = Cluster(initialize_head=True, head_node_args={**NODE, "_system_config": HEALTH})
     nodes = [cluster.head_node]
 
     def stop(*_: object) -> None:
-        cluster.shutdown()
-        sys.exit(0)
+        stopper = threading.Thread(target=cluster.shutdown, daemon=True)
+        stopper.start()
+        stopper.join(timeout=30)
+        for pid in ours():  # whatever the shutdown left (it waits on processes that may never exit)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        os._exit(0)
 
     signal.signal(signal.SIGTERM, stop)
     for _ in range(int(sys.argv[1]) - 1):
