@@ -29,7 +29,7 @@ def cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> 
 def test_one_setting_points_every_tool_at_the_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``OPTSERVE_PORT=9000 make serve`` and then the CLI, Client() and the optimizers without url=: the same
     address (OPTSERVE_URL when set, else OPTSERVE_HOST/OPTSERVE_PORT)."""
-    from conftest import start_server_process, stop_server_process
+    from procs import start_server_process, stop_server_process
 
     from optserve.client import RemoteOptimizer
 
@@ -75,7 +75,7 @@ def test_sessions_and_checkpoint_commands(server_process, tmp_path: Path) -> Non
 
 
 def test_cli_uses_the_token_when_auth_is_on(tmp_path: Path) -> None:
-    from conftest import start_server_process, stop_server_process
+    from procs import start_server_process, stop_server_process
 
     sp = start_server_process(tmp_path / "data", env={"OPTSERVE_API_KEY": "admin-key"})
     try:

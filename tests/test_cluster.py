@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import Server
+from procs import Server
 
 from optserve.client import Client, RemoteOptimizer, Retry
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import Server, poll
+from procs import Server, poll
 from safetensors import safe_open
 
 from optserve.client import Client, RemoteOptimizer

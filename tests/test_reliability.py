@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import Server, poll
+from procs import Server, poll
 
 from optserve.client import wire
 
