@@ -12,9 +12,9 @@
 ``RemoteAdam``, ``RemoteAdamW``, ``RemoteSGD`` and ``RemoteRMSprop`` take their ``torch.optim`` twin's arguments
 (validated by torch itself: the same exceptions for the same mistakes) plus ``url=`` (or ``client=``),
 ``session_id=`` (attach to an existing session), ``timeout=``, ``retry=``, ``nonfinite=``, ``max_grad_norm=``,
-``token=`` and ``wire_dtype=``; any other keyword is a TypeError, as in torch. They accept ``model.parameters()``,
-``model.named_parameters()`` (the names become the tensor names on the server; otherwise parameters are named by
-their index, as in torch's ``state_dict``) and lists of parameter-group dicts.
+``token=``, ``wire_dtype=``, ``overlap=`` and ``overlap_warmup=``; any other keyword is a TypeError, as in torch.
+They accept ``model.parameters()``, ``model.named_parameters()`` (the names become the tensor names on the server;
+otherwise parameters are named by their index, as in torch's ``state_dict``) and lists of parameter-group dicts.
 
 - Hyperparameters changed in ``param_groups`` (by hand or by any ``lr_scheduler``) travel with the next step; one
   that needs state the session lacks (momentum switched on) makes the server create it, as torch does.
@@ -32,11 +32,20 @@ their index, as in torch's ``state_dict``) and lists of parameter-group dicts.
   the server has one. ``differentiable=True`` is refused: autograd cannot follow a step taken on the server.
 - ``copy.deepcopy`` gives an independent optimizer on a new session holding a copy of the state; pickling raises
   TypeError (pickle ``state_dict()`` instead).
+- ``overlap=True`` is the delayed parameter update of ZeRO-Offload (see :mod:`optserve.client.inflight`):
+  ``step()`` copies the gradients, sends them and returns at once; the answer is written into the parameters when
+  the next ``step()`` starts, so the round trip runs while the loop computes the next forward and backward, at the
+  price of gradients one step stale. ``overlap_warmup=N`` takes the first N steps exactly. ``synchronize()``
+  writes the step in flight in now; ``state_dict()``, ``load_state_dict()``, ``add_param_group()``, ``close()``
+  and ``copy.deepcopy`` do so first. ``zero_grad()`` and schedulers need not wait: the step in flight sends its own
+  copy of the gradients and the hyperparameters it was taken with; a change made meanwhile travels with the next
+  step, as without overlap. An error of the step in flight is raised by the call that waits for it.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import uuid
 import warnings
 import weakref
@@ -53,6 +62,7 @@ from typing_extensions import Unpack
 from . import checkpoint, wire
 from .errors import PreconditionFailed
 from .http import Client
+from .inflight import InFlight, Worker
 from .lease import Lease, settle
 from .protocol import Retry, StepResult
 
@@ -70,6 +80,8 @@ def _real(t: torch.Tensor) -> torch.Tensor:
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
     """A CPU float32 (or float16) numpy view or copy of a tensor (of its real view, if complex)."""
+    if t.dtype is torch.float32 and t.is_cpu and not t.requires_grad:
+        return t.numpy()  # the common case, without the calls below
     t = _real(t.detach())
     if t.device.type != "cpu":
         t = t.cpu()
@@ -107,6 +119,17 @@ class RemoteOptions(TypedDict, total=False):
     wire_dtype: str | None  # "float16"/"bfloat16": gradients sent and parameters answered in it (master stays fp32)
     name: str | None  # create the session under this id (kept after close, like an attached one)
     keep: bool  # keep a session created here after close (default: deleted on close, collection or exit)
+    overlap: bool  # delayed parameter update: the step runs while the loop computes the next one (default False)
+    overlap_warmup: int  # with overlap, the first steps taken exactly (default 0)
+
+
+@dataclass
+class _Answer:
+    """A step's answer: the server's result, and the session's step and parameters to write into the model."""
+
+    result: StepResult
+    step: int
+    tensors: Mapping[str, np.ndarray]
 
 
 @dataclass
@@ -154,6 +177,14 @@ class _RemoteOptimizer(Optimizer):
         self._names: list[str] = []
         self._params: list[torch.Tensor] = []
         self._connected = False
+        self._overlap = bool(remote.get("overlap", False))
+        self._overlap_warmup = int(remote.get("overlap_warmup", 0))
+        if self._overlap_warmup < 0:
+            raise ValueError(f"overlap_warmup must be >= 0, got {self._overlap_warmup}")
+        self._inflight: InFlight[_Answer] = InFlight()
+        self._worker = Worker()
+        self._steps_taken = 0  # steps taken by this optimizer (the warm-up counts them)
+        self._snapshot: dict[str, torch.Tensor] = {}  # gradient copies of the step in flight, reused
         self._version = 0
         self._handed: _Handed | None = None
         super().__init__(params, {**probe.defaults, **(extra_defaults or {})})
@@ -213,27 +244,30 @@ class _RemoteOptimizer(Optimizer):
         """The server's optimizer for these groups (Adam's ``decoupled_weight_decay`` picks adam or adamw)."""
         return self._optimizer
 
-    def _changes(self) -> list[dict[str, Any] | None] | None:
-        """Hyperparameters changed in ``param_groups`` since they were last sent, per group."""
+    def _changes(self) -> tuple[list[dict[str, Any]], list[dict[str, Any] | None] | None]:
+        """The groups' hyperparameters now, and those changed in ``param_groups`` since they were last sent (per
+        group, None if none)."""
         if self._server_optimizer(self.param_groups) != self._optimizer:
             raise ValueError(
                 f"{type(self).__name__}: decoupled_weight_decay cannot change after creation (the session steps "
                 f"{self._optimizer}); load a state dict with the new setting, or create another optimizer"
             )
-        changes: list[dict[str, Any] | None] = []
-        for group, sent in zip(self.param_groups, self._sent):
-            now = self._hyperparams(group)
-            diff = {k: v for k, v in now.items() if sent.get(k) != v}
-            changes.append(diff or None)
-        return changes if any(changes) else None
+        now = [self._hyperparams(group) for group in self.param_groups]
+        changes: list[dict[str, Any] | None] = [
+            {k: v for k, v in values.items() if sent.get(k) != v} or None for values, sent in zip(now, self._sent)
+        ]
+        return now, changes if any(changes) else None
 
     def _copy_in(self, step: int, tensors: Mapping[str, np.ndarray]) -> None:
+        """Write the session's parameters (the server's layout, float32 or the wire's dtype) into the model, in one
+        ``torch._foreach_copy_`` (it bumps the parameters' versions, as an in-place update by torch does)."""
         self._step_count = step
+        targets = [_real(p) for p in self._params]
+        arrays = [tensors[name] for name in self._names]
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # the arrays are read-only views of the answer; only read
-            for name, p in zip(self._names, self._params):
-                real = _real(p)
-                real.copy_(torch.from_numpy(tensors[name]).reshape(real.shape))
+            warnings.simplefilter("ignore", UserWarning)  # the arrays may be read-only views of the answer; only read
+            sources = [torch.from_numpy(a).view(t.shape) for a, t in zip(arrays, targets)]
+            torch._foreach_copy_(targets, sources)
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
         """What torch refuses of a group at its first step, refused when the group is added; and what a remote
@@ -264,6 +298,8 @@ class _RemoteOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group`` (same checks and defaults); after construction the group's tensors are
         added to the session, with zero state and torch's names (their index, or the names given)."""
+        if self._connected:
+            self._inflight.settle()
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -299,59 +335,103 @@ class _RemoteOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Send the gradients, apply the step on the server, copy the updated parameters into the model."""
+        """Send the gradients, apply the step on the server, copy the updated parameters into the model; with
+        ``overlap=True``, write the step in flight in and send this one in the background."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads: dict[str, np.ndarray] = {}
-        dtypes: dict[str, str] = {}
+        self._inflight.settle()
+        names, grads = [], []
         for name, p in zip(self._names, self._params):
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            grads[name] = _to_numpy(p.grad)
-            dtypes[name] = self._wire_dtype or _WIRE_DTYPES.get(p.grad.dtype, "float32")
+            if p.grad is not None:
+                names.append(name)
+                grads.append(p.grad)
         if not grads:
             return loss
-        changes = self._changes()
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        pipelined = self._overlap and self._steps_taken >= self._overlap_warmup
+        # in flight, the gradients are copied: the loop may zero or accumulate into p.grad in place meanwhile
+        arrays = self._copy_grads(names, grads) if pipelined else [_to_numpy(g) for g in grads]
+        # bfloat16 travels as bfloat16 (numpy has no such type: the arrays hold float32 copies, exact)
+        dtype = self._wire_dtype or ({n: "bfloat16" for n, g in zip(names, grads) if g.dtype == torch.bfloat16} or None)
+        now, changes = self._changes()
+        exchange = functools.partial(self._exchange, dict(zip(names, arrays)), dtype, changes, self._step_count)
+        self._steps_taken += 1
+        if pipelined:
+            self._inflight.start(self._worker.submit(exchange), functools.partial(self._finish, now))
+        else:
+            self._finish(now, exchange())
+        return loss
 
-        def send() -> StepResult:
+    def synchronize(self) -> None:
+        """Wait for the step in flight (with ``overlap=True``) and write its answer into the parameters; raises
+        its error if it failed. A no-op when no step is in flight."""
+        self._inflight.settle()
+
+    def _copy_grads(self, names: list[str], grads: list[torch.Tensor]) -> list[np.ndarray]:
+        """The gradients copied into buffers of this optimizer's (kept from step to step), as numpy arrays."""
+        sources = [_real(g.detach()) for g in grads]
+        targets = []
+        for name, g in zip(names, sources):
+            kept = self._snapshot.get(name)
+            dtype = torch.float16 if g.dtype == torch.float16 else torch.float32
+            if kept is None or kept.shape != g.shape or kept.dtype != dtype:
+                kept = self._snapshot[name] = torch.empty(g.shape, dtype=dtype)
+            targets.append(kept)
+        torch._foreach_copy_(targets, sources)
+        return [t.numpy() for t in targets]
+
+    def _exchange(
+        self,
+        grads: dict[str, np.ndarray],
+        dtype: str | dict[str, str] | None,
+        changes: list[dict[str, Any] | None] | None,
+        if_match: int,
+    ) -> _Answer:
+        """One step's round trip (on the caller's thread, or in the background): it touches no parameter."""
+
+        def send(at: int) -> StepResult:
             return self.client.step(
                 self.session_id,
                 grads,
-                if_match=self._step_count,
+                if_match=at,
                 idempotency_key=uuid.uuid4().hex,
                 partial=len(grads) < len(self._names),
                 changes=changes,
-                dtype=dtypes,
+                dtype=dtype,
                 answer_dtype=self._wire_dtype,
                 retry=self._retry,
             )
 
         try:
-            result = send()
+            result = send(if_match)
         except PreconditionFailed as e:
-            if not e.server_behind(self._step_count):
+            if not e.server_behind(if_match):
                 raise
-            # The server restarted from a snapshot older than our last step: take its parameters and step there.
-            self._copy_in(*self.client.params(self.session_id))
-            result = send()
-        self._version += 1
-        if changes:
-            self._sent = [self._hyperparams(g) for g in self.param_groups]
-        self.last_grad_norm = result.grad_norm
+            # The server restarted from a snapshot older than our last step: step there (the answer carries every
+            # parameter of the session).
+            if_match = self.client.params(self.session_id)[0]
+            result = send(if_match)
         if result.params is None:  # a contribution: wait for the other contributors to complete the step
-            self._copy_in(*self.client.params(self.session_id, min_step=self._step_count + 1, timeout=self._timeout))
-        else:
-            self._copy_in(result.step, result.params)
-            result.release()  # copied into the model: the receive buffer can serve the next step
-        return loss
+            step, tensors = self.client.params(self.session_id, min_step=if_match + 1, timeout=self._timeout)
+            return _Answer(result, step, tensors)
+        return _Answer(result, result.step, result.params)
+
+    def _finish(self, sent: list[dict[str, Any]], answer: _Answer) -> None:
+        """A step's answer in: the parameters written into the model, the hyperparameters it was sent with noted."""
+        self._version += 1
+        self._sent = sent
+        self.last_grad_norm = answer.result.grad_norm
+        self._copy_in(answer.step, answer.tensors)
+        answer.result.release()  # copied into the model: the receive buffer can serve the next step
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer state in torch's shape, read from the server's checkpoint of the session (before any step
-        has been applied there is no state, and only the session's info is read). torch's state-dict hooks run."""
+        has been applied there is no state, and only the session's info is read). torch's state-dict hooks run.
+        A step in flight is written in first."""
+        self._inflight.settle()
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state: dict[int, dict[str, Any]] = {}
@@ -417,7 +497,9 @@ class _RemoteOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load torch-shaped optimizer state into the session (with the model's current parameters), as torch's
         ``load_state_dict`` does, hooks included. The state dict just handed out by ``state_dict()``, unchanged,
-        is taken as it is: the session already holds it, and only the groups' values are updated."""
+        is taken as it is: the session already holds it, and only the groups' values are updated. A step in
+        flight is written in first."""
+        self._inflight.settle()
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -509,22 +591,29 @@ class _RemoteOptimizer(Optimizer):
 
     def close(self, delete: bool | None = None) -> None:
         """Release the connection. The session is deleted on the server if this optimizer created it without a
-        name and without ``keep=True`` (``delete=None``), or whenever ``delete`` is True; ``False`` keeps it."""
-        settle(self._lease, self.client, self.session_id, delete)
-        if self._owns_client:
-            self.client.close()
+        name and without ``keep=True`` (``delete=None``), or whenever ``delete`` is True; ``False`` keeps it.
+        A step in flight is written in first; its error, if it failed, is raised after the release."""
+        try:
+            self._inflight.settle()
+        finally:
+            self._worker.close()
+            settle(self._lease, self.client, self.session_id, delete)
+            if self._owns_client:
+                self.client.close()
 
     # --- copies -------------------------------------------------------------------------------------------------
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _RemoteOptimizer:
         """An independent optimizer over copies of the parameters, on a new session holding a copy of this one's
         state (its checkpoint, imported under a new id). A client passed in is shared, an own client is not."""
+        self._inflight.settle()
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            if key not in ("client", "_handed", "session_id", "_lease"):
+            if key not in ("client", "_handed", "session_id", "_lease", "_snapshot"):
                 setattr(new, key, copy.deepcopy(value, memo))
         new._handed = None
+        new._snapshot = {}
         if self._owns_client:
             new.client = Client(self.client.url, timeout=self._timeout, retry=self._retry)
             new.client.credentials.default = self.client.credentials.default
