@@ -68,6 +68,8 @@ _CODE_OF = {nd: code for code, nd in _NUMPY.items() if code != "BF16"}  # numpy 
 # JSON / user-facing names of the float types the service works in.
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 WIRE_DTYPES = ("float32", "float16", "bfloat16")  # what a step's gradients and answer may travel as
+_F32 = np.dtype("<f4")
+_F32_NAMES = ("float32", "F32")
 
 
 def check_wire_dtype(dtype: str | None) -> str | None:
@@ -129,7 +131,9 @@ def as_wire_array(array: Any, dtype: str | None) -> tuple[str, np.ndarray]:
     """(safetensors dtype, contiguous little-endian array of its bits) for one tensor, converted to ``dtype`` (a
     name such as ``"bfloat16"`` or a code such as ``"BF16"``; None keeps the array's own), rounding to nearest
     even; float16 overflows to infinity as IEEE says."""
-    a = np.asarray(array)
+    a = array if type(array) is np.ndarray else np.asarray(array)
+    if a.dtype == _F32 and (dtype is None or dtype in _F32_NAMES) and a.flags.c_contiguous:
+        return "F32", a  # a step's usual gradient, without the lookups below
     if dtype is None:
         dtype = _CODE_OF.get(a.dtype.newbyteorder("<"))
         if dtype is None:
@@ -158,8 +162,8 @@ def encode_parts(
     buffers: list[memoryview] = []
     for name, value in tensors.items():
         code, arr = as_wire_array(value, dtype.get(name) if isinstance(dtype, Mapping) else dtype)
-        specs.append((name, code, tuple(arr.shape)))
-        buffers.append(memoryview(arr.reshape(-1)).cast("B") if arr.size else memoryview(b""))  # type: ignore[arg-type]
+        specs.append((name, code, arr.shape))
+        buffers.append(memoryview(arr).cast("B") if arr.size else memoryview(b""))  # type: ignore[arg-type]
     return [header(tuple(specs), metadata), *buffers]
 
 
