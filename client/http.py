@@ -8,10 +8,12 @@ The two are twins: every method builds its request and reads its answer with the
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import httpx
@@ -19,6 +21,7 @@ import numpy as np
 
 from . import protocol
 from .errors import TransportError
+from .inflight import Worker
 from .protocol import Call, Credentials, HyperparamChanges, Reply, Retry, StepResult
 from .transport import SocketTransport
 
@@ -87,6 +90,7 @@ class Client(_Base):
         if transport is None and self.url.startswith("http://"):
             transport = SocketTransport(timeout=timeout if isinstance(timeout, (int, float)) else None)
         self._http = httpx.Client(transport=transport, **_http_kwargs(self.url, timeout, headers))
+        self._worker = Worker()
 
     def __enter__(self) -> Client:
         return self
@@ -95,6 +99,7 @@ class Client(_Base):
         self.close()
 
     def close(self) -> None:
+        self._worker.close()
         self._http.close()
 
     def _send(self, call: Call, retry: Retry | None = None) -> Reply:
@@ -196,6 +201,13 @@ class Client(_Base):
             answer_dtype=answer_dtype,
         )
         return protocol.read_step(self._send(call, retry))
+
+    def step_async(self, session_id: str, grads: Mapping[str, Any], **options: Any) -> Future[StepResult]:
+        """:meth:`step` on this client's background thread: returns at once with a future of its result, so the
+        caller computes while the step travels. Steps sent this way run one after the other, in order; the arrays
+        of ``grads`` are sent as they are when the request goes out, so leave them alone until the future is
+        done. The options are :meth:`step`'s (pass ``if_match`` and ``idempotency_key`` for exactly once)."""
+        return self._worker.submit(functools.partial(self.step, session_id, grads, **options))
 
     def params(
         self, session_id: str, *, min_step: int | None = None, timeout: float | None = None, dtype: str | None = None
@@ -317,6 +329,11 @@ class AsyncClient(_Base):
             answer_dtype=answer_dtype,
         )
         return protocol.read_step(await self._send(call, retry))
+
+    def step_async(self, session_id: str, grads: Mapping[str, Any], **options: Any) -> asyncio.Task[StepResult]:
+        """:meth:`step` scheduled as a task of the running event loop: returns at once, the caller awaits the task
+        when it needs the answer (and computes meanwhile). The options are :meth:`step`'s."""
+        return asyncio.ensure_future(self.step(session_id, grads, **options))
 
     async def params(
         self, session_id: str, *, min_step: int | None = None, timeout: float | None = None, dtype: str | None = None

@@ -4,12 +4,17 @@ params = {"W": np.zeros((784, 10), np.float32), "b": np.zeros(10, np.float32)}
 opt = RemoteOptimizer(params, url="http://127.0.0.1:8000", optimizer="adamw", lr=1e-3)
 for batch in data:
     opt.step(grads(params, batch))      # params is updated in place
+
+With ``overlap=True`` the step runs in the background while the loop computes the next gradients (see
+:mod:`optserve.client.inflight`); ``step_async(grads)`` returns a future for callers who schedule it themselves.
 """
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Mapping, MutableMapping, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -17,6 +22,7 @@ import numpy as np
 from . import wire
 from .errors import PreconditionFailed
 from .http import Client
+from .inflight import InFlight, Worker
 from .lease import Lease, settle
 from .protocol import Retry, StepResult
 
@@ -43,6 +49,13 @@ class RemoteOptimizer:
     and applies the current gradients there, by itself (``resyncs`` counts it).
     In a session that accumulates k contributions per step, :meth:`step` waits (up to ``timeout``)
     for the other contributors and returns the parameters of the step they completed together.
+
+    ``overlap=True`` is the delayed parameter update: :meth:`step` copies the gradients, sends them and returns at
+    once (``params`` not yet updated); the answer is written into ``params`` when the next :meth:`step` starts, or
+    by :meth:`synchronize`, :meth:`pull`, :meth:`set_hyperparams` and :meth:`close`, which wait for it. So the
+    round trip runs while the caller computes the next gradients, which are one step stale. The first
+    ``overlap_warmup`` steps are taken exactly. An error of the step in flight is raised by the call that waits
+    for it. Exactly once as ever: one step in flight, with If-Match and its own Idempotency-Key.
     """
 
     def __init__(
@@ -64,8 +77,17 @@ class RemoteOptimizer:
         wire_dtype: str | None = None,
         name: str | None = None,
         keep: bool = False,
+        overlap: bool = False,
+        overlap_warmup: int = 0,
         **hyperparams: Any,
     ) -> None:
+        if overlap_warmup < 0:
+            raise ValueError(f"overlap_warmup must be >= 0, got {overlap_warmup}")
+        self.overlap = overlap
+        self.overlap_warmup = overlap_warmup
+        self.steps_taken = 0  # steps this optimizer took (the warm-up counts them)
+        self._inflight: InFlight[Any] = InFlight()
+        self._worker = Worker()
         self.params = params
         self.timeout = timeout
         self.wire_dtype = wire.check_wire_dtype(wire_dtype)
@@ -101,6 +123,7 @@ class RemoteOptimizer:
 
     def pull(self, min_step: int | None = None) -> MutableMapping[str, np.ndarray]:
         """Copy the server's parameters into ``params`` and adopt its step counter (waiting for ``min_step``)."""
+        self._inflight.settle()
         self.step_count, tensors = self.client.params(self.session_id, min_step=min_step, timeout=self.timeout)
         self._assign(tensors)
         return self.params
@@ -114,16 +137,61 @@ class RemoteOptimizer:
                 self.params[name] = np.array(value)
 
     def step(self, grads: Mapping[str, np.ndarray]) -> MutableMapping[str, np.ndarray]:
-        """Apply one step with ``grads`` (same names and shapes as the params); returns the updated ``params``."""
-        ordered = {name: np.asarray(grads[name], dtype=np.float32) for name in self.names if name in grads}
-        extra = set(grads) - set(ordered)
-        ordered.update({name: np.asarray(grads[name]) for name in extra})  # the server names them in its refusal
+        """Apply one step with ``grads`` (same names and shapes as the params); returns the updated ``params``.
 
-        def send() -> StepResult:
+        With ``overlap=True`` (after the warm-up), it writes the step in flight into ``params``, sends this one in
+        the background and returns ``params`` as they are: updated by the previous step, not by this one."""
+        self._inflight.settle()
+        pipelined = self.overlap and self.steps_taken >= self.overlap_warmup
+        ordered = self._ordered(grads, copy=pipelined)
+        self.steps_taken += 1
+        if pipelined:
+            job = functools.partial(self._exchange, ordered, self.step_count)
+            self._inflight.start(self._worker.submit(job), self._apply)
+        else:
+            self._apply(self._exchange(ordered, self.step_count))
+        return self.params
+
+    def step_async(self, grads: Mapping[str, np.ndarray]) -> Future[MutableMapping[str, np.ndarray]]:
+        """Send one step in the background; the future's result is ``params`` once the answer is written into them
+        (by the background thread: leave ``params`` alone until the future is done). The gradients are copied, so
+        the caller may reuse their arrays at once. The next call that needs the session (``step``,
+        ``step_async``, ``pull``, ``synchronize``, ``close`` ...) waits for it first, and raises its error if it
+        failed."""
+        self._inflight.settle()
+        ordered = self._ordered(grads, copy=True)
+        self.steps_taken += 1
+
+        def job() -> MutableMapping[str, np.ndarray]:
+            self._apply(self._exchange(ordered, self.step_count))
+            return self.params
+
+        future = self._worker.submit(job)
+        self._inflight.start(future, None)
+        return future
+
+    def synchronize(self) -> MutableMapping[str, np.ndarray]:
+        """Wait for the step in flight and write its answer into ``params`` (its error raised here); returns
+        ``params``."""
+        self._inflight.settle()
+        return self.params
+
+    def _ordered(self, grads: Mapping[str, np.ndarray], copy: bool) -> dict[str, np.ndarray]:
+        """The gradients in the session's order as float32 (copies when the step goes in flight); names the
+        session lacks last, for the server to name in its refusal."""
+        convert = np.array if copy else np.asarray
+        ordered = {name: convert(grads[name], dtype=np.float32) for name in self.names if name in grads}
+        ordered.update({name: convert(grads[name]) for name in grads if name not in ordered})
+        return ordered
+
+    def _exchange(self, ordered: dict[str, np.ndarray], if_match: int) -> tuple[StepResult, int, Any]:
+        """One step's round trip: it touches no parameter (it may run in the background)."""
+
+        def send(at: int) -> StepResult:
             return self.client.step(
                 self.session_id,
                 ordered,
-                if_match=self.step_count,
+                if_match=at,
                 idempotency_key=uuid.uuid4().hex,
                 dtype=self.wire_dtype,
                 answer_dtype=self.wire_dtype,
@@ -131,33 +199,43 @@ class RemoteOptimizer:
             )
 
         try:
-            result = send()
+            result = send(if_match)
         except PreconditionFailed as e:
-            if not e.server_behind(self.step_count):
+            if not e.server_behind(if_match):
                 raise  # someone else stepped this session: not ours to paper over
-            # The server restarted from a snapshot older than our last step: take its parameters and step counter,
-            # and apply this step there.
+            # The server restarted from a snapshot older than our last step: apply this step at its step (the
+            # answer carries every parameter).
             self.resyncs += 1
-            self.pull()
-            result = send()
-        self.last = result
+            if_match = self.client.params(self.session_id)[0]
+            result = send(if_match)
         if result.params is None:  # a contribution: the step completes when the other contributors have sent theirs
-            return self.pull(min_step=self.step_count + 1)
-        self.step_count = result.step
-        self._assign(result.params)
+            step, tensors = self.client.params(self.session_id, min_step=if_match + 1, timeout=self.timeout)
+            return result, step, tensors
+        return result, result.step, result.params
+
+    def _apply(self, answer: tuple[StepResult, int, Any]) -> None:
+        result, self.step_count, tensors = answer
+        self.last = result
+        self._assign(tensors)
         result.release()  # copied into params: the receive buffer can serve the next step
-        return self.params
 
     def set_hyperparams(self, group: int | None = None, **hyperparams: Any) -> None:
-        """Change hyperparameters on the server (e.g. ``lr=1e-4``), for every group or for ``group``."""
+        """Change hyperparameters on the server (e.g. ``lr=1e-4``), for every group or for ``group``; after the step
+        in flight, if any."""
+        self._inflight.settle()
         self.info = self.client.update_hyperparams(self.session_id, group, **hyperparams)
 
     def close(self, delete: bool | None = None) -> None:
         """Release the connection. The session is deleted on the server if this optimizer created it without a
-        name and without ``keep=True`` (``delete=None``), or whenever ``delete`` is True; ``False`` keeps it."""
-        settle(self._lease, self.client, self.session_id, delete)
-        if self._owns_client:
-            self.client.close()
+        name and without ``keep=True`` (``delete=None``), or whenever ``delete`` is True; ``False`` keeps it.
+        A step in flight is written in first; its error, if it failed, is raised after the release."""
+        try:
+            self._inflight.settle()
+        finally:
+            self._worker.close()
+            settle(self._lease, self.client, self.session_id, delete)
+            if self._owns_client:
+                self.client.close()
 
     def __enter__(self) -> RemoteOptimizer:
         return self
