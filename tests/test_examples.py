@@ -36,6 +36,20 @@ def test_train_torch_remote_and_local_give_the_same_curve() -> None:
     assert curve == [line for line in local.splitlines() if line.startswith("epoch")]
 
 
+def test_train_torch_compare_overlap_against_the_exact_runs(tmp_path: Path) -> None:
+    plot = tmp_path / "curves.png"
+    out = run("train_torch.py", "--compare", "--epochs", "3", "--max-steps", "60", "--plot", str(plot))
+    assert "RemoteAdamW(overlap=True)" in out
+    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ") and "epoch" not in line]
+    assert len(rows) == 3
+    table = [[float(c) for c in row[1:]] for row in rows]  # local, remote, overlap loss; then the accuracies
+    for local, remote, overlap, *_ in table:
+        assert local == remote  # the exact remote run is torch's
+        assert overlap != local and abs(overlap - local) < 0.25 * local  # stale gradients: close, not equal
+    assert table[-1][2] < table[0][2]  # and it learns
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
 def test_two_workers() -> None:
     out = run("two_workers.py", "--steps", "20")
     assert "server step 20" in out and "identical params: True" in out
