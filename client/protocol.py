@@ -83,7 +83,8 @@ class StepResult:
 
     ``step`` is the session's step after it and ``params`` the updated parameters (None with ``minimal=True``, and
     for a contribution that still awaits ``awaiting`` others in an accumulating session). ``grad_norm`` is the
-    global gradient norm before clipping.
+    global gradient norm before clipping. ``body`` is the parsed answer ``params`` are views of (its data section
+    is the session's flat parameter buffer, for readers that copy it out at once).
     """
 
     step: int
@@ -92,11 +93,12 @@ class StepResult:
     skipped: bool = False
     grad_norm: float | None = None
     awaiting: int = 0
+    body: wire.Safetensors | None = None
 
     def release(self) -> None:
         """Done with ``params`` (copied out): drops them, so that their receive buffer can serve the next answer
         (buffers are reused only when nothing references them any more)."""
-        self.params = None
+        self.params = self.body = None
 
 
 @dataclass(frozen=True)
@@ -210,7 +212,8 @@ def read_step(reply: Reply) -> StepResult:
     check(reply)
     step_count = step_number(reply)
     norm = reply.headers.get("optserve-grad-norm")
-    params = None if reply.status in (202, 204) else wire.decode(reply.body)[0]
+    body = None if reply.status in (202, 204) else wire.parse(reply.body)
+    params = None if body is None else body.tensors()
     return StepResult(
         step=step_count,
         params=params,
@@ -218,6 +221,7 @@ def read_step(reply: Reply) -> StepResult:
         skipped="optserve-step-skipped" in reply.headers,
         grad_norm=None if norm is None else float(norm),
         awaiting=int(reply.headers.get("optserve-awaiting", 0)) if reply.status == 202 else 0,
+        body=body,
     )
 
 

@@ -185,6 +185,7 @@ class _RemoteOptimizer(Optimizer):
         self._worker = Worker()
         self._steps_taken = 0  # steps taken by this optimizer (the warm-up counts them)
         self._snapshot: dict[str, torch.Tensor] = {}  # gradient copies of the step in flight, reused
+        self._flat_entries: tuple[wire.TensorEntry, ...] | None = None  # an answer layout checked for _copy_in_flat
         self._version = 0
         self._handed: _Handed | None = None
         super().__init__(params, {**probe.defaults, **(extra_defaults or {})})
@@ -268,6 +269,29 @@ class _RemoteOptimizer(Optimizer):
             warnings.simplefilter("ignore", UserWarning)  # the arrays may be read-only views of the answer; only read
             sources = [torch.from_numpy(a).view(t.shape) for a, t in zip(arrays, targets)]
             torch._foreach_copy_(targets, sources)
+
+    def _copy_in_flat(self, step: int, body: wire.Safetensors) -> bool:
+        """:meth:`_copy_in` for the usual answer, float32 in this optimizer's tensor order into contiguous float32
+        parameters: its data section split into the parameters' sizes in one call (no array per tensor). False,
+        with nothing done, for any other answer."""
+        if body.entries is not self._flat_entries:  # parsed headers are cached: the same tuple step after step
+            offset, usable = 0, len(body.entries) == len(self._names)
+            for entry, name in zip(body.entries, self._names):
+                usable = usable and entry.name == name and entry.dtype == "F32" and entry.start == offset
+                offset = entry.stop
+            if not usable:
+                return False
+            self._flat_entries = body.entries
+        targets = [_real(p) for p in self._params]
+        if not all(t.dtype is torch.float32 and t.is_cpu and t.is_contiguous() for t in targets) or not len(body.data):
+            return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a read-only body (bytes): only read
+            flat = torch.frombuffer(body.data, dtype=torch.float32)
+        with torch.no_grad():
+            torch._foreach_copy_([t.view(-1) for t in targets], flat.split_with_sizes([t.numel() for t in targets]))
+        self._step_count = step
+        return True
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
         """What torch refuses of a group at its first step, refused when the group is added; and what a remote
@@ -424,7 +448,9 @@ class _RemoteOptimizer(Optimizer):
         self._version += 1
         self._sent = sent
         self.last_grad_norm = answer.result.grad_norm
-        self._copy_in(answer.step, answer.tensors)
+        body = answer.result.body
+        if body is None or not self._copy_in_flat(answer.step, body):
+            self._copy_in(answer.step, answer.tensors)
         answer.result.release()  # copied into the model: the receive buffer can serve the next step
 
     def state_dict(self) -> dict[str, Any]:
