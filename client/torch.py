@@ -186,6 +186,9 @@ class _RemoteOptimizer(Optimizer):
         self._steps_taken = 0  # steps taken by this optimizer (the warm-up counts them)
         self._snapshot: dict[str, torch.Tensor] = {}  # gradient copies of the step in flight, reused
         self._flat_entries: tuple[wire.TensorEntry, ...] | None = None  # an answer layout checked for _copy_in_flat
+        self._flat_key: list[tuple[int, torch.Size]] | None = None  # the parameters the flat views were made of
+        self._flat_targets: list[torch.Tensor] = []
+        self._flat_sizes: list[int] = []
         self._version = 0
         self._handed: _Handed | None = None
         super().__init__(params, {**probe.defaults, **(extra_defaults or {})})
@@ -282,14 +285,22 @@ class _RemoteOptimizer(Optimizer):
             if not usable:
                 return False
             self._flat_entries = body.entries
-        targets = [_real(p) for p in self._params]
-        if not all(t.dtype is torch.float32 and t.is_cpu and t.is_contiguous() for t in targets) or not len(body.data):
+        key = [(p.data_ptr(), p.shape) for p in self._params]
+        if key != self._flat_key:  # the flat views of the parameters, made again if one was replaced (p.data = ...)
+            targets = [_real(p) for p in self._params]
+            if not all(t.dtype is torch.float32 and t.is_cpu and t.is_contiguous() for t in targets):
+                return False
+            with torch.no_grad():
+                self._flat_targets = [t.view(-1) for t in targets]
+            self._flat_sizes = [t.numel() for t in targets]
+            self._flat_key = key
+        if not len(body.data):
             return False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # a read-only body (bytes): only read
             flat = torch.frombuffer(body.data, dtype=torch.float32)
         with torch.no_grad():
-            torch._foreach_copy_([t.view(-1) for t in targets], flat.split_with_sizes([t.numel() for t in targets]))
+            torch._foreach_copy_(self._flat_targets, flat.split_with_sizes(self._flat_sizes))
         self._step_count = step
         return True
 
@@ -368,13 +379,13 @@ class _RemoteOptimizer(Optimizer):
         self._inflight.settle()
         names, grads = [], []
         for name, p in zip(self._names, self._params):
-            if p.grad is not None:
+            if (g := p.grad) is not None:
+                if g.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 names.append(name)
-                grads.append(p.grad)
+                grads.append(g)
         if not grads:
             return loss
-        if any(g.is_sparse for g in grads):
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         pipelined = self._overlap and self._steps_taken >= self._overlap_warmup
         # in flight, the gradients are copied: the loop may zero or accumulate into p.grad in place meanwhile
         arrays = self._copy_grads(names, grads) if pipelined else [_to_numpy(g) for g in grads]
@@ -636,10 +647,10 @@ class _RemoteOptimizer(Optimizer):
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            if key not in ("client", "_handed", "session_id", "_lease", "_snapshot"):
+            if key not in ("client", "_handed", "session_id", "_lease", "_snapshot", "_flat_key", "_flat_targets"):
                 setattr(new, key, copy.deepcopy(value, memo))
         new._handed = None
-        new._snapshot = {}
+        new._snapshot, new._flat_key, new._flat_targets = {}, None, []
         if self._owns_client:
             new.client = Client(self.client.url, timeout=self._timeout, retry=self._retry)
             new.client.credentials.default = self.client.credentials.default

@@ -376,3 +376,42 @@ def test_overlap_keyword_is_checked_like_the_others(server):
     with pytest.raises(TypeError, match="overlapp"):
         RemoteAdamW(make_model().parameters(), url=server.url, overlapp=True)
     assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+# --- the lean per-step path ----------------------------------------------------------------------------------------
+
+
+def test_answer_goes_into_a_parameter_whose_data_was_replaced(server):
+    """The answer is copied into cached flat views of the parameters: replacing ``p.data`` (as some code does to
+    move or cast weights) is noticed, and the update lands in the new tensor, as torch.optim's would."""
+    local_model, remote_model = make_model(), make_model()
+    local = torch.optim.AdamW(local_model.parameters(), lr=0.05)
+    remote = RemoteAdamW(remote_model.parameters(), url=server.url, lr=0.05)
+    data = batches(4)
+    for k, (x, y) in enumerate(data):
+        if k == 2:
+            for m in (local_model, remote_model):
+                m[0].weight.data = m[0].weight.data.clone()  # new storage under the same parameter
+        for m, o in ((local_model, local), (remote_model, remote)):
+            o.zero_grad()
+            loss_of(m, x, y).backward()
+            o.step()
+    for a, b in zip(local_model.parameters(), remote_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    remote.close(delete=True)
+
+
+def test_non_contiguous_and_complex_parameters_take_the_general_path(server):
+    weight = torch.nn.Parameter(torch.randn(4, 6).t())  # a transposed view: not contiguous
+    z = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    twins = [torch.nn.Parameter(weight.detach().clone()), torch.nn.Parameter(z.detach().clone())]
+    remote = RemoteAdamW([weight, z], url=server.url, lr=0.1)
+    local = torch.optim.AdamW(twins, lr=0.1)
+    for _ in range(3):
+        for params, opt in (([weight, z], remote), (twins, local)):
+            opt.zero_grad()
+            (params[0].sum() * 2 + (params[1].abs() ** 2).sum()).backward()
+            opt.step()
+    torch.testing.assert_close(weight, twins[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z, twins[1], rtol=1e-5, atol=1e-6)
+    remote.close(delete=True)
