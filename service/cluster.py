@@ -397,6 +397,7 @@ class RayStore:
         self._started_ray = False
         self._where: dict[str, str] = {}  # session id -> host name (a cache of the directory)
         self._handles: dict[str, Any] = {}
+        self._suspect: set[str] = set()  # hosts a call to which failed: asked whether they are up before the next
         self._coordinator: Any = None
         self._totals: dict[str, Any] = {}
         self._last_totals = 0.0
@@ -466,6 +467,7 @@ class RayStore:
 
     async def cluster(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._coordinator.cluster.remote()
+        result["front"] = {"node_id": ray.get_runtime_context().get_node_id()}  # the node this front's driver is on
         return result
 
     def destroy(self) -> None:
@@ -499,13 +501,23 @@ class RayStore:
 
     async def _call(self, access: Access, session_id: str, method: str, *args: Any) -> Any:
         """``method`` on the session's host, waiting for a host that is gone to come back (or its sessions to be
-        recovered elsewhere) for ``ray_recovery_seconds``; then 503."""
+        recovered elsewhere) for ``ray_recovery_seconds``; then 503.
+
+        A change (``MUTATING``) whose host dies while it runs is not sent again: it may have been applied (and
+        snapshotted) before the host died, so it answers 503 and the client's retry, with its Idempotency-Key or
+        If-Match, decides. Reads are simply asked again of the recovered host."""
         deadline = time.monotonic() + self.settings.ray_recovery_seconds
         fresh = False
         while True:
             host = await self._host(session_id, fresh)
             if host is None and fresh:
                 raise access.missing(session_id)
+            name = self._where.get(session_id)
+            if host is not None and name in self._suspect:  # a call to it failed: is it (or a new one) up now?
+                if name[len(HOST_PREFIX) :] in await to_thread.run_sync(alive_nodes):
+                    self._suspect.discard(name)
+                else:
+                    host = None
             if host is not None:
                 try:
                     return await self._await(getattr(host, method).remote(access, session_id, *args), session_id)
@@ -516,7 +528,13 @@ class RayStore:
                         continue
                     raise cause from None
                 except (*GONE, _HostGone):
-                    pass
+                    if name is not None:
+                        self._suspect.add(name)
+                    if method in MUTATING:
+                        raise StorageUnavailable(
+                            f"the host of session {session_id!r} went down during the request, which may or may not "
+                            "have been applied; retry it with the same Idempotency-Key (or If-Match)"
+                        ) from None
             if time.monotonic() >= deadline:
                 raise StorageUnavailable(f"the host of session {session_id!r} is unavailable; try again")
             await asyncio.sleep(0.2)
@@ -623,6 +641,10 @@ class RayStore:
 
 class _HostGone(Exception):
     """The host a call went to is dead or no longer the session's (the call never ran, or ran on a dead node)."""
+
+
+# The operations that change a session: after their host died while they ran, they are not sent again (503).
+MUTATING = frozenset({"step", "patch", "delete", "restore"})
 
 
 class _suppress_gone:
