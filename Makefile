@@ -16,8 +16,11 @@ APT_CHROMIUM := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-insta
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# `OPTSERVE_STORE=ray make serve` installs the [ray] extra (the server and Ray) and serves on a local Ray.
+EXTRAS := $(if $(filter ray,$(OPTSERVE_STORE)),ray,server)
+
 install: $(BIN)/python
-	$(PIP) install -q $(PIP_FLAGS) -e '.[server]'
+	$(PIP) install -q $(PIP_FLAGS) -e '.[$(EXTRAS)]'
 
 install-test: $(BIN)/python
 	$(PIP) install -q $(PIP_FLAGS) -e '.[test,dev]'

@@ -7,7 +7,7 @@
 - The directory, which host holds which session, is Ray's GCS key-value store (``session/<id>`` -> host name): it
   survives the loss of any front or host (the head node is Ray's single point of failure unless its GCS fault
   tolerance is set up). A restarted host reads back the sessions the directory gives it, from their snapshots.
-- :class:`Coordinator`, one detached actor that Ray restarts anywhere: it places new sessions on the host with the
+- :class:`Coordinator`, one detached actor on the head node (restarted there by Ray): it places new sessions on the host with the
   most free memory budget, starts a host on every node that joins, and, when a node dies, gives the sessions of
   its host to the surviving hosts, which load them from their last snapshots.
 - :class:`RayStore`, the fronts' :class:`~optserve.service.store.SessionStore`: every operation goes to the
