@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from procs import Server
 
-from optserve.client import Client, RemoteOptimizer, Retry, wire
+from optserve.client import Client, RemoteOptimizer, Retry, checkpoint, wire
 
 pytestmark = pytest.mark.server
 RUNNER = Path(__file__).with_name("raycluster.py")
@@ -139,6 +139,116 @@ def test_two_fronts_serve_every_session(cluster: RayCluster, tmp_path: Path, lau
     assert len([n for n in nodes if n["alive"]]) == 3
     via_b.delete_session(sid)
     assert httpx.get(f"{a.url}/v1/sessions/{sid}").status_code == 404
+
+
+SHARDED_CONFIGS = {
+    "adamw-amsgrad": {"optimizer": "adamw", "hyperparams": {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1},
+                      "param_groups": [{"params": ["b"], "lr": 1e-3}], "max_grad_norm": 1.0,
+                      "schedule": {"name": "cosine", "total_steps": 50, "warmup_steps": 5}},
+    "sgd-nesterov": {"optimizer": "sgd", "hyperparams": {"lr": 1e-2, "momentum": 0.9, "nesterov": True,
+                     "weight_decay": 1e-3}, "max_grad_norm": 0.5, "schedule": {"name": "linear_warmup",
+                     "warmup_steps": 10}},
+    "rmsprop-centered": {"optimizer": "rmsprop", "hyperparams": {"lr": 1e-3, "centered": True, "momentum": 0.5},
+                         "max_grad_norm": 2.0},
+}  # fmt: skip
+
+
+def sharded_params(seed: int = 3) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"w": rng.standard_normal((301, 7)).astype(np.float32), "b": rng.standard_normal(7).astype(np.float32),
+            "v": rng.standard_normal((5, 3, 4)).astype(np.float32)}  # fmt: skip
+
+
+def shard_nodes(url: str, session_id: str) -> dict[str, str]:
+    """Where each shard of a session is: {"<id>#<j>": node id} (GET /v1/cluster)."""
+    out = {}
+    for node in httpx.get(f"{url}/v1/cluster", timeout=30).json()["nodes"]:
+        for listed in node["sessions"]:
+            if listed.startswith(f"{session_id}#"):
+                out[listed] = node["node_id"]
+    return out
+
+
+@pytest.mark.parametrize("name", list(SHARDED_CONFIGS))
+def test_a_sharded_session_steps_bit_for_bit_like_the_unsharded_one(
+    name: str, cluster: RayCluster, tmp_path: Path, launch: Callable[..., Server]
+) -> None:
+    """Three shards on the three nodes, cutting tensors; 50 steps with clipping and a schedule: every answer and
+    the final state (checkpoint) equal the unsharded session's bit for bit."""
+    front = launch(tmp_path / "data", front_env(cluster, f"bits-{uuid.uuid4().hex[:6]}"))
+    client = Client(front.url, timeout=60)
+    p = sharded_params()
+    cfg = SHARDED_CONFIGS[name]
+    one = client.create_session(p, cfg["optimizer"], **{k: v for k, v in cfg.items() if k != "optimizer"})["id"]
+    three = client.create_session(p, cfg["optimizer"], shards=3, **{k: v for k, v in cfg.items() if k != "optimizer"})
+    sid = three["id"]
+    assert three["num_params"] == sum(a.size for a in p.values()) and len(three["shards"]) == 3
+    assert set(three["tensors"]) == set(p)
+    nodes = shard_nodes(front.url, sid)
+    assert sorted(nodes) == [f"{sid}#0", f"{sid}#1", f"{sid}#2"] and len(set(nodes.values())) == 3, nodes
+    rng = np.random.default_rng(7)
+    for t in range(50):
+        g = {k: (3 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in p.items()}
+        a, b = client.step(one, g), client.step(sid, g)
+        assert a.step == b.step == t + 1
+        for k in p:
+            np.testing.assert_array_equal(a.params[k].view(np.uint32), b.params[k].view(np.uint32), err_msg=f"{k} {t}")
+    ia, ib = client.session(one), client.session(sid)
+    assert ia["step"] == ib["step"] == 50 and ia["counters"] == ib["counters"]
+    assert ia["last_grad_norm"] == ib["last_grad_norm"]
+    whole_a = checkpoint.decode(client.checkpoint(one))
+    whole_b = checkpoint.decode(client.checkpoint(sid))
+    assert whole_b.config["shards"] == 3 and whole_a.state.keys() == whole_b.state.keys()
+    for buffer in whole_a.state:
+        for k in p:
+            np.testing.assert_array_equal(whole_a.state[buffer][k], whole_b.state[buffer][k])
+    client.delete_session(one)
+    client.delete_session(sid)
+    assert shard_nodes(front.url, sid) == {}
+
+
+def test_a_sharded_checkpoint_moves_to_a_single_server_and_back_and_a_refused_step_changes_no_shard(
+    cluster: RayCluster, tmp_path: Path, launch: Callable[..., Server]
+) -> None:
+    front = launch(tmp_path / "data", front_env(cluster, f"ckpt-{uuid.uuid4().hex[:6]}"))
+    single = launch(tmp_path / "single")
+    ray_client, one_client = Client(front.url, timeout=60), Client(single.url, timeout=60)
+    p = sharded_params(5)
+    sid = ray_client.create_session(p, "adamw", hyperparams={"lr": 1e-2}, shards=2)["id"]
+    rng = np.random.default_rng(9)
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in p.items()} for _ in range(8)]
+    for g in grads[:4]:
+        ray_client.step(sid, g)
+    # refused by one shard only (AdamW's exp_avg_sq of 1e22 overflows float32 in the last element): 422, no shard
+    # changed
+    before_step, before = ray_client.params(sid)
+    bad = {k: v.copy() for k, v in grads[4].items()}
+    last = list(ray_client.session(sid)["tensors"])[-1]  # layout order: its last element is in the last shard
+    bad[last].reshape(-1)[-1] = 1e22
+    refused = httpx.post(f"{front.url}/v1/sessions/{sid}/step", content=wire.encode(bad),
+                         headers={"Content-Type": wire.SAFETENSORS})  # fmt: skip
+    assert refused.status_code == 422, refused.text
+    after_step, after = ray_client.params(sid)
+    assert after_step == before_step == 4
+    for k in p:
+        np.testing.assert_array_equal(before[k], after[k])
+    # the sharded session's checkpoint into a single server, stepped on both: the same bits
+    one_client.restore("moved", ray_client.checkpoint(sid))
+    for g in grads[4:6]:
+        a, b = ray_client.step(sid, g), one_client.step("moved", g)
+        assert a.step == b.step
+        for k in p:
+            np.testing.assert_array_equal(a.params[k], b.params[k])
+    # and back: the single server's checkpoint (whose config says shards 2) into the cluster under a new id
+    ray_client.restore("back", one_client.checkpoint("moved"))
+    assert sorted(shard_nodes(front.url, "back")) == ["back#0", "back#1"]
+    for t, g in enumerate(grads[6:], start=7):
+        a, b = ray_client.step("back", g), one_client.step("moved", g)
+        assert a.step == b.step == t
+        for k in p:
+            np.testing.assert_array_equal(a.params[k], b.params[k])
+    listed = {s["id"]: s for s in ray_client.list_sessions()}
+    assert listed["back"]["num_params"] == sum(a.size for a in p.values()) and "back#0" not in listed
 
 
 def test_a_front_killed_and_restarted_mid_training_loses_nothing(
