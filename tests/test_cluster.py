@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from procs import Server
 
-from optserve.client import Client, RemoteOptimizer, Retry, checkpoint, wire
+from optserve.client import Client, RemoteOptimizer, Retry, ServerError, checkpoint, wire
 
 pytestmark = pytest.mark.server
 RUNNER = Path(__file__).with_name("raycluster.py")
@@ -359,3 +359,47 @@ def test_a_step_in_flight_when_its_node_dies_answers_503_and_its_retry_applies_i
     assert info["step"] == info["counters"]["steps_applied"] == 1, info["counters"]
     assert where(front.url, sid) != added["node_id"]
     print(f"\n[cluster] the step in flight at the kill answered {first.status_code}")
+
+
+def test_a_sharded_session_comes_back_whole_at_one_step_when_a_shards_node_dies(
+    cluster: RayCluster, tmp_path: Path, launch: Callable[..., Server]
+) -> None:
+    """Snapshots every 5 steps; 12 steps; the node of one shard is SIGKILLed. That shard comes back from its
+    snapshot at step 10 while the other is at 12 in memory: the leader brings both back to step 10 (never mixed),
+    and the next step is step 11, bit for bit the unsharded session's (a single server as the twin)."""
+    added = cluster.command("add")
+    cluster.nodes.append(added)
+    env = front_env(cluster, f"whole-{uuid.uuid4().hex[:6]}", OPTSERVE_SNAPSHOT_EVERY_STEPS="5",
+                    OPTSERVE_SNAPSHOT_EVERY_SECONDS="0")  # fmt: skip
+    front = launch(tmp_path / "data", env)
+    twin_server = launch(tmp_path / "twin")
+    client, twin = Client(front.url, timeout=60), Client(twin_server.url, timeout=60)
+    p = sharded_params(11)
+    sid = client.create_session(p, "adamw", hyperparams={"lr": 1e-2}, shards=2)["id"]
+    twin.create_session(p, "adamw", hyperparams={"lr": 1e-2}, session_id="twin")
+    rng = np.random.default_rng(13)
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in p.items()} for _ in range(13)]
+    for g in grads[:12]:
+        client.step(sid, g)
+    for g in grads[:10]:
+        twin.step("twin", g)
+    nodes = shard_nodes(front.url, sid)
+    head = cluster.nodes[0]["node_id"]
+    victim = next(node for node in nodes.values() if node != head)
+    index = next(i for i, n in enumerate(cluster.nodes) if n["node_id"] == victim)
+    cluster.command(f"kill {index}")
+    answer, refused, deadline = None, 0, time.monotonic() + 120
+    while answer is None and time.monotonic() < deadline:
+        try:
+            answer = client.step(sid, grads[12], retry=Retry(attempts=1))
+        except ServerError as e:
+            assert e.status == 503, e
+            refused += 1
+            time.sleep(0.5)
+    assert answer is not None, "the sharded session did not come back"
+    expected = twin.step("twin", grads[12])
+    assert answer.step == expected.step == 11
+    for k in p:
+        np.testing.assert_array_equal(answer.params[k], expected.params[k])
+    assert victim not in shard_nodes(front.url, sid).values()
+    print(f"\n[cluster] sharded session back at step 10 after {refused} refused (503) attempt(s)")
