@@ -182,6 +182,7 @@ class SessionHost:
         self._maintenance: asyncio.Task[None] | None = None
         self._led: dict[str, _Led] = {}  # sharded sessions whose shard 0 is here: this host leads them
         self._leading: dict[str, asyncio.Lock] = {}
+        self._peers: dict[str, Any] = {}  # the other hosts, by name
 
     async def _ready(self) -> MemoryStore:
         """Start once, on the first call (also after Ray restarted this actor with empty memory)."""
@@ -362,13 +363,15 @@ class SessionHost:
         if name == self.name:
             return await getattr(self, method)(args[0], shard_id, *args[1:])
         try:
-            return await getattr(ray.get_actor(name, namespace=self.config.namespace), method).remote(
-                args[0], shard_id, *args[1:]
-            )
+            handle = self._peers.get(name)
+            if handle is None:
+                handle = self._peers[name] = ray.get_actor(name, namespace=self.config.namespace)
+            return await getattr(handle, method).remote(args[0], shard_id, *args[1:])
         except RayTaskError as e:
             raise _cause(e) from None
-        except GONE:
+        except (*GONE, ValueError):  # ValueError: no actor of that name (any more)
             self._led.pop(session_id, None)
+            self._peers.pop(name, None)
             raise StorageUnavailable(
                 f"the host of shard {j} of session {session_id!r} is unavailable; try again"
             ) from None
