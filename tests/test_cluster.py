@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -93,6 +94,14 @@ def where(url: str, session_id: str) -> str:
         if session_id in node["sessions"] or any(s.startswith(f"{session_id}#") for s in node["sessions"]):
             return str(node["node_id"])
     raise AssertionError(f"{session_id} is on no node")
+
+
+def home(url: str, session_id: str) -> str | None:
+    """Like :func:`where`, None while the session is on no live host (being recovered)."""
+    try:
+        return where(url, session_id)
+    except AssertionError:
+        return None
 
 
 def params(n: int = 2000, seed: int = 0) -> dict[str, np.ndarray]:
@@ -296,13 +305,14 @@ def test_sigkill_of_the_node_holding_a_session_while_it_trains(
     clean = {k: v.copy() for k, v in params(seed=10 + seed).items()}
     steps = 30
     started = None
+    recovered = math.inf
     for t in range(steps):
         if t == 10:
             started = time.monotonic()
             cluster.command(f"kill {index}")
         opt.step(grads_for(t, p))
-        if t == 10:
-            recovered = time.monotonic() - started
+        if started is not None and recovered == math.inf and home(front.url, opt.session_id) not in (None, victim):
+            recovered = time.monotonic() - started  # on a surviving host (the steps go on meanwhile)
     info = Client(front.url).session(opt.session_id)
     assert info["step"] == info["counters"]["steps_applied"] == steps, info["counters"]
     assert info["counters"]["steps_skipped"] == 0
@@ -312,7 +322,7 @@ def test_sigkill_of_the_node_holding_a_session_while_it_trains(
             twin.step(grads_for(t, clean))
     for name in p:
         np.testing.assert_array_equal(p[name], clean[name])
-    print(f"\n[cluster] the first step after the node's SIGKILL answered {recovered:.1f} s after the kill began")
+    print(f"\n[cluster] the session was on a surviving host {recovered:.1f} s after the kill began")
     assert recovered < 30
     opt.close()
 
