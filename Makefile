@@ -16,8 +16,11 @@ APT_CHROMIUM := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-insta
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# `OPTSERVE_STORE=ray make serve` installs the [ray] extra (the server and Ray) and serves on a local Ray.
+EXTRAS := $(if $(filter ray,$(OPTSERVE_STORE)),ray,server)
+
 install: $(BIN)/python
-	$(PIP) install -q $(PIP_FLAGS) -e '.[server]'
+	$(PIP) install -q $(PIP_FLAGS) -e '.[$(EXTRAS)]'
 
 install-test: $(BIN)/python
 	$(PIP) install -q $(PIP_FLAGS) -e '.[test,dev]'
@@ -32,8 +35,12 @@ serve: install
 test: install-test
 	$(BIN)/python -m pytest
 
-# The benchmark needs the server, torch (its comparison points) and Debian's wrk (table 3).
+# The benchmark needs the server, torch (its comparison points), Ray (table 5) and Debian's wrk (tables 3 and 5:
+# installed here as root when missing).
 bench: install-test
+	@command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || { echo "installing Debian's wrk for the benchmark"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }; }
 	$(BIN)/python bench/run.py $(ARGS)
 
 lint: install-test

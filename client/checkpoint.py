@@ -53,8 +53,9 @@ class Checkpoint:
 
     @property
     def names(self) -> list[str]:
-        """Tensor names in layout order (the order of the config's parameter groups)."""
-        return [n for g in self.config.get("param_groups", []) for n in g["params"]]
+        """Tensor names in layout order (the order of the config's parameter groups; a shard's: those it holds)."""
+        names = [n for g in self.config.get("param_groups", []) for n in g["params"]]
+        return names if self.config.get("shard") is None else shard_names(names, self.config["shard"])
 
 
 def encode_parts(cp: Checkpoint) -> list[bytes | memoryview]:
@@ -113,6 +114,29 @@ def _key_record(record: Any) -> bool:
     return isinstance(key, str) and _count(step) and outcome in ("applied", "skipped", "accepted") and norm_ok
 
 
+def covers(offset: int, size: int, lo: int, hi: int, index: int) -> bool:
+    """Whether shard ``index``, the range ``lo:hi`` of a session's flat buffers, holds a piece of the tensor at
+    ``offset`` with ``size`` elements (an empty tensor belongs to shard 0)."""
+    return offset < hi and offset + size > lo if size else index == 0
+
+
+def shard_names(names: list[str], shard: object) -> list[str]:
+    """Of ``names``, those a shard holds pieces of (``shard``: its config's description, see the server's
+    ``ShardOf``)."""
+    try:
+        assert isinstance(shard, dict)
+        lo, hi, index = int(shard["lo"]), int(shard["hi"]), int(shard["index"])
+        inside, offset = set(), 0
+        for name, shape in zip(shard["names"], shard["shapes"], strict=True):
+            size = math.prod(int(d) for d in shape)
+            if covers(offset, size, lo, hi, index):
+                inside.add(name)
+            offset += size
+    except (AssertionError, KeyError, TypeError, ValueError):
+        raise CheckpointError("checkpoint config 'shard' is malformed") from None
+    return [n for n in names if n in inside]
+
+
 def decode(body: bytes | bytearray | memoryview) -> Checkpoint:
     """Read a checkpoint. Raises WireError for a malformed file and CheckpointError for wrong content."""
     st = wire.parse(body)
@@ -130,6 +154,8 @@ def decode(body: bytes | bytearray | memoryview) -> Checkpoint:
         raise CheckpointError("checkpoint param_groups must each list their tensors under 'params'") from None
     if not all(isinstance(n, str) for n in names):
         raise CheckpointError("checkpoint param_groups must name their tensors with strings")
+    if config.get("shard") is not None:  # a shard of a session on the Ray store: it holds pieces of some tensors
+        names = shard_names(names, config["shard"])
     groups: dict[str, dict[str, np.ndarray]] = {}
     for entry in st.entries:
         if entry.dtype != "F32":

@@ -7,9 +7,15 @@
 - The directory, which host holds which session, is Ray's GCS key-value store (``session/<id>`` -> host name): it
   survives the loss of any front or host (the head node is Ray's single point of failure unless its GCS fault
   tolerance is set up). A restarted host reads back the sessions the directory gives it, from their snapshots.
-- :class:`Coordinator`, one detached actor that Ray restarts anywhere: it places new sessions on the host with the
-  most free memory budget, starts a host on every node that joins, and, when a node dies, gives the sessions of
-  its host to the surviving hosts, which load them from their last snapshots.
+- :class:`Coordinator`, one detached actor on the head node (restarted there by Ray): it places new sessions on
+  the host with the most free memory budget, starts a host on every node that joins, and, when a node dies, gives
+  the sessions of its host to the surviving hosts, which load them from their last snapshots.
+- Sharded sessions (``"shards": k``, :mod:`optserve.service.shards`): k shard sessions ``<id>#<j>`` on k hosts
+  where there are k; the host of shard 0 leads the session (``session/<id>`` names it): every operation goes to it,
+  and it runs each step on all shards under its lock, checked everywhere before it is applied anywhere. Shards
+  snapshot together at one step (the leader applies the snapshot policy; each keeps its previous snapshot too), so
+  when a failure leaves them at different steps, the leader brings all of them back to the newest step they all
+  have a snapshot of before the next step.
 - :class:`RayStore`, the fronts' :class:`~optserve.service.store.SessionStore`: every operation goes to the
   session's host (found in the directory, cached); a host that is gone is waited for (a restart, or the
   coordinator's recovery) for ``OPTSERVE_RAY_RECOVERY_SECONDS``, then the request answers 503. A front holds
@@ -22,10 +28,12 @@ what a step's If-Match and Idempotency-Key resolve (the client retries with the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,11 +49,17 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noq
 
 from optserve.client.wire import Safetensors  # noqa: E402
 
-from . import fused  # noqa: E402
+from . import (  # noqa: E402
+    checkpoint,
+    fused,  # noqa: E402
+    shards,
+)
 from .auth import ADMIN, Access  # noqa: E402
+from .bodies import POOL  # noqa: E402
 from .errors import Conflict, ServiceError, SessionNotFound, StorageUnavailable  # noqa: E402
+from .layout import FlatLayout  # noqa: E402
 from .persistence import Saver, Snapshots  # noqa: E402
-from .session import SessionConfig, StepResult  # noqa: E402
+from .session import MAX_SHARDS, SessionConfig, StepResult, sum_of_squares  # noqa: E402
 from .settings import Settings  # noqa: E402
 from .store import Health, Lifetimes, Limits, MemoryStore, StepRequest, StoreStats, Tensors  # noqa: E402
 
@@ -166,6 +180,9 @@ class SessionHost:
         self.store.on_deleted = lambda session_id: directory_delete(config.namespace, session_id)
         self._started: asyncio.Future[None] | None = None
         self._maintenance: asyncio.Task[None] | None = None
+        self._led: dict[str, _Led] = {}  # sharded sessions whose shard 0 is here: this host leads them
+        self._leading: dict[str, asyncio.Lock] = {}
+        self._peers: dict[str, Any] = {}  # the other hosts, by name
 
     async def _ready(self) -> MemoryStore:
         """Start once, on the first call (also after Ray restarted this actor with empty memory)."""
@@ -219,29 +236,251 @@ class SessionHost:
         return await (await self._ready()).list_sessions()
 
     async def check(self, access: Access, session_id: str) -> None:
-        await (await self._ready()).check(access, session_id)
+        store = await self._ready()
+        await store.check(access, f"{session_id}#0" if self._sharded(session_id) else session_id)
 
     async def info(self, access: Access, session_id: str) -> dict[str, Any]:
-        return await (await self._ready()).info(access, session_id)
+        store = await self._ready()
+        if self._sharded(session_id):
+            return await self._sharded_info(access, session_id)
+        return await store.info(access, session_id)
 
     async def patch(self, access: Access, session_id: str, values: Mapping[str, Any], group: int | None) -> Any:
-        return await (await self._ready()).patch(access, session_id, values, group)
+        store = await self._ready()
+        if self._sharded(session_id):
+            led = await self._lead(access, session_id)
+            async with self._lock(session_id):
+                await self._on(led, session_id, 0, "patch", access, values, group)  # refused here: nothing changed
+                await self._each(led, session_id, "patch", lambda j: (access, values, group), first=1)
+            return await self._sharded_info(access, session_id)
+        return await store.patch(access, session_id, values, group)
 
     async def delete(self, access: Access, session_id: str) -> None:
-        await (await self._ready()).delete(access, session_id)
+        store = await self._ready()
+        if not self._sharded(session_id):
+            await store.delete(access, session_id)
+            return
+        led = await self._lead(access, session_id)
+        async with self._lock(session_id):
+            await store.check(access, f"{session_id}#0")
+            await self._each(led, session_id, "delete", lambda j: (access,), first=1, missing_ok=True)
+            await store.delete(access, f"{session_id}#0")
+            await to_thread.run_sync(directory_delete, self.config.namespace, session_id)
+            self._led.pop(session_id, None)
 
     async def step(self, access: Access, session_id: str, grads: Any, request: StepRequest) -> StepResult:
-        return await (await self._ready()).step(access, session_id, unportable(grads), request)
+        store = await self._ready()
+        if self._sharded(session_id):
+            return await self._sharded_step(access, session_id, unportable(grads), request)
+        return await store.step(access, session_id, unportable(grads), request)
 
     async def params(self, access: Access, session_id: str, min_step: int | None, timeout: float) -> Tensors:
-        return await (await self._ready()).params(access, session_id, min_step, timeout)
+        store = await self._ready()
+        if not self._sharded(session_id):
+            return await store.params(access, session_id, min_step, timeout)
+        led = await self._lead(access, session_id)
+        await store.params(access, f"{session_id}#0", min_step, timeout)  # waits for min_step
+        async with self._lock(session_id):
+            parts = await self._each(led, session_id, "params", lambda j: (access, None, 0.0))
+        flat = np.empty(led.layout.size, np.float32)
+        for (lo, hi), part in zip(led.ranges, parts):
+            shards.place(led.layout, lo, hi, flat, part.layout, part.flat)
+        return Tensors(parts[0].step, led.layout, flat)
 
     async def export(self, access: Access, session_id: str) -> tuple[bytes, int]:
-        parts, step = await (await self._ready()).export(access, session_id)
-        return b"".join(parts), step
+        store = await self._ready()
+        if not self._sharded(session_id):
+            parts, step = await store.export(access, session_id)
+            return b"".join(parts), step
+        led = await self._lead(access, session_id)
+        async with self._lock(session_id):
+            bodies = await self._each(led, session_id, "export", lambda j: (access,))
+        loaded = [await to_thread.run_sync(checkpoint.load, b, f"{session_id}#{j}") for j, (b, _) in enumerate(bodies)]
+        whole = await to_thread.run_sync(shards.merge, session_id, loaded)
+        return checkpoint.dump(whole), whole.step_count
 
     async def restore(self, access: Access, session_id: str, body: bytes) -> tuple[dict[str, Any], bool]:
-        return await (await self._ready()).restore(access, session_id, body)
+        store = await self._ready()
+        if not self._sharded(session_id):
+            return await store.restore(access, session_id, body)
+        led = await self._lead(access, session_id)
+        await store.check(access, f"{session_id}#0")  # replacing: the session's token or the admin key
+        whole = await to_thread.run_sync(checkpoint.load, body, session_id)
+        parts = await to_thread.run_sync(lambda: [checkpoint.dump(p) for p in shards.split(whole, led.count)])
+        async with self._lock(session_id):
+            await self._each(led, session_id, "restore", lambda j: (access, parts[j]))
+            self._led.pop(session_id, None)
+        return await self._sharded_info(access, session_id), True
+
+    # --- sharded sessions: this host leads those whose shard 0 it holds (see optserve.service.shards) ----------
+
+    def _sharded(self, session_id: str) -> bool:
+        return "#" not in session_id and self.store.holds(f"{session_id}#0")
+
+    def _lock(self, session_id: str) -> asyncio.Lock:
+        return self._leading.setdefault(session_id, asyncio.Lock())
+
+    async def _lead(self, access: Access, session_id: str) -> _Led:
+        led = self._led.get(session_id)
+        if led is not None:
+            return led
+        first = await self.store.session(access, f"{session_id}#0")
+        shard = first.config.shard
+        assert shard is not None
+        layout = shards.layout_of(shard, first.config)
+        keys = [f"{session_id}#{j}" for j in range(shard.count)]
+        hosts = [await to_thread.run_sync(directory_get, self.config.namespace, k) for k in keys]
+        if any(h is None for h in hosts):
+            raise StorageUnavailable(f"a shard of session {session_id!r} is not in the directory; try again")
+        led = _Led(shard.count, layout, shards.ranges(layout.size, shard.count), [str(h) for h in hosts],
+                   first.step_count, time.time())  # fmt: skip
+        self._led[session_id] = led
+        return led
+
+    async def _each(
+        self,
+        led: _Led,
+        session_id: str,
+        method: str,
+        args: Callable[[int], tuple[Any, ...]],
+        first: int = 0,
+        missing_ok: bool = False,
+    ) -> list[Any]:
+        """``method`` on every shard from ``first`` on, at once; the first error in shard order is raised (after
+        every call ended)."""
+        calls = [self._on(led, session_id, j, method, *args(j)) for j in range(first, led.count)]
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, BaseException) and not (missing_ok and isinstance(answer, SessionNotFound)):
+                raise answer
+        return answers
+
+    async def _on(self, led: _Led, session_id: str, j: int, method: str, *args: Any) -> Any:
+        """``method`` of shard ``j``'s host for shard ``j`` (this host's own store when it is here); ``args`` start
+        with the access."""
+        name = led.hosts[j]
+        shard_id = f"{session_id}#{j}"
+        if name == self.name:
+            return await getattr(self, method)(args[0], shard_id, *args[1:])
+        try:
+            handle = self._peers.get(name)
+            if handle is None:
+                handle = self._peers[name] = ray.get_actor(name, namespace=self.config.namespace)
+            return await getattr(handle, method).remote(args[0], shard_id, *args[1:])
+        except RayTaskError as e:
+            raise _cause(e) from None
+        except (*GONE, ValueError):  # ValueError: no actor of that name (any more)
+            self._led.pop(session_id, None)
+            self._peers.pop(name, None)
+            raise StorageUnavailable(
+                f"the host of shard {j} of session {session_id!r} is unavailable; try again"
+            ) from None
+
+    async def _sharded_step(
+        self, access: Access, session_id: str, grads: Safetensors | Mapping[str, np.ndarray], request: StepRequest
+    ) -> StepResult:
+        """One step of a sharded session: checked on every shard (nothing written), then applied on every shard,
+        with the whole gradient's norm; one step at a time (this host's lock for the session)."""
+        led = await self._lead(access, session_id)
+        async with self._lock(session_id):
+            flat, present = led.layout.gather(grads, request.partial)
+            sumsq = sum_of_squares(flat)
+
+            def part(j: int, req: StepRequest) -> tuple[Any, ...]:
+                lo, hi = led.ranges[j]
+                return access, ("arrays", shards.pieces(led.layout, j, lo, hi, flat, present)), req
+
+            dry = dataclasses.replace(request, sumsq=sumsq, dry=True, want_params=False)
+            checks: list[StepResult] = await self._each(led, session_id, "step", lambda j: part(j, dry))
+            if len({c.step for c in checks}) > 1:  # a failure left the shards apart: all back to one snapshot
+                step = await self._realign(led, session_id)
+                raise StorageUnavailable(
+                    f"the shards of session {session_id!r} were brought back to their common snapshot at step {step} "
+                    "after a failure; retry (with the same Idempotency-Key, or resynchronise after a 412)"
+                )
+            real = dataclasses.replace(request, sumsq=sumsq, skip=any(c.skipped for c in checks))
+            results: list[StepResult] = await self._each(led, session_id, "step", lambda j: part(j, real))
+            first = results[0]
+            if first.status in ("applied", "skipped"):
+                await self._aligned_snapshot(led, session_id, first.step)
+        params = None
+        if request.want_params and all(r.params is not None for r in results):
+            params = POOL.take(4 * led.layout.size).view(np.float32)
+            for (lo, hi), r in zip(led.ranges, results):
+                assert r.layout is not None and r.params is not None
+                shards.place(led.layout, lo, hi, params, r.layout, r.params)
+        return StepResult(first.status, first.step, params, first.skipped, first.grad_norm, layout=led.layout)
+
+    async def _aligned_snapshot(self, led: _Led, session_id: str, step: int) -> None:
+        """Every shard snapshotted at this one step by the snapshot policy (each shard's own policy is off: shards
+        snapshotting at different steps could not be recovered together). With fsync every step each shard
+        writes before it answers."""
+        config, now = self.config, time.time()
+        if config.fsync_every_step:
+            return
+        by_steps = config.snapshot_every_steps and step - led.saved_step >= config.snapshot_every_steps
+        by_time = config.snapshot_every_seconds and now - led.saved_at >= config.snapshot_every_seconds
+        if by_steps or by_time:
+            await self._each(led, session_id, "save", lambda j: (ADMIN,))
+            led.saved_step, led.saved_at = step, now
+
+    async def _realign(self, led: _Led, session_id: str) -> int:
+        """Bring every shard back to the newest step all of them have a snapshot of (each keeps its previous
+        snapshot too); the step."""
+        steps: list[list[int]] = await self._each(led, session_id, "snapshot_steps", lambda j: (ADMIN,))
+        common = set.intersection(*(set(s) for s in steps))
+        if not common:
+            raise StorageUnavailable(f"the shards of session {session_id!r} have no snapshot of one step in common")
+        step = max(common)
+        await self._each(led, session_id, "align", lambda j: (ADMIN, step))
+        log.warning("sharded session %s brought back to its snapshots of step %d", session_id, step)
+        return step
+
+    async def _sharded_info(self, access: Access, session_id: str) -> dict[str, Any]:
+        led = await self._lead(access, session_id)
+        info = await self.store.info(access, f"{session_id}#0")
+        info["id"] = session_id
+        for group in info["param_groups"]:
+            group["params"] = [s.name for s in led.layout.slots if s.group == group["index"]]
+        info["tensors"] = {s.name: {"shape": list(s.shape), "dtype": "float32", "group": s.group}
+                           for s in led.layout.slots}  # fmt: skip
+        info["num_params"] = led.layout.size
+        info["shards"] = [{"index": j, "host": h, "range": [lo, hi]} for j, (h, (lo, hi))
+                          in enumerate(zip(led.hosts, led.ranges))]  # fmt: skip
+        return info
+
+    # shard-level operations the leader asks of the hosts of its shards
+
+    async def save(self, access: Access, session_id: str) -> None:
+        store = await self._ready()
+        await to_thread.run_sync(store.save_now, session_id)
+
+    async def snapshot_steps(self, access: Access, session_id: str) -> list[int]:
+        """The steps of a shard's latest and previous snapshots (those that can be read)."""
+        store = await self._ready()
+        assert store.snapshots is not None
+        steps = []
+        for path in (store.snapshots.path(session_id), store.snapshots.previous(session_id)):
+            try:
+                steps.append(await to_thread.run_sync(store.snapshots.step_of, path))
+            except (OSError, ValueError):
+                continue
+        return steps
+
+    async def align(self, access: Access, session_id: str, step: int) -> None:
+        """Forget the shard in memory and hold it from its snapshot at ``step`` (its latest or its previous)."""
+        store = await self._ready()
+        snapshots = store.snapshots
+        assert snapshots is not None
+
+        def back() -> None:
+            store.drop(session_id)
+            with snapshots.lock(session_id):
+                if snapshots.step_of(snapshots.path(session_id)) != step:
+                    os.replace(snapshots.previous(session_id), snapshots.path(session_id))
+            store.adopt(session_id)
+
+        await to_thread.run_sync(back)
 
     async def adopt(self, session_id: str) -> None:
         """Take on a session of a host that is gone, from its snapshot (the coordinator then points the directory
@@ -254,6 +493,18 @@ class SessionHost:
         store = await self._ready()
         if store.saver is not None:
             await to_thread.run_sync(store.saver.flush, list(store._sessions.values()))
+
+
+@dataclass
+class _Led:
+    """What the leader of a sharded session knows of it: its shards' ranges of the whole layout and their hosts."""
+
+    count: int
+    layout: FlatLayout
+    ranges: list[tuple[int, int]]
+    hosts: list[str]
+    saved_step: int  # of the last aligned snapshot (see SessionHost._aligned_snapshot)
+    saved_at: float
 
 
 # --- the coordinator -------------------------------------------------------------------------------------------------
@@ -307,13 +558,14 @@ class Coordinator:
         answers = await asyncio.gather(*(h.stats.remote() for h in alive.values()), return_exceptions=True)
         self.stats = {name: a for name, a in zip(alive, answers) if isinstance(a, dict)}
 
-    async def place(self, nbytes: int) -> str:
-        """The live host with the most free memory budget."""
+    async def place(self, nbytes: int, avoid: tuple[str, ...] = ()) -> str:
+        """The live host with the most free memory budget (of those not in ``avoid``, if any is not)."""
         if not self.stats:
             await self._refresh()
         if not self.stats:
             raise StorageUnavailable("no session host is up")
-        name = max(self.stats, key=lambda n: self.stats[n]["free_bytes"])
+        candidates = [n for n in self.stats if n not in avoid] or list(self.stats)
+        name = max(candidates, key=lambda n: self.stats[n]["free_bytes"])
         self.stats[name]["free_bytes"] -= nbytes  # until the next refresh
         return name
 
@@ -334,9 +586,9 @@ class Coordinator:
         if not dead or not self.stats:
             return
         namespace = self.config.namespace
-        orphans = [
-            (sid, host) for sid, host in (await to_thread.run_sync(directory, namespace)).items() if host in dead
-        ]
+        entries = await to_thread.run_sync(directory, namespace)
+        # a sharded session's own entry names its leader, the host of its shard 0: it moves with that shard
+        orphans = [(sid, host) for sid, host in entries.items() if host in dead and f"{sid}#0" not in entries]
         for session_id, old in orphans:
             target = await self.place(0)
             try:
@@ -345,6 +597,8 @@ class Coordinator:
                 log.error("session %s of %s (node gone) could not be recovered: %s", session_id, old, _cause(e))
                 continue
             await to_thread.run_sync(directory_put, namespace, session_id, target)
+            if session_id.endswith("#0"):
+                await to_thread.run_sync(directory_put, namespace, session_id[:-2], target)
             self.recovered += 1
             log.warning("session %s moved from %s (node gone) to %s", session_id, old, target)
 
@@ -397,6 +651,7 @@ class RayStore:
         self._started_ray = False
         self._where: dict[str, str] = {}  # session id -> host name (a cache of the directory)
         self._handles: dict[str, Any] = {}
+        self._suspect: set[str] = set()  # hosts a call to which failed: asked whether they are up before the next
         self._coordinator: Any = None
         self._totals: dict[str, Any] = {}
         self._last_totals = 0.0
@@ -466,6 +721,7 @@ class RayStore:
 
     async def cluster(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._coordinator.cluster.remote()
+        result["front"] = {"node_id": ray.get_runtime_context().get_node_id()}  # the node this front's driver is on
         return result
 
     def destroy(self) -> None:
@@ -499,13 +755,23 @@ class RayStore:
 
     async def _call(self, access: Access, session_id: str, method: str, *args: Any) -> Any:
         """``method`` on the session's host, waiting for a host that is gone to come back (or its sessions to be
-        recovered elsewhere) for ``ray_recovery_seconds``; then 503."""
+        recovered elsewhere) for ``ray_recovery_seconds``; then 503.
+
+        A change (``MUTATING``) whose host dies while it runs is not sent again: it may have been applied (and
+        snapshotted) before the host died, so it answers 503 and the client's retry, with its Idempotency-Key or
+        If-Match, decides. Reads are simply asked again of the recovered host."""
         deadline = time.monotonic() + self.settings.ray_recovery_seconds
         fresh = False
         while True:
             host = await self._host(session_id, fresh)
             if host is None and fresh:
                 raise access.missing(session_id)
+            name = self._where.get(session_id)
+            if host is not None and name in self._suspect:  # a call to it failed: is it (or a new one) up now?
+                if name[len(HOST_PREFIX) :] in await to_thread.run_sync(alive_nodes):
+                    self._suspect.discard(name)
+                else:
+                    host = None
             if host is not None:
                 try:
                     return await self._await(getattr(host, method).remote(access, session_id, *args), session_id)
@@ -516,7 +782,13 @@ class RayStore:
                         continue
                     raise cause from None
                 except (*GONE, _HostGone):
-                    pass
+                    if name is not None:
+                        self._suspect.add(name)
+                    if method in MUTATING:
+                        raise StorageUnavailable(
+                            f"the host of session {session_id!r} went down during the request, which may or may not "
+                            "have been applied; retry it with the same Idempotency-Key (or If-Match)"
+                        ) from None
             if time.monotonic() >= deadline:
                 raise StorageUnavailable(f"the host of session {session_id!r} is unavailable; try again")
             await asyncio.sleep(0.2)
@@ -545,6 +817,13 @@ class RayStore:
         self, session_id: str, config: SessionConfig, params: Mapping[str, np.ndarray], token_digest: str | None
     ) -> dict[str, Any]:
         nbytes = sum(int(np.asarray(a).size) for a in params.values()) * 12
+        count = config.shards
+        if count == 1 and self.settings.shard_bytes and nbytes > self.settings.shard_bytes:
+            count = min(MAX_SHARDS, -(-nbytes // self.settings.shard_bytes))
+            config = config.model_copy(update={"shards": count})
+        if count > 1:
+            parts = await to_thread.run_sync(shards.split_params, session_id, config, dict(params), count)
+            return await self._create_sharded(session_id, [(sid, cfg, p, token_digest) for sid, cfg, p in parts])
         name = await self._coordinator.place.remote(nbytes)
         if not await to_thread.run_sync(directory_reserve, self.namespace, session_id, name):
             raise Conflict(f"session {session_id!r} already exists", session_id=session_id)
@@ -558,11 +837,61 @@ class RayStore:
         self._where[session_id] = name
         return info
 
+    async def _create_sharded(
+        self, session_id: str, parts: list[tuple[str, SessionConfig, Any, Any]]
+    ) -> dict[str, Any]:
+        """Place the shards (``(id, config, params or checkpoint body, token digest)`` each) on as many hosts as
+        there are, create them there (``create`` with params, ``restore`` with a body) and point the directory at
+        them; undone if any fails."""
+        placed: list[str] = []
+        for _, _, tensors, _ in parts:
+            size = len(tensors) if isinstance(tensors, bytes) else sum(int(a.size) for a in tensors.values()) * 12
+            placed.append(await self._coordinator.place.remote(size, tuple(placed)))
+        if not await to_thread.run_sync(directory_reserve, self.namespace, session_id, placed[0]):
+            raise Conflict(f"session {session_id!r} already exists", session_id=session_id)
+        try:
+            for (shard_id, _, _, _), name in zip(parts, placed):
+                await to_thread.run_sync(directory_put, self.namespace, shard_id, name)
+
+            async def make(shard_id: str, config: SessionConfig, tensors: Any, digest: Any, name: str) -> Any:
+                host = self._handle(name)
+                if isinstance(tensors, bytes):
+                    return await host.restore.remote(ADMIN, shard_id, tensors)
+                return await host.create.remote(shard_id, config, tensors, digest)
+
+            made = await asyncio.gather(*(make(*part, name) for part, name in zip(parts, placed)),
+                                        return_exceptions=True)  # fmt: skip
+            failed = next((m for m in made if isinstance(m, BaseException)), None)
+            if failed is not None:
+                for (shard_id, _, _, _), name, m in zip(parts, placed, made):
+                    if not isinstance(m, BaseException):
+                        with _suppress_gone(), contextlib.suppress(RayTaskError):
+                            await self._handle(name).delete.remote(ADMIN, shard_id)
+                raise _cause(failed) if isinstance(failed, RayTaskError) else failed
+        except BaseException:
+            for shard_id, _, _, _ in parts:
+                await to_thread.run_sync(directory_delete, self.namespace, shard_id)
+            await to_thread.run_sync(directory_delete, self.namespace, session_id)
+            raise
+        self._where[session_id] = placed[0]
+        info: dict[str, Any] = await self._call(ADMIN, session_id, "info")
+        return info
+
     async def list_sessions(self) -> list[dict[str, Any]]:
         names = list((await self._coordinator.cluster.remote())["nodes"])
         hosts = [host_name(n["node_id"]) for n in names if n["alive"]]
         answers = await asyncio.gather(*(self._handle(h).list_sessions.remote() for h in hosts), return_exceptions=True)
-        return [s for a in answers if isinstance(a, list) for s in a]
+        listed = [s for a in answers if isinstance(a, list) for s in a]
+        whole = [s for s in listed if "#" not in s["id"]]
+        sizes: dict[str, int] = {}
+        for s in listed:  # a sharded session once, under its id, with the parameters of all its shards
+            if "#" in s["id"]:
+                base = s["id"].rsplit("#", 1)[0]
+                sizes[base] = sizes.get(base, 0) + int(s["num_params"])
+        for s in listed:
+            if s["id"].endswith("#0"):
+                whole.append({**s, "id": s["id"][:-2], "num_params": sizes[s["id"][:-2]]})
+        return whole
 
     async def check(self, access: Access, session_id: str) -> None:
         if await self._host(session_id, False) is None and await self._host(session_id, True) is None:
@@ -607,6 +936,11 @@ class RayStore:
             return result
         if not access.admin:
             raise access.missing(session_id)
+        whole = await to_thread.run_sync(checkpoint.load, data, session_id)
+        if whole.config.shards > 1:  # exported from a sharded session: sharded again
+            split = await to_thread.run_sync(shards.split, whole, whole.config.shards)
+            parts = [(p.id, p.config, checkpoint.dump(p), None) for p in split]
+            return await self._create_sharded(session_id, parts), False
         name = await self._coordinator.place.remote(len(data))
         if not await to_thread.run_sync(directory_reserve, self.namespace, session_id, name):
             return await self.restore(access, session_id, body)  # created meanwhile: replace it
@@ -623,6 +957,10 @@ class RayStore:
 
 class _HostGone(Exception):
     """The host a call went to is dead or no longer the session's (the call never ran, or ran on a dead node)."""
+
+
+# The operations that change a session: after their host died while they ran, they are not sent again (503).
+MUTATING = frozenset({"step", "patch", "delete", "restore"})
 
 
 class _suppress_gone:

@@ -90,14 +90,32 @@ class Snapshots:
         parts, version, step = dumped or dump_versioned(session, held=held)
         if version <= session.saved_version:  # an older copy must never replace a newer snapshot
             return 0.0
+        if session.config.shard is not None:
+            self._keep_previous(session.id)
         replace_file(self.dir / f".{session.id}.{os.getpid()}.{next(_tmp_numbers)}.tmp", self.path(session.id), parts)
         if version > session.saved_version:
             session.saved_version, session.saved_step, session.saved_at = version, step, time.time()
         return time.perf_counter() - started
 
+    def previous(self, session_id: str) -> Path:
+        """A shard's snapshot before its latest (recovery may need all shards at the step one of them is behind)."""
+        return self.dir / f"{session_id}{SUFFIX}.prev"
+
+    def _keep_previous(self, session_id: str) -> None:
+        current = self.path(session_id)
+        if current.exists():
+            link = self.dir / f".{session_id}.{os.getpid()}.{next(_tmp_numbers)}.tmp"
+            os.link(current, link)
+            os.replace(link, self.previous(session_id))
+
+    def step_of(self, path: Path) -> int:
+        """The step a snapshot file holds (its header only); OSError or ValueError when it is not one."""
+        return self.summary("", path).step
+
     def delete(self, session_id: str) -> None:
         """Remove a snapshot (callers hold :meth:`lock`, and closed the session first: later writes skip it)."""
         self.path(session_id).unlink(missing_ok=True)
+        self.previous(session_id).unlink(missing_ok=True)
         fsync_dir(self.dir)
 
     def exists(self, session_id: str) -> bool:
@@ -131,9 +149,9 @@ class Snapshots:
             else:
                 self.set_aside(session_id, path, f"not a session id: {session_id!r}")
 
-    def summary(self, session_id: str) -> Summary:
+    def summary(self, session_id: str, path: Path | None = None) -> Summary:
         """Read a snapshot's header (not its tensors): ValueError or OSError when it is not a readable snapshot."""
-        path = self.path(session_id)
+        path = path or self.path(session_id)
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             (n,) = struct.unpack("<Q", f.read(8))
@@ -193,6 +211,8 @@ class Saver:
 
     def due(self, session: Session, now: float) -> bool:
         if session.saved_version == session.version:
+            return False
+        if session.config.shard is not None:  # a shard: its leader snapshots all shards at one step (by this policy)
             return False
         if self.every_steps and session.step_count - session.saved_step >= self.every_steps:
             return True

@@ -315,6 +315,8 @@ def _create(
     session_id = config_obj.pop("id", None)
     if session_id is not None and not isinstance(session_id, str):
         raise InvalidInput(f"id must be a string, got {session_id!r}")
+    if "shard" in config_obj:
+        raise InvalidInput("'shard' is set by the server for the shards of a session; ask for them with 'shards'")
     return session_id, validated(SessionConfig, config_obj), params
 
 

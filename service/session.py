@@ -103,6 +103,23 @@ class ParamGroupSpec(BaseModel):
     params: list[str] = Field(min_length=1)
 
 
+MAX_SHARDS = 64
+
+
+class ShardOf(BaseModel):
+    """What a shard session is a part of (set by the Ray store, never by clients): shard ``index`` of ``count``
+    holds the range ``lo:hi`` of the whole session's flat buffers, whose tensors are ``names`` with ``shapes``; the
+    shard's own tensors are the pieces of those the range covers, 1-D, under the same names."""
+
+    model_config = ConfigDict(extra="forbid")
+    index: int = Field(ge=0)
+    count: int = Field(ge=2, le=MAX_SHARDS)
+    lo: int = Field(ge=0)
+    hi: int = Field(gt=0)
+    names: list[str]
+    shapes: list[list[int]]
+
+
 class SessionConfig(BaseModel):
     """How a session steps: optimizer, hyperparameters, parameter groups and the server-side training features."""
 
@@ -114,6 +131,10 @@ class SessionConfig(BaseModel):
     max_grad_norm: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     schedule: Schedule = Field(default_factory=Constant)
     accumulate: int = Field(default=1, ge=1, le=4096)
+    # On the Ray store: split the session's flat buffers into this many contiguous ranges on as many hosts (a single
+    # server holds the whole session whatever it says).
+    shards: int = Field(default=1, ge=1, le=MAX_SHARDS)
+    shard: ShardOf | None = None
 
 
 @dataclass
@@ -121,6 +142,7 @@ class ParamGroup:
     index: int
     names: list[str]
     hp: Hyperparams
+    spec_names: list[str] | None = None  # a shard's: the whole session's tensors of the group (``names``: its own)
 
 
 @dataclass(frozen=True)
@@ -137,7 +159,7 @@ class StepResult:
     """``applied``/``skipped``/``replayed`` carry params (unless minimal); ``accepted`` is a contribution that
     awaits ``awaiting`` more before the step is applied."""
 
-    status: Literal["applied", "skipped", "replayed", "accepted"]
+    status: Literal["applied", "skipped", "replayed", "accepted", "checked"]
     step: int
     params: np.ndarray | None  # a copy of the flat parameters, taken under the lock; None when not asked for
     skipped: bool = False
@@ -225,8 +247,15 @@ def _check_finite(layout: FlatLayout, flat: np.ndarray) -> None:
 def build_groups(config: SessionConfig, names: list[str]) -> tuple[Hyperparams, list[ParamGroup]]:
     """Validate the config against the tensor names; every tensor ends up in exactly one group.
 
-    Tensors not named by any group form a last group with the session's hyperparameters.
+    Tensors not named by any group form a last group with the session's hyperparameters. A shard's groups are the
+    whole session's, each holding the shard's pieces of its tensors (possibly none).
     """
+    if config.shard is not None:
+        whole_base, whole_groups = build_groups(config.model_copy(update={"shard": None}), config.shard.names)
+        own = set(names)
+        for g in whole_groups:
+            g.spec_names, g.names = g.names, [n for n in g.names if n in own]
+        return whole_base, whole_groups
     try:
         optimizer_kind(config.optimizer)
         base = make_hyperparams(config.optimizer, config.hyperparams)
@@ -316,16 +345,24 @@ class Session:
         partial: bool = False,
         changes: HyperparamChanges | None = None,
         blocking: bool = True,
+        sumsq: float | None = None,
+        dry: bool = False,
+        skip: bool = False,
     ) -> StepResult:
         """Apply one step, or one contribution to it (see the module docstring for the order of checks).
 
-        With ``blocking=False`` a session busy with another request raises :class:`SessionBusy` at once.
+        With ``blocking=False`` a session busy with another request raises :class:`SessionBusy` at once. A shard
+        (see :class:`ShardOf`) is stepped with the whole gradient's ``sumsq`` (its norm decides clipping), first
+        ``dry`` (every check made, nothing written: "checked", ``skipped`` if the step would be skipped), then for
+        real, with ``skip`` when any shard would skip it.
         """
         if not self.lock.acquire(blocking):
             raise SessionBusy(self.id)
         with _Held(self.lock):
             self._check_open()
             if key is not None and key in self.keys:
+                if dry:
+                    return self._replay_check(key, self.keys[key])
                 return self._replay(key, self.keys[key], want_params)
             if if_match is not None and self.step_count not in if_match:
                 named = ", ".join(map(str, sorted(if_match))) or "no step number"
@@ -341,7 +378,8 @@ class Session:
                     hyperparams[group.index] = hp
                 scheduled = self._scheduled(hyperparams)
                 self._check_coefficients(scheduled)
-                sumsq = sum_of_squares(flat)
+                if sumsq is None:
+                    sumsq = sum_of_squares(flat)
                 finite = math.isfinite(sumsq)
                 if not finite and self.config.nonfinite == "error":
                     raise NonFiniteGradient(
@@ -367,6 +405,9 @@ class Session:
             except InvalidInput:
                 self.counters.steps_rejected += 1
                 raise
+            if dry:
+                return StepResult("checked", self.step_count, None, skipped=norm is None or not safe)
+            safe = safe and not skip
             self._assign(planned, new_base)
             self.updated_at = time.time()
             self.version += 1
@@ -421,6 +462,12 @@ class Session:
         return StepResult(
             "replayed", self.step_count, self._params_copy(want_params), record.outcome == "skipped", record.grad_norm
         )
+
+    def _replay_check(self, key: str, record: KeyRecord) -> StepResult:
+        """What :meth:`_replay` would answer, without counting it (a dry run)."""
+        if record.outcome != "accepted" and record.step != self.step_count:
+            self._replay(key, record, False)  # raises StepConflict
+        return StepResult("checked", self.step_count, None, skipped=record.outcome == "skipped")
 
     def _awaiting(self) -> int:
         return self.config.accumulate - (self.pending.count if self.pending else 0)
@@ -717,7 +764,7 @@ class Session:
 
     def current_config(self) -> SessionConfig:
         """The config with every change made since creation folded in (what a checkpoint stores)."""
-        groups = [ParamGroupSpec(params=g.names, **to_json(g.hp)) for g in self.groups]
+        groups = [ParamGroupSpec(params=g.spec_names or g.names, **to_json(g.hp)) for g in self.groups]
         return self.config.model_copy(
             update={"optimizer": self.optimizer, "hyperparams": to_json(self.base_hp), "param_groups": groups}
         )

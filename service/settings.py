@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     store: Literal["memory", "ray"] = "memory"
     ray_address: str | None = Field(default=None, description="a Ray cluster to join (unset: start a local one)")
     ray_namespace: str = Field(default="optserve", description="Ray namespace of this deployment's actors")
+    shard_bytes: int = Field(
+        default=0, ge=0, description="Ray store: shard sessions of more state bytes than this (0: on request)"
+    )
     ray_recovery_seconds: float = Field(
         default=60.0, gt=0, description="how long a request waits for a session whose host is gone (then 503)"
     )

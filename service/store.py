@@ -108,6 +108,11 @@ class StepRequest:
     want_params: bool = True
     partial: bool = False
     changes: HyperparamChanges | None = None
+    # a shard's step (the Ray store's sharded sessions, see Session.step): the whole gradient's sum of squares, a
+    # dry run first, then the step itself, skipped when any shard would skip it
+    sumsq: float | None = None
+    dry: bool = False
+    skip: bool = False
 
 
 @dataclass(frozen=True)
@@ -469,6 +474,20 @@ class MemoryStore:
         access.open(session_id, summary.token_digest)
         return None
 
+    def holds(self, session_id: str) -> bool:
+        """Whether this store holds the session (in memory or on disk), without loading it."""
+        return session_id in self._sessions or session_id in self._on_disk
+
+    async def session(self, access: Access, session_id: str) -> Session:
+        """The session itself, loaded if it was on disk (a shard's leader reads its shard's config)."""
+        return await self._open(access, session_id)
+
+    def save_now(self, session_id: str) -> None:
+        """Snapshot a session in memory now (off the event loop; a sharded session's aligned snapshot)."""
+        session = self._sessions.get(session_id)
+        if session is not None and self.saver is not None and not self.saver.save(session):
+            raise StorageUnavailable(f"the snapshot of session {session_id!r} could not be written")
+
     async def _open(self, access: Access, session_id: str) -> Session:
         session = self._find(access, session_id)
         if session is None:
@@ -646,6 +665,8 @@ class MemoryStore:
             except (PreconditionFailed, StepConflict):
                 await self._durable(session)  # the refusal tells the session's step: only a step on disk
                 raise
+            if result.status == "checked":
+                return result
             await self._after_step(session, result)
             result.layout = session.layout
             return result
@@ -665,6 +686,9 @@ class MemoryStore:
                 partial=request.partial,
                 changes=request.changes,
                 blocking=blocking,
+                sumsq=request.sumsq,
+                dry=request.dry,
+                skip=request.skip,
             )
 
         if session.params.nbytes <= INLINE_STATE_BYTES:  # small: a thread hop costs more than the step
@@ -736,6 +760,8 @@ class MemoryStore:
         elif not access.admin:
             raise access.missing(session_id)  # creating: the admin key
         session = await to_thread.run_sync(checkpoint.load, body, session_id)
+        if session.config.shard is not None and "#" not in session_id:  # ids with '#' are the Ray store's own
+            raise InvalidInput("this checkpoint is of one shard of a session, not of a whole session")
         self.admit(len(session.layout.slots), session.layout.size, len(session.state), replacing=session_id)
         info = session.info()  # before the store changes
         with self._lock:

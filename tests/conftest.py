@@ -3,23 +3,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import itertools
 import os
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+from procs import Server, ServerProcess, start_server_process, stop_server_process
 
 from optserve.service.embedded import EmbeddedServer, serve_in_thread
-from procs import Server, ServerProcess, start_server_process, stop_server_process
 
 
 @pytest.fixture(scope="session")

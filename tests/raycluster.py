@@ -21,7 +21,9 @@ import tempfile
 import threading
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rc", dir="/tmp"))
+# always a folder of its own: the processes to stop at the end are found by it (an inherited RAY_TMPDIR would be
+# the parent's, whose processes, the parent included, are not this runner's to kill)
+os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rc", dir="/tmp")
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
@@ -42,7 +44,7 @@ def ours() -> list[int]:
     marker = f"RAY_TMPDIR={os.environ['RAY_TMPDIR']}".encode()
     pids = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
+        if entry.isdigit() and int(entry) not in (os.getpid(), os.getppid()):
             try:
                 with open(f"/proc/{entry}/environ", "rb") as f:
                     if marker in f.read().split(b"\0"):
