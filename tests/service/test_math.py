@@ -4,8 +4,12 @@ Three implementations of every configuration are run on the same random problem 
 parameter groups with different ``lr`` and ``weight_decay``, gradients depending on the parameters):
 
 - ``torch.optim`` (the specification),
-- :mod:`optserve.service.reference` (one tensor at a time),
-- :mod:`optserve.service.fused` (one flat float32 buffer per state, one ``step_range`` call per group).
+- each algorithm's reference form (one tensor at a time),
+- its fast forms through :mod:`optserve.service.fused` (one flat float32 buffer per state laid out by the
+  algorithm's state shapes, one ``step_run`` call per group), on both backends.
+
+Every algorithm of the registry (:mod:`optserve.service.algorithms`) must have configurations here: the lists below
+are checked against it, so a new algorithm cannot go untested.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import pytest
 import torch
 
 from optserve.service import fused, kernels, reference
+from optserve.service.algorithms import ALGORITHMS
 from optserve.service.hyperparams import HyperparamError, make_hyperparams
+from optserve.service.layout import FlatLayout
 
 
 @pytest.fixture(autouse=True, params=["numba", "numpy"])
@@ -66,6 +72,16 @@ EPS_ROOT_CONFIGS = [
     pytest.param("adamw", {"eps_root": 1e-3, "weight_decay": 0.05, "amsgrad": True}, id="adamw-amsgrad-eps_root"),
 ]
 
+
+def test_every_registered_algorithm_is_tested():
+    """The parity, bit-for-bit, read-only and defaults tests below are generated from these lists: each algorithm
+    of the registry must be in all of them (a new one fails here until it has its configurations)."""
+    assert set(TORCH_CLASSES) == set(ALGORITHMS)
+    assert set(GROUP_LRS) == set(ALGORITHMS)
+    assert {p.values[0] for p in CONFIGS} == set(ALGORITHMS)
+    assert {optimizer for optimizer, _ in READ_ONLY_CONFIGS} >= set(ALGORITHMS) - {"adamw"}
+
+
 SMALL_SHAPES = [(7, 5), (13,), (3, 4, 2), ()]
 SMALL_GROUPS = [[0, 1], [2, 3]]  # tensor indices of each parameter group, in flat-buffer order
 
@@ -99,10 +115,17 @@ def tensor_hps(optimizer, groups, gvalues):
     return {i: hps[gi] for gi, grp in enumerate(groups) for i in grp}
 
 
+def initial_state(optimizer: str, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    algorithm = ALGORITHMS[optimizer]
+    return np.full(algorithm.state_shape(name, shape), algorithm.initial.get(name, 0.0), np.float32)
+
+
 def run_reference(optimizer, groups, gvalues, params, noise):
     hp_of = tensor_hps(optimizer, groups, gvalues)
     ps = [p.copy() for p in params]
-    states = [{name: np.zeros_like(p) for name in hp_of[i].state_names()} for i, p in enumerate(ps)]
+    states = [
+        {name: initial_state(optimizer, name, p.shape) for name in hp_of[i].state_names()} for i, p in enumerate(ps)
+    ]
     for t, step_noise in enumerate(noise, start=1):
         for i in range(len(ps)):
             g = gradient(ps[i], step_noise[i], hp_of[i].maximize)
@@ -113,37 +136,37 @@ def run_reference(optimizer, groups, gvalues, params, noise):
 
 
 def run_fused(optimizer, groups, gvalues, params, noise):
-    """Lay the tensors out group by group in flat buffers; one read-only gradient and one step_range per group."""
+    """Lay the tensors out group by group in flat buffers (each state buffer in the algorithm's own shapes); one
+    read-only gradient and one step_run per group, as a session steps."""
+    algorithm = ALGORITHMS[optimizer]
     hps = [make_hyperparams(optimizer, v) for v in gvalues]
-    order = [i for grp in groups for i in grp]
-    offsets, ranges, pos = {}, [], 0
-    for grp in groups:
-        start = pos
-        for i in grp:
-            offsets[i] = pos
-            pos += params[i].size
-        ranges.append((start, pos))
-    flat_p = np.concatenate([params[i].ravel() for i in order]).astype(np.float32)
+    group_of = {i: gi for gi, grp in enumerate(groups) for i in grp}
+    layout = FlatLayout([(str(i), p.shape, group_of[i]) for i, p in enumerate(params)])
+    state_layouts = {name: layout.for_state(algorithm.state_shape, name) for name in algorithm.buffers}
+    flat_p = layout.flatten({str(i): p for i, p in enumerate(params)})
     names = sorted({name for hp in hps for name in hp.state_names()})
-    state = {name: np.zeros(pos, dtype=np.float32) for name in names}
-    maximize = np.zeros(pos, dtype=bool)
-    for hp, (start, stop) in zip(hps, ranges):
+    state = {
+        name: np.full(state_layouts[name].size, algorithm.initial.get(name, 0.0), dtype=np.float32) for name in names
+    }
+    maximize = np.zeros(layout.size, dtype=bool)
+    for gi, hp in enumerate(hps):
+        start, stop = layout.group_ranges[gi]
         maximize[start:stop] = hp.maximize
     for t, step_noise in enumerate(noise, start=1):
-        flat_noise = np.concatenate([step_noise[i].ravel() for i in order])
+        flat_noise = layout.flatten({str(i): n for i, n in enumerate(step_noise)})
         flat_g = np.where(maximize, gradient(flat_p, flat_noise, True), gradient(flat_p, flat_noise, False)).astype(
             np.float32
         )
         flat_g.setflags(write=False)
-        for hp, (start, stop) in zip(hps, ranges):
-            fused.step_range(optimizer, flat_p, flat_g, state, start, stop, t, hp)
+        for gi, hp in enumerate(hps):
+            start, stop = layout.group_ranges[gi]
+            fused.step_run(optimizer, flat_p, flat_g, state, layout, state_layouts, start, stop, t, hp)
 
-    def unflat(buf, i):
-        return buf[offsets[i] : offsets[i] + params[i].size].reshape(params[i].shape).copy()
-
-    ps = [unflat(flat_p, i) for i in range(len(params))]
+    views = layout.views(flat_p)
+    ps = [views[str(i)].copy() for i in range(len(params))]
     hp_of = tensor_hps(optimizer, groups, gvalues)
-    states = [{name: unflat(state[name], i) for name in hp_of[i].state_names()} for i in range(len(params))]
+    state_views = {name: state_layouts[name].views(buf) for name, buf in state.items()}
+    states = [{name: state_views[name][str(i)].copy() for name in hp_of[i].state_names()} for i in range(len(params))]
     return ps, states
 
 
@@ -172,6 +195,7 @@ def assert_close_to_torch(label, ours, theirs):
     for i, (p, tp) in enumerate(zip(ps, tps)):
         np.testing.assert_allclose(p, tp, rtol=1e-5, atol=1e-6, err_msg=f"{label}: param {i}")
     for i, (s, ts) in enumerate(zip(states, tstates)):
+        s = {k: v for k, v in s.items() if v.shape != (0,)}  # an entry this tensor keeps none of (Adafactor's)
         assert set(s) == set(ts), f"{label}: state names of tensor {i}: {sorted(s)} vs torch {sorted(ts)}"
         for name in s:
             np.testing.assert_allclose(s[name], ts[name], rtol=1e-5, atol=1e-6, err_msg=f"{label}: {name} of {i}")
