@@ -58,7 +58,7 @@ from .protocol import Retry, StepResult
 
 __all__ = ["RemoteAdam", "RemoteAdamW", "RemoteSGD", "RemoteRMSprop"]
 
-_STEP_KEY_OPTIMIZERS = ("adam", "adamw", "rmsprop")  # torch keeps a per-parameter "step" for these, not for SGD
+_NO_STEP_KEY = ("sgd",)  # torch keeps a per-parameter "step" for every optimizer but these
 _WIRE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _EXACT_DTYPES = (torch.float32, torch.complex64)  # held by the server's float32 master weights without rounding
 
@@ -259,6 +259,24 @@ class _RemoteOptimizer(Optimizer):
         """The state buffers torch creates for a parameter of this group."""
         return self._buffers
 
+    def _state_shape(self, buffer: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The server's shape of ``buffer`` for a parameter of (real) ``shape``: the parameter's own for elementwise
+        state; an algorithm with other state (NAdam's mu_product, Adafactor's factors) says its own, as its room on
+        the server does; ``(0,)`` for a buffer this parameter keeps none of."""
+        return shape
+
+    def _fresh(self, buffer: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A buffer as the server starts it for a parameter of ``shape`` (zeros; NAdam's mu_product is 1)."""
+        return np.zeros(self._state_shape(buffer, shape), np.float32)
+
+    def _state_tensor(self, buffer: str, array: np.ndarray, p: torch.Tensor) -> torch.Tensor | None:
+        """The torch state tensor of ``buffer`` for ``p`` (None where torch keeps none for this parameter)."""
+        if self._state_shape(buffer, tuple(_real(p).shape)) == tuple(_real(p).shape):
+            return _to_torch(array, p)
+        if array.shape == (0,):
+            return None
+        return torch.from_numpy(np.array(array, dtype=np.float32))
+
     # --- torch.optim.Optimizer ------------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -285,8 +303,8 @@ class _RemoteOptimizer(Optimizer):
         for name, p in zip(names, group["params"]):
             value = _to_numpy(p).astype(np.float32)
             cp.params[name] = value
-            for arrays in cp.state.values():
-                arrays[name] = np.zeros_like(value)
+            for buffer, arrays in cp.state.items():
+                arrays[name] = np.zeros_like(value) if buffer == "accumulated" else self._fresh(buffer, value.shape)
         cp.config["param_groups"].append({"params": names, **self._hyperparams(group)})
         cp.tensor_steps = cp.tensor_steps + [0] * len(names)
         if cp.momentum_started is not None:
@@ -364,12 +382,14 @@ class _RemoteOptimizer(Optimizer):
                 if steps[name] == 0:
                     continue
                 entry: dict[str, Any] = {}
-                if self._optimizer in _STEP_KEY_OPTIMIZERS:
+                if self._optimizer not in _NO_STEP_KEY:
                     entry["step"] = torch.tensor(float(steps[name]))
                 for buffer, arrays in cp.state.items():
                     sgd_unstarted = self._optimizer == "sgd" and not started[name]
                     if buffer != "accumulated" and not (buffer == "momentum_buffer" and sgd_unstarted):
-                        entry[buffer] = _to_torch(arrays[name], p)
+                        value = self._state_tensor(buffer, arrays[name], p)
+                        if value is not None:
+                            entry[buffer] = value
                 if p.dtype not in _EXACT_DTYPES:
                     entry["master_param"] = _to_torch(cp.params[name], p)
                 if entry:
@@ -476,7 +496,9 @@ class _RemoteOptimizer(Optimizer):
             for buffer, arrays in buffers.items():
                 value = entry.get(buffer)
                 arrays[name] = (
-                    np.zeros(shape, np.float32) if value is None else _to_numpy(value).astype(np.float32).reshape(shape)
+                    self._fresh(buffer, shape)
+                    if value is None
+                    else _to_numpy(value).astype(np.float32).reshape(self._state_shape(buffer, shape))
                 )
             started.append(entry.get("momentum_buffer") is not None)
             if "step" in entry:
