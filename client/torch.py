@@ -9,8 +9,8 @@
         optimizer.step()          # gradients go to the server, updated parameters come back
         scheduler.step()
 
-``RemoteAdam``, ``RemoteAdamW``, ``RemoteSGD`` and ``RemoteRMSprop`` take their ``torch.optim`` twin's arguments
-(validated by torch itself: the same exceptions for the same mistakes) plus ``url=`` (or ``client=``),
+``RemoteAdam``, ``RemoteAdamW``, ``RemoteSGD``, ``RemoteRMSprop`` and ``RemoteRAdam`` take their ``torch.optim``
+twin's arguments (validated by torch itself: the same exceptions for the same mistakes) plus ``url=`` (or ``client=``),
 ``session_id=`` (attach to an existing session), ``timeout=``, ``retry=``, ``nonfinite=``, ``max_grad_norm=``,
 ``token=`` and ``wire_dtype=``; any other keyword is a TypeError, as in torch. They accept ``model.parameters()``,
 ``model.named_parameters()`` (the names become the tensor names on the server; otherwise parameters are named by
@@ -56,7 +56,7 @@ from .http import Client
 from .lease import Lease, settle
 from .protocol import Retry, StepResult
 
-__all__ = ["RemoteAdam", "RemoteAdamW", "RemoteSGD", "RemoteRMSprop"]
+__all__ = ["RemoteAdam", "RemoteAdamW", "RemoteSGD", "RemoteRMSprop", "RemoteRAdam"]
 
 _NO_STEP_KEY = ("sgd",)  # torch keeps a per-parameter "step" for every optimizer but these
 _WIRE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -715,3 +715,35 @@ class RemoteRMSprop(_RemoteOptimizer):
     def _required_buffers(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("square_avg", *(("momentum_buffer",) if group["momentum"] > 0 else ()),
                 *(("grad_avg",) if group["centered"] else ()))  # fmt: skip
+
+
+class RemoteRAdam(_RemoteOptimizer):
+    """``torch.optim.RAdam`` with its state on the server (``decoupled_weight_decay`` per group, as in torch)."""
+
+    _twin = torch.optim.RAdam
+    _server_hps = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize")
+    _buffers = ("exp_avg", "exp_avg_sq")
+    _setstate_defaults = {
+        "foreach": None, "maximize": False, "differentiable": False, "decoupled_weight_decay": False,
+        "capturable": False,
+    }  # fmt: skip
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        **remote: Unpack[RemoteOptions],
+    ) -> None:
+        twin = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                    decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, maximize=maximize,
+                    capturable=capturable, differentiable=differentiable)  # fmt: skip
+        super().__init__(params, twin, "radam", dict(remote))

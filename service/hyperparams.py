@@ -17,6 +17,7 @@ from typing import Any
 from .algorithms import ALGORITHMS, Algorithm, get
 from .algorithms.adam import AdamHyperparams
 from .algorithms.base import HyperparamError
+from .algorithms.radam import RAdamHyperparams
 from .algorithms.rmsprop import RMSpropHyperparams
 from .algorithms.sgd import SGDHyperparams
 
@@ -25,6 +26,7 @@ __all__ = [
     "HyperparamError",
     "Hyperparams",
     "OPTIMIZERS",
+    "RAdamHyperparams",
     "RMSpropHyperparams",
     "SGDHyperparams",
     "make_hyperparams",
@@ -33,7 +35,7 @@ __all__ = [
 ]
 
 
-Hyperparams = AdamHyperparams | SGDHyperparams | RMSpropHyperparams
+Hyperparams = AdamHyperparams | SGDHyperparams | RMSpropHyperparams | RAdamHyperparams
 OptimizerKind = Algorithm  # the registry's entries
 OPTIMIZERS = ALGORITHMS
 

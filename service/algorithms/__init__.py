@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from . import adam, rmsprop, sgd
+from . import adam, radam, rmsprop, sgd
 from .base import Algorithm, HyperparamError
 
 __all__ = ["ALGORITHMS", "Algorithm", "HyperparamError", "get"]
@@ -50,6 +50,9 @@ ALGORITHMS: dict[str, Algorithm] = {
         rmsprop.numba_range,
         ("square_avg", "momentum_buffer", "grad_avg"),
         bounds=rmsprop.bounds,
+    ),
+    "radam": Algorithm(
+        "radam", radam.RAdamHyperparams, radam.reference, radam.numpy_chunk, radam.numba_range, radam.BUFFERS
     ),
 }
 

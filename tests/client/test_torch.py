@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from optserve.client.torch import RemoteAdam, RemoteAdamW, RemoteRMSprop, RemoteSGD
+from optserve.client.torch import RemoteAdam, RemoteAdamW, RemoteRAdam, RemoteRMSprop, RemoteSGD
 
 STEPS = 50
 CASES = [
@@ -16,6 +16,7 @@ CASES = [
     (RemoteAdamW, torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1}),
     (RemoteSGD, torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
     (RemoteRMSprop, torch.optim.RMSprop, {"lr": 0.005, "momentum": 0.5, "centered": True, "weight_decay": 0.01}),
+    (RemoteRAdam, torch.optim.RAdam, {"lr": 0.01, "weight_decay": 0.05, "decoupled_weight_decay": True}),
 ]
 
 
