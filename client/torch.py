@@ -9,12 +9,12 @@
         optimizer.step()          # gradients go to the server, updated parameters come back
         scheduler.step()
 
-``RemoteAdam``, ``RemoteAdamW``, ``RemoteSGD``, ``RemoteRMSprop`` and ``RemoteRAdam`` take their ``torch.optim``
-twin's arguments (validated by torch itself: the same exceptions for the same mistakes) plus ``url=`` (or ``client=``),
-``session_id=`` (attach to an existing session), ``timeout=``, ``retry=``, ``nonfinite=``, ``max_grad_norm=``,
-``token=`` and ``wire_dtype=``; any other keyword is a TypeError, as in torch. They accept ``model.parameters()``,
-``model.named_parameters()`` (the names become the tensor names on the server; otherwise parameters are named by
-their index, as in torch's ``state_dict``) and lists of parameter-group dicts.
+``RemoteAdam``, ``RemoteAdamW``, ``RemoteSGD``, ``RemoteRMSprop``, ``RemoteRAdam`` and ``RemoteNAdam`` take their
+``torch.optim`` twin's arguments (validated by torch itself: the same exceptions for the same mistakes) plus
+``url=`` (or ``client=``), ``session_id=`` (attach to an existing session), ``timeout=``, ``retry=``,
+``nonfinite=``, ``max_grad_norm=``, ``token=`` and ``wire_dtype=``; any other keyword is a TypeError, as in torch.
+They accept ``model.parameters()``, ``model.named_parameters()`` (the names become the tensor names on the server;
+otherwise parameters are named by their index, as in torch's ``state_dict``) and lists of parameter-group dicts.
 
 - Hyperparameters changed in ``param_groups`` (by hand or by any ``lr_scheduler``) travel with the next step; one
   that needs state the session lacks (momentum switched on) makes the server create it, as torch does.
@@ -56,7 +56,7 @@ from .http import Client
 from .lease import Lease, settle
 from .protocol import Retry, StepResult
 
-__all__ = ["RemoteAdam", "RemoteAdamW", "RemoteSGD", "RemoteRMSprop", "RemoteRAdam"]
+__all__ = ["RemoteAdam", "RemoteAdamW", "RemoteSGD", "RemoteRMSprop", "RemoteRAdam", "RemoteNAdam"]
 
 _NO_STEP_KEY = ("sgd",)  # torch keeps a per-parameter "step" for every optimizer but these
 _WIRE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -747,3 +747,43 @@ class RemoteRAdam(_RemoteOptimizer):
                     decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, maximize=maximize,
                     capturable=capturable, differentiable=differentiable)  # fmt: skip
         super().__init__(params, twin, "radam", dict(remote))
+
+
+class RemoteNAdam(_RemoteOptimizer):
+    """``torch.optim.NAdam`` with its state on the server (``momentum_decay`` and ``decoupled_weight_decay`` per
+    group, as in torch; each parameter's ``mu_product`` is a 0-d tensor, as torch's)."""
+
+    _twin = torch.optim.NAdam
+    _server_hps = ("lr", "betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay", "maximize")
+    _buffers = ("exp_avg", "exp_avg_sq", "mu_product")
+    _setstate_defaults = {
+        "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+        "decoupled_weight_decay": False,
+    }  # fmt: skip
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum_decay: float = 4e-3,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        **remote: Unpack[RemoteOptions],
+    ) -> None:
+        twin = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
+                    decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, maximize=maximize,
+                    capturable=capturable, differentiable=differentiable)  # fmt: skip
+        super().__init__(params, twin, "nadam", dict(remote))
+
+    def _state_shape(self, buffer: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return () if buffer == "mu_product" else shape
+
+    def _fresh(self, buffer: str, shape: tuple[int, ...]) -> np.ndarray:
+        return np.ones((), np.float32) if buffer == "mu_product" else np.zeros(shape, np.float32)

@@ -17,6 +17,7 @@ from typing import Any
 from .algorithms import ALGORITHMS, Algorithm, get
 from .algorithms.adam import AdamHyperparams
 from .algorithms.base import HyperparamError
+from .algorithms.nadam import NAdamHyperparams
 from .algorithms.radam import RAdamHyperparams
 from .algorithms.rmsprop import RMSpropHyperparams
 from .algorithms.sgd import SGDHyperparams
@@ -25,6 +26,7 @@ __all__ = [
     "AdamHyperparams",
     "HyperparamError",
     "Hyperparams",
+    "NAdamHyperparams",
     "OPTIMIZERS",
     "RAdamHyperparams",
     "RMSpropHyperparams",
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 
-Hyperparams = AdamHyperparams | SGDHyperparams | RMSpropHyperparams | RAdamHyperparams
+Hyperparams = AdamHyperparams | SGDHyperparams | RMSpropHyperparams | RAdamHyperparams | NAdamHyperparams
 OptimizerKind = Algorithm  # the registry's entries
 OPTIMIZERS = ALGORITHMS
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from . import adam, radam, rmsprop, sgd
+from . import adam, nadam, radam, rmsprop, sgd
 from .base import Algorithm, HyperparamError
 
 __all__ = ["ALGORITHMS", "Algorithm", "HyperparamError", "get"]
@@ -50,6 +50,17 @@ ALGORITHMS: dict[str, Algorithm] = {
         rmsprop.numba_range,
         ("square_avg", "momentum_buffer", "grad_avg"),
         bounds=rmsprop.bounds,
+    ),
+    "nadam": Algorithm(
+        "nadam",
+        nadam.NAdamHyperparams,
+        nadam.reference,
+        nadam.numpy_tensor,
+        nadam.numba_tensor,
+        nadam.BUFFERS,
+        elementwise=False,  # one mu_product per tensor
+        state_shape=nadam.state_shape,
+        initial={"mu_product": 1.0},
     ),
     "radam": Algorithm(
         "radam", radam.RAdamHyperparams, radam.reference, radam.numpy_chunk, radam.numba_range, radam.BUFFERS

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from optserve.client.torch import RemoteAdam, RemoteAdamW, RemoteRAdam, RemoteRMSprop, RemoteSGD
+from optserve.client.torch import RemoteAdam, RemoteAdamW, RemoteNAdam, RemoteRAdam, RemoteRMSprop, RemoteSGD
 
 STEPS = 50
 CASES = [
@@ -17,6 +17,7 @@ CASES = [
     (RemoteSGD, torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
     (RemoteRMSprop, torch.optim.RMSprop, {"lr": 0.005, "momentum": 0.5, "centered": True, "weight_decay": 0.01}),
     (RemoteRAdam, torch.optim.RAdam, {"lr": 0.01, "weight_decay": 0.05, "decoupled_weight_decay": True}),
+    (RemoteNAdam, torch.optim.NAdam, {"lr": 0.01, "weight_decay": 0.05, "momentum_decay": 0.01}),
 ]
 
 

@@ -41,6 +41,7 @@ TORCH_CLASSES = {
     "sgd": torch.optim.SGD,
     "rmsprop": torch.optim.RMSprop,
     "radam": torch.optim.RAdam,
+    "nadam": torch.optim.NAdam,
 }
 
 # Learning rates of group 0 and group 1, per optimizer.
@@ -50,6 +51,7 @@ GROUP_LRS = {
     "sgd": (5e-2, 2e-2),
     "rmsprop": (1e-2, 3e-3),
     "radam": (1e-2, 3e-3),
+    "nadam": (1e-2, 3e-3),
 }
 
 # (optimizer, values shared by both groups). When weight_decay is given, group 1 uses three times that value.
@@ -76,6 +78,10 @@ CONFIGS = [
     pytest.param("radam", {"weight_decay": 0.05, "betas": [0.8, 0.95]}, id="radam-l2"),
     pytest.param("radam", {"weight_decay": 0.05, "decoupled_weight_decay": True}, id="radam-decoupled"),
     pytest.param("radam", {"maximize": True, "betas": [0.9, 0.9]}, id="radam-maximize-rectified-early"),
+    pytest.param("nadam", {}, id="nadam"),
+    pytest.param("nadam", {"weight_decay": 0.05, "momentum_decay": 0.01}, id="nadam-l2-momentum_decay"),
+    pytest.param("nadam", {"weight_decay": 0.05, "decoupled_weight_decay": True}, id="nadam-decoupled"),
+    pytest.param("nadam", {"maximize": True, "betas": [0.8, 0.99]}, id="nadam-maximize"),
 ]
 
 EPS_ROOT_CONFIGS = [
@@ -301,6 +307,8 @@ READ_ONLY_CONFIGS = [
     ("rmsprop", {"momentum": 0.9, "centered": True}),
     ("radam", {}),
     ("radam", {"decoupled_weight_decay": True, "betas": [0.9, 0.9]}),
+    ("nadam", {}),
+    ("nadam", {"decoupled_weight_decay": True, "momentum_decay": 0.01}),
 ]
 
 
@@ -315,20 +323,25 @@ def test_fused_never_writes_the_gradient(optimizer, values, maximize_and_decay):
         values = {**values, "weight_decay": 0.0}
     hp = make_hyperparams(optimizer, values)
     n = fused.CHUNK + 7
+    shape = (7, n // 7) if not ALGORITHMS[optimizer].elementwise else (n,)  # a 2-D tensor for factored state
+    n = int(np.prod(shape))
     rng = np.random.default_rng(3)
     p = rng.standard_normal(n).astype(np.float32)
-    state = {name: np.zeros(n, dtype=np.float32) for name in hp.state_names()}
-    ref_p, ref_state = p.copy(), {k: v.copy() for k, v in state.items()}
+    layout = FlatLayout([("w", shape, 0)])
+    layouts = {name: layout.for_state(ALGORITHMS[optimizer].state_shape, name) for name in hp.state_names()}
+    state = {name: initial_state(optimizer, name, shape).reshape(-1) for name in hp.state_names()}
+    ref_p = p.reshape(shape).copy()
+    ref_state = {k: v.reshape(layouts[k].slots[0].shape).copy() for k, v in state.items()}
     for t in (1, 2, 3):
         g = rng.standard_normal(n).astype(np.float32)
         g_copy = g.copy()
         g.setflags(write=False)
-        fused.step_range(optimizer, p, g, state, 0, n, t, hp)  # raises if it writes into g
+        fused.step_run(optimizer, p, g, state, layout, layouts, 0, n, t, hp)  # raises if it writes into g
         assert np.array_equal(g, g_copy)
-        ref_p, ref_state = reference.step(optimizer, ref_p, g_copy, ref_state, t, hp)
-    assert np.array_equal(p, ref_p)
+        ref_p, ref_state = reference.step(optimizer, ref_p, g_copy.reshape(shape), ref_state, t, hp)
+    assert np.array_equal(p, ref_p.reshape(-1))
     for name in state:
-        assert np.array_equal(state[name], ref_state[name])
+        assert np.array_equal(state[name], np.asarray(ref_state[name]).reshape(-1))
 
 
 # 4. defaults ---------------------------------------------------------------------------------------------------
@@ -346,6 +359,7 @@ DEFAULT_KEYS = {
     "alpha",
     "centered",
     "decoupled_weight_decay",
+    "momentum_decay",
 }
 # torch's Adam spells decoupled weight decay with a flag; here it is the optimizer's name (adam or adamw)
 NAMED_BY_OPTIMIZER = {"adam": {"decoupled_weight_decay"}, "adamw": {"decoupled_weight_decay"}}
@@ -456,6 +470,8 @@ def test_kernel_split_over_threads_gives_the_same_bits(backend, optimizer, value
     bit for bit what one thread computes, including at the boundaries between parts."""
     if backend != "numba":
         pytest.skip("the split is the numba backend's")
+    if not ALGORITHMS[optimizer].elementwise:
+        pytest.skip("only an elementwise algorithm's range is split (the others step tensor by tensor)")
     hp = make_hyperparams(optimizer, values)
     n = kernels.PARALLEL_MIN + 4099
     rng = np.random.default_rng(7)
