@@ -9,12 +9,13 @@
         optimizer.step()          # gradients go to the server, updated parameters come back
         scheduler.step()
 
-``RemoteAdam``, ``RemoteAdamW``, ``RemoteSGD``, ``RemoteRMSprop``, ``RemoteRAdam`` and ``RemoteNAdam`` take their
-``torch.optim`` twin's arguments (validated by torch itself: the same exceptions for the same mistakes) plus
-``url=`` (or ``client=``), ``session_id=`` (attach to an existing session), ``timeout=``, ``retry=``,
-``nonfinite=``, ``max_grad_norm=``, ``token=`` and ``wire_dtype=``; any other keyword is a TypeError, as in torch.
-They accept ``model.parameters()``, ``model.named_parameters()`` (the names become the tensor names on the server;
-otherwise parameters are named by their index, as in torch's ``state_dict``) and lists of parameter-group dicts.
+``RemoteAdam``, ``RemoteAdamW``, ``RemoteSGD``, ``RemoteRMSprop``, ``RemoteRAdam``, ``RemoteNAdam`` and
+``RemoteAdafactor`` take their ``torch.optim`` twin's arguments (validated by torch itself: the same exceptions for
+the same mistakes) plus ``url=`` (or ``client=``), ``session_id=`` (attach to an existing session), ``timeout=``,
+``retry=``, ``nonfinite=``, ``max_grad_norm=``, ``token=`` and ``wire_dtype=``; any other keyword is a TypeError, as
+in torch. They accept ``model.parameters()``, ``model.named_parameters()`` (the names become the tensor names on the
+server; otherwise parameters are named by their index, as in torch's ``state_dict``) and lists of parameter-group
+dicts.
 
 - Hyperparameters changed in ``param_groups`` (by hand or by any ``lr_scheduler``) travel with the next step; one
   that needs state the session lacks (momentum switched on) makes the server create it, as torch does.
@@ -56,7 +57,7 @@ from .http import Client
 from .lease import Lease, settle
 from .protocol import Retry, StepResult
 
-__all__ = ["RemoteAdam", "RemoteAdamW", "RemoteSGD", "RemoteRMSprop", "RemoteRAdam", "RemoteNAdam"]
+__all__ = ["RemoteAdam", "RemoteAdamW", "RemoteSGD", "RemoteRMSprop", "RemoteRAdam", "RemoteNAdam", "RemoteAdafactor"]
 
 _NO_STEP_KEY = ("sgd",)  # torch keeps a per-parameter "step" for every optimizer but these
 _WIRE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -787,3 +788,45 @@ class RemoteNAdam(_RemoteOptimizer):
 
     def _fresh(self, buffer: str, shape: tuple[int, ...]) -> np.ndarray:
         return np.ones((), np.float32) if buffer == "mu_product" else np.zeros(shape, np.float32)
+
+
+class RemoteAdafactor(_RemoteOptimizer):
+    """``torch.optim.Adafactor`` with its state on the server: a tensor of two dimensions or more keeps its row and
+    column factors (``row_var`` (..., R, 1), ``col_var`` (..., 1, C)), a smaller one its ``variance``, as torch."""
+
+    _twin = torch.optim.Adafactor
+    _server_hps = ("lr", "beta2_decay", "eps", "d", "weight_decay", "maximize")
+    _buffers = ("row_var", "col_var", "variance")
+    _setstate_defaults = {"foreach": None}
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = 1e-2,
+        beta2_decay: float = -0.8,
+        eps: tuple[float | None, float] = (None, 1e-3),
+        d: float = 1.0,
+        weight_decay: float = 0.0,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        **remote: Unpack[RemoteOptions],
+    ) -> None:
+        twin = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay, foreach=foreach,
+                    maximize=maximize)  # fmt: skip
+        super().__init__(params, twin, "adafactor", dict(remote))
+
+    def _state_shape(self, buffer: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        factored = len(shape) > 1
+        if buffer == "row_var":
+            return (*shape[:-1], 1) if factored else (0,)
+        if buffer == "col_var":
+            return (*shape[:-2], 1, shape[-1]) if factored else (0,)
+        return (0,) if factored else shape
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        for p in self._params:
+            if p.grad is not None and p.is_complex():
+                raise RuntimeError("Adafactor does not support complex parameters")  # torch's words, at its step
+        return super().step(closure)

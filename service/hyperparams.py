@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .algorithms import ALGORITHMS, Algorithm, get
+from .algorithms.adafactor import AdafactorHyperparams
 from .algorithms.adam import AdamHyperparams
 from .algorithms.base import HyperparamError
 from .algorithms.nadam import NAdamHyperparams
@@ -23,6 +24,7 @@ from .algorithms.rmsprop import RMSpropHyperparams
 from .algorithms.sgd import SGDHyperparams
 
 __all__ = [
+    "AdafactorHyperparams",
     "AdamHyperparams",
     "HyperparamError",
     "Hyperparams",
@@ -37,7 +39,9 @@ __all__ = [
 ]
 
 
-Hyperparams = AdamHyperparams | SGDHyperparams | RMSpropHyperparams | RAdamHyperparams | NAdamHyperparams
+Hyperparams = (
+    AdamHyperparams | SGDHyperparams | RMSpropHyperparams | RAdamHyperparams | NAdamHyperparams | AdafactorHyperparams
+)
 OptimizerKind = Algorithm  # the registry's entries
 OPTIMIZERS = ALGORITHMS
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from . import adam, nadam, radam, rmsprop, sgd
+from . import adafactor, adam, nadam, radam, rmsprop, sgd
 from .base import Algorithm, HyperparamError
 
 __all__ = ["ALGORITHMS", "Algorithm", "HyperparamError", "get"]
@@ -64,6 +64,16 @@ ALGORITHMS: dict[str, Algorithm] = {
     ),
     "radam": Algorithm(
         "radam", radam.RAdamHyperparams, radam.reference, radam.numpy_chunk, radam.numba_range, radam.BUFFERS
+    ),
+    "adafactor": Algorithm(
+        "adafactor",
+        adafactor.AdafactorHyperparams,
+        adafactor.reference,
+        adafactor.numpy_tensor,
+        None,  # its numpy form serves both backends (see the room)
+        adafactor.BUFFERS,
+        elementwise=False,  # factored state; norms of whole tensors
+        state_shape=adafactor.state_shape,
     ),
 }
 

@@ -1,6 +1,6 @@
 """The torch drop-ins against torch's own optimizer test database (``torch.testing._internal.common_optimizers``).
 
-For every Remote twin (Adam, AdamW, SGD, RMSprop, RAdam, NAdam, ...), every configuration
+For every Remote twin (Adam, AdamW, SGD, RMSprop, RAdam, NAdam, Adafactor), every configuration
 ``optim_inputs_func(device="cpu")`` gives, each also with the
 implementation flags torch's tests add (``fused``, ``differentiable``: see
 ``_get_optim_inputs_including_global_cliquey_kwargs``) and with ``foreach=True``, trains a small model 20 steps
@@ -33,7 +33,15 @@ from torch.testing._internal.common_optimizers import (  # needs expecttest (the
 )
 
 from optserve.client import Client
-from optserve.client.torch import RemoteAdam, RemoteAdamW, RemoteNAdam, RemoteRAdam, RemoteRMSprop, RemoteSGD
+from optserve.client.torch import (
+    RemoteAdafactor,
+    RemoteAdam,
+    RemoteAdamW,
+    RemoteNAdam,
+    RemoteRAdam,
+    RemoteRMSprop,
+    RemoteSGD,
+)
 
 STEPS = 20
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -44,6 +52,7 @@ TWINS: dict[type, type] = {
     torch.optim.RMSprop: RemoteRMSprop,
     torch.optim.RAdam: RemoteRAdam,
     torch.optim.NAdam: RemoteNAdam,
+    torch.optim.Adafactor: RemoteAdafactor,
 }
 INFOS = [info for info in optim_db if info.optim_cls in TWINS]
 MODES = ("plain", "grouped", "named")

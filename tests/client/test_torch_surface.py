@@ -14,7 +14,15 @@ import torch
 
 from optserve.client import Client
 from optserve.client.errors import InvalidInput
-from optserve.client.torch import RemoteAdam, RemoteAdamW, RemoteNAdam, RemoteRAdam, RemoteRMSprop, RemoteSGD
+from optserve.client.torch import (
+    RemoteAdafactor,
+    RemoteAdam,
+    RemoteAdamW,
+    RemoteNAdam,
+    RemoteRAdam,
+    RemoteRMSprop,
+    RemoteSGD,
+)
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 
@@ -142,8 +150,9 @@ def test_an_adamw_state_dict_makes_remote_adam_step_as_adamw_and_a_hand_change_i
         (RemoteRMSprop, torch.optim.RMSprop, {"lr": 0.01, "centered": True, "momentum": 0.5}),
         (RemoteRAdam, torch.optim.RAdam, {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1}),
         (RemoteNAdam, torch.optim.NAdam, {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1}),
+        (RemoteAdafactor, torch.optim.Adafactor, {"lr": 0.01, "eps": (None, 1e-2), "d": 2.0}),
     ],
-    ids=["adam-amsgrad", "adam-decoupled", "adamw-fused", "sgd", "rmsprop", "radam", "nadam"],
+    ids=["adam-amsgrad", "adam-decoupled", "adamw-fused", "sgd", "rmsprop", "radam", "nadam", "adafactor"],
 )
 def test_every_param_group_key_round_trips_both_ways(url, remote_cls, torch_cls, hp):
     local, remote = make_model(), make_model()

@@ -42,6 +42,7 @@ TORCH_CLASSES = {
     "rmsprop": torch.optim.RMSprop,
     "radam": torch.optim.RAdam,
     "nadam": torch.optim.NAdam,
+    "adafactor": torch.optim.Adafactor,
 }
 
 # Learning rates of group 0 and group 1, per optimizer.
@@ -52,6 +53,7 @@ GROUP_LRS = {
     "rmsprop": (1e-2, 3e-3),
     "radam": (1e-2, 3e-3),
     "nadam": (1e-2, 3e-3),
+    "adafactor": (1e-2, 3e-3),
 }
 
 # (optimizer, values shared by both groups). When weight_decay is given, group 1 uses three times that value.
@@ -82,6 +84,10 @@ CONFIGS = [
     pytest.param("nadam", {"weight_decay": 0.05, "momentum_decay": 0.01}, id="nadam-l2-momentum_decay"),
     pytest.param("nadam", {"weight_decay": 0.05, "decoupled_weight_decay": True}, id="nadam-decoupled"),
     pytest.param("nadam", {"maximize": True, "betas": [0.8, 0.99]}, id="nadam-maximize"),
+    pytest.param("adafactor", {}, id="adafactor"),
+    pytest.param("adafactor", {"weight_decay": 0.05, "d": 2.0}, id="adafactor-decay-d"),
+    pytest.param("adafactor", {"beta2_decay": -0.5, "eps": [1e-20, 1e-2]}, id="adafactor-beta2_decay-eps"),
+    pytest.param("adafactor", {"maximize": True}, id="adafactor-maximize"),
 ]
 
 EPS_ROOT_CONFIGS = [
@@ -309,6 +315,7 @@ READ_ONLY_CONFIGS = [
     ("radam", {"decoupled_weight_decay": True, "betas": [0.9, 0.9]}),
     ("nadam", {}),
     ("nadam", {"decoupled_weight_decay": True, "momentum_decay": 0.01}),
+    ("adafactor", {}),
 ]
 
 
@@ -360,6 +367,8 @@ DEFAULT_KEYS = {
     "centered",
     "decoupled_weight_decay",
     "momentum_decay",
+    "beta2_decay",
+    "d",
 }
 # torch's Adam spells decoupled weight decay with a flag; here it is the optimizer's name (adam or adamw)
 NAMED_BY_OPTIMIZER = {"adam": {"decoupled_weight_decay"}, "adamw": {"decoupled_weight_decay"}}
@@ -417,6 +426,16 @@ INVALID = [
     ("sgd", {"nesterov": True}, r"Nesterov momentum requires a momentum > 0"),
     ("sgd", {"nesterov": True, "momentum": 0.0}, r"Nesterov momentum requires a momentum > 0"),
     ("sgd", {"nesterov": True, "momentum": 0.9, "dampening": 0.1}, r"zero dampening"),
+    ("radam", {"betas": [0.9, 1.0]}, r"betas\[1\].*\[0, 1\)"),
+    ("radam", {"decoupled_weight_decay": 1}, r"decoupled_weight_decay must be true or false"),
+    ("nadam", {"momentum_decay": -0.1}, r"momentum_decay.*>= 0"),
+    ("nadam", {"eps_root": 0.0}, r"unknown hyperparameter.*eps_root"),
+    ("adafactor", {"beta2_decay": 0.5}, r"beta2_decay.*<= 0"),
+    ("adafactor", {"d": 0.5}, r"clipping threshold \(d\).*>= 1"),
+    ("adafactor", {"eps": [-1e-3, 1e-3]}, r"epsilon1"),
+    ("adafactor", {"eps": [None, None]}, r"eps must be a number"),
+    ("adafactor", {"eps": [1e-30]}, r"eps must be a pair"),
+    ("adafactor", {"betas": [0.9, 0.99]}, r"unknown hyperparameter.*betas"),
 ]
 
 
@@ -456,6 +475,12 @@ def test_base_inheritance():
     with pytest.raises(HyperparamError, match=r"Nesterov"):
         make_hyperparams("sgd", {"momentum": 0.0}, base=sgd_base)
     assert make_hyperparams("sgd", {"lr": 0.3}, base=sgd_base).nesterov is True
+
+
+def test_adafactor_eps1_may_be_null_and_is_echoed_as_given():
+    hp = make_hyperparams("adafactor", {"eps": [None, 1e-2]})
+    assert hp.eps == (None, 1e-2)
+    assert make_hyperparams("adafactor", {"eps": [1e-30, 1e-3]}).eps == (1e-30, 1e-3)
 
 
 def test_betas_list_becomes_tuple():
