@@ -76,7 +76,22 @@ def dry_run(
     state_layouts: Mapping[str, FlatLayout] | None = None,
 ) -> bool:
     """Step copies of ``runs`` with the real kernels: True if every result is finite. An elementwise algorithm's
-    copies are chunks; any other's are whole tensors (``layout`` and ``state_layouts`` say where they lie)."""
+    copies are chunks; any other's are whole tensors (``layout`` and ``state_layouts`` say where they lie). Overflows
+    are what a dry run looks for: numpy's warnings about them are silenced."""
+    with np.errstate(all="ignore"):
+        return _dry_run(optimizer, params, grads, state, runs, grad_scale, layout, state_layouts)
+
+
+def _dry_run(
+    optimizer: str,
+    params: np.ndarray,
+    grads: np.ndarray,
+    state: Mapping[str, np.ndarray],
+    runs: Sequence[Run],
+    grad_scale: float,
+    layout: FlatLayout | None,
+    state_layouts: Mapping[str, FlatLayout] | None,
+) -> bool:
     algorithm = get(optimizer)
     names = set(state).union(*(hp.state_names() for _, _, _, hp in runs))  # with buffers this step creates
     if not algorithm.elementwise:

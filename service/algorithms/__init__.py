@@ -61,9 +61,16 @@ ALGORITHMS: dict[str, Algorithm] = {
         elementwise=False,  # one mu_product per tensor
         state_shape=nadam.state_shape,
         initial={"mu_product": 1.0},
+        bounds=nadam.bounds,
     ),
     "radam": Algorithm(
-        "radam", radam.RAdamHyperparams, radam.reference, radam.numpy_chunk, radam.numba_range, radam.BUFFERS
+        "radam",
+        radam.RAdamHyperparams,
+        radam.reference,
+        radam.numpy_chunk,
+        radam.numba_range,
+        radam.BUFFERS,
+        bounds=radam.bounds,
     ),
     "adafactor": Algorithm(
         "adafactor",

@@ -19,7 +19,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Shape, State, check_betas, f32, lerp, lerp_, njit, non_negative, prepare_grad
+from .base import (
+    MARGIN,
+    SAFE,
+    SQRT_SAFE,
+    Bounds,
+    Shape,
+    State,
+    Unprovable,
+    as_f32,
+    check_betas,
+    f32,
+    lerp,
+    lerp_,
+    njit,
+    non_negative,
+    prepare_grad,
+    raise_bound,
+)
 
 BUFFERS = ("exp_avg", "exp_avg_sq", "mu_product")
 
@@ -154,3 +171,36 @@ def numba_tensor(p: np.ndarray, g: np.ndarray, s: State, t: int, hp: NAdamHyperp
     )  # fmt: skip
     flags = NEGATE * hp.maximize | SMALL_W * (abs(w) < 0.5)
     _KERNEL(p.reshape(-1), g.reshape(-1), s["exp_avg"].reshape(-1), s["exp_avg_sq"].reshape(-1), coef, flags)  # type: ignore[misc]
+
+
+def bounds(hp: NAdamHyperparams, t: int, g: float, b: Bounds, out: Bounds) -> None:
+    """Bound ``g + wd * p``, ``g * g``, the moments, the coefficients (``1 - mu_product`` stays at least
+    ``1 - |mu_product| mu``, mu_product's bound being that of every tensor's), the smallest denominator (eps) and the
+    parameter."""
+    beta1, beta2 = hp.betas
+    p = b["params"]
+    if hp.decoupled_weight_decay:
+        if hp.weight_decay:
+            p *= abs(1 - hp.lr * hp.weight_decay)
+    else:
+        g += hp.weight_decay * p
+    if g > SQRT_SAFE:
+        raise OverflowError
+    m, v = b.get("exp_avg", 0.0), b.get("exp_avg_sq", 0.0)
+    m = m if m > g else g
+    v1 = beta2 * v + (1 - beta2) * g * g
+    v = v if v > v1 else v1
+    eps = as_f32(hp.eps)
+    product = b.get("mu_product", 1.0)
+    mu = beta1 * (1.0 - 0.5 * (0.96 ** (t * hp.momentum_decay)))
+    mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((t + 1) * hp.momentum_decay)))
+    low, low_next = 1.0 - product * mu * MARGIN, 1.0 - product * mu * mu_next * MARGIN
+    if eps <= 0 or low <= 0 or low_next <= 0:
+        raise Unprovable  # a zero denominator
+    step = hp.lr * abs(1.0 - mu) / low * g / eps + hp.lr * mu_next / low_next * m / eps
+    p += step
+    if not (step < SAFE and p < SAFE):
+        raise OverflowError
+    raise_bound(out, "params", p)
+    raise_bound(out, "exp_avg", m)
+    raise_bound(out, "exp_avg_sq", v)

@@ -18,7 +18,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import State, check_betas, f32, lerp, lerp_, njit, non_negative, prepare_grad
+from .base import (
+    SAFE,
+    SQRT_SAFE,
+    Bounds,
+    State,
+    Unprovable,
+    as_f32,
+    check_betas,
+    f32,
+    lerp,
+    lerp_,
+    njit,
+    non_negative,
+    prepare_grad,
+    raise_bound,
+)
 
 BUFFERS = ("exp_avg", "exp_avg_sq")
 
@@ -145,3 +160,34 @@ def numba_range(p: np.ndarray, g: np.ndarray, s: State, t: int, hp: RAdamHyperpa
     )  # fmt: skip
     flags = NEGATE * hp.maximize | SMALL_W * (abs(w) < 0.5) | RECT * (rect is not None)
     _KERNEL(p, g, s["exp_avg"], s["exp_avg_sq"], coef, flags)  # type: ignore[misc]
+
+
+def bounds(hp: RAdamHyperparams, t: int, g: float, b: Bounds, out: Bounds) -> None:
+    """Bound ``g + wd * p``, ``g * g``, the moments, the corrected first moment, the smallest denominator and the
+    parameter (the rectified step is at most ``m / (1 - b1^t) * lr * sqrt(1 - b2^t) / eps * r``)."""
+    beta1, beta2 = hp.betas
+    p = b["params"]
+    if hp.decoupled_weight_decay:
+        if hp.weight_decay:
+            p *= abs(1 - hp.lr * hp.weight_decay)
+    else:
+        g += hp.weight_decay * p
+    if g > SQRT_SAFE:
+        raise OverflowError
+    m, v = b.get("exp_avg", 0.0), b.get("exp_avg_sq", 0.0)
+    m = m if m > g else g
+    v1 = beta2 * v + (1 - beta2) * g * g
+    v = v if v > v1 else v1
+    step = m / (1 - beta1**t) * hp.lr
+    rect = _rectification(beta2, t)
+    if rect is not None:
+        eps = as_f32(hp.eps)
+        if eps <= 0:
+            raise Unprovable  # sqrt(v) + eps may be 0
+        step *= math.sqrt(1 - beta2**t) / eps * rect
+    p += step
+    if not (step < SAFE and p < SAFE):
+        raise OverflowError
+    raise_bound(out, "params", p)
+    raise_bound(out, "exp_avg", m)
+    raise_bound(out, "exp_avg_sq", v)

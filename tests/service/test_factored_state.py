@@ -2,7 +2,8 @@
 
 The session, the memory budget, the session info and checkpoints ask the algorithm for its state's shapes: a 2-D
 tensor's Adafactor state is its rows plus its columns, a 1-D tensor's its size; NAdam keeps one float per tensor
-besides its two moments. Against a real server (in a thread), with its memory budget.
+besides its two moments. Against a real server (in a thread), with its memory budget. Neither is elementwise: they
+are not sharded (the Ray store's shards cut flat buffers inside tensors).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import safetensors.numpy
 
 from optserve.client import Client, checkpoint
 from optserve.client.errors import LimitExceeded
+from optserve.service import shards
 from optserve.service.embedded import serve_in_thread
+from optserve.service.errors import InvalidInput
 from optserve.service.session import Session, SessionConfig
 from optserve.service.settings import Settings
 
@@ -81,3 +84,31 @@ def test_nadam_keeps_one_mu_product_per_tensor_starting_at_one() -> None:
     beta1, decay = 0.9, 4e-3
     mu = np.float32(beta1 * (1 - 0.5 * 0.96 ** (1 * decay)))
     assert session.state["mu_product"].tolist() == [float(mu), float(mu), 1.0]  # s had no gradient: untouched
+
+
+@pytest.mark.parametrize("optimizer", ["nadam", "adafactor"])
+def test_an_algorithm_that_is_not_elementwise_is_not_sharded(optimizer: str) -> None:
+    config = SessionConfig(optimizer=optimizer, shards=2)
+    with pytest.raises(InvalidInput, match=f"{optimizer} cannot be sharded"):
+        shards.split_params("s", config, dict(PARAMS), 2)
+    with pytest.raises(InvalidInput, match=f"{optimizer} cannot be sharded"):
+        shards.split(Session("s", config, PARAMS), 2)
+
+
+def test_an_elementwise_new_algorithm_sharded_steps_bit_for_bit_like_the_whole_session() -> None:
+    """RAdam is elementwise: its ranges stepped apart (cutting w inside) give the whole session's bits."""
+    config = SessionConfig(optimizer="radam", hyperparams={"lr": 0.01, "weight_decay": 0.1}, shards=3)
+    whole = Session("s", config.model_copy(update={"shards": 1}), PARAMS)
+    parts = [Session(sid, cfg, pieces) for sid, cfg, pieces in shards.split_params("s", config, dict(PARAMS), 3)]
+    rng = np.random.default_rng(5)
+    for _ in range(10):  # past RAdam's rectification threshold (rho_t > 5 from step 6)
+        g = {n: rng.standard_normal(a.shape).astype(np.float32) for n, a in PARAMS.items()}
+        whole.step(g)
+        flat, _ = whole.layout.gather(g)
+        for j, part in enumerate(parts):
+            assert part.config.shard is not None
+            lo, hi = part.config.shard.lo, part.config.shard.hi
+            part.step(shards.pieces(whole.layout, j, lo, hi, flat))
+    merged = shards.merge("s", parts)
+    assert np.array_equal(merged.params, whole.params)
+    assert all(np.array_equal(merged.state[n], whole.state[n]) for n in whole.state)
