@@ -693,13 +693,15 @@ class Session:
         """Allocate zeroed state buffers for ``names`` not held yet (torch's lazily created state starts at zero;
         SGD's momentum buffer starts from the gradient, see ``momentum_started``). Buffers are never dropped: one
         switched off keeps its values and switching it on again resumes from them, as torch's state does."""
-        new = {
-            name: np.full(self.state_layouts[name].size, self.algorithm.initial.get(name, 0.0), np.float32)
-            for name in names
-            if name not in self.state
-        }
+        new = {name: self._fresh(name) for name in names if name not in self.state}
         if new:  # a new dict: readers without the lock (the store's budget sums nbytes) never see one change size
             self.state = {**self.state, **new}
+
+    def _fresh(self, name: str) -> np.ndarray:
+        """A new state buffer at its algorithm's initial value (zeros by default: calloc'ed, so its pages become
+        resident only when first written, as the moments of a session that has not stepped yet)."""
+        size, value = self.state_layouts[name].size, self.algorithm.initial.get(name, 0.0)
+        return np.zeros(size, np.float32) if value == 0 else np.full(size, value, np.float32)
 
     def _assign(self, planned: list[tuple[ParamGroup, Hyperparams]], new_base: Hyperparams | None) -> None:
         self.hold_buffers(self._missing_buffers(hp for _, hp in planned))
