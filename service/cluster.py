@@ -455,6 +455,7 @@ class SessionHost:
         info["tensors"] = {s.name: {"shape": list(s.shape), "dtype": "float32", "group": s.group}
                            for s in led.layout.slots}  # fmt: skip
         info["num_params"] = led.layout.size
+        info["state_bytes"] = 4 * len(info["state"]) * led.layout.size  # sharded: elementwise state only
         info["shards"] = [{"index": j, "host": h, "range": [lo, hi]} for j, (h, (lo, hi))
                           in enumerate(zip(led.hosts, led.ranges))]  # fmt: skip
         return info

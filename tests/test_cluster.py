@@ -206,6 +206,7 @@ def test_a_sharded_session_steps_bit_for_bit_like_the_unsharded_one(
             np.testing.assert_array_equal(a.params[k].view(np.uint32), b.params[k].view(np.uint32), err_msg=f"{k} {t}")
     ia, ib = client.session(one), client.session(sid)
     assert ia["step"] == ib["step"] == 50 and ia["counters"] == ib["counters"]
+    assert ia["state_bytes"] == ib["state_bytes"] > 0
     assert ia["last_grad_norm"] == ib["last_grad_norm"]
     whole_a = checkpoint.decode(client.checkpoint(one))
     whole_b = checkpoint.decode(client.checkpoint(sid))
