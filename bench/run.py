@@ -540,14 +540,17 @@ def memory_table(data_dir: str, total_params: int, steps: int) -> None:
                              f"{(samples[-1] - idle) / (4 * n):.2f} (drift {(samples[-1] - samples[0]) / 2**20:+.0f} MiB)"])  # fmt: skip
         finally:
             stop(server)
+    rows += factored_rows(data_dir, total_params)
     table(
         "4. Server memory (RSS of the server process above the idle server)",
-        ["server", "sessions (AdamW fp32)", "RSS MiB", "bytes/param"],
+        ["server", "sessions (fp32)", "RSS MiB", "bytes/param"],
         rows,
         ["The AdamW state itself is 12 bytes/param (params, exp_avg, exp_avg_sq in float32); goal <= 12.5 and a flat "
          "RSS over the steps. With the I/O pool on, the server also keeps for reuse one request-body buffer and one "
          "answer buffer per session size in use (4 bytes/param each, at most OPTSERVE_IO_POOL_BYTES in all): the "
-         "price of not paying fresh-memory page faults on every large step."],
+         "price of not paying fresh-memory page faults on every large step. The last rows hold one 2-D tensor per "
+         "session, AdamW next to Adafactor, whose second moment is factored: its state is the tensor's rows plus "
+         "its columns (the session's state_bytes), so its session is the parameters and little more."],
     )  # fmt: skip
 
 
@@ -661,6 +664,37 @@ def training_table(sizes: list[int], data_dir: str, rounds: int) -> None:
          "tensors (RemoteAdamW.step() against Client.step of the same gradients as numpy arrays on a twin session, "
          "called in turn, medians)."],
     )  # fmt: skip
+
+
+def factored_rows(data_dir: str, total_params: int) -> list[list[str]]:
+    """AdamW and Adafactor sessions of one 2-D tensor each, after one step each (I/O pool off): RSS per parameter,
+    and the state the session reports."""
+    rows = []
+    n = total_params // 4
+    shape = (1000, n // 1000)
+    n = shape[0] * shape[1]
+    grads = {"w": np.random.default_rng(3).standard_normal(shape, dtype=np.float32)}
+    for optimizer in ("adamw", "adafactor"):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [str(OPTSERVE), "serve", "--port", str(port), "--data-dir", data_dir, "--log-level", "warning"]
+        server = start(cmd, url, env={"OPTSERVE_IO_POOL_BYTES": "0"})
+        try:
+            with Client(url, timeout=300) as client:
+                idle = rss_bytes(server.pid)
+                ids = [client.create_session({"w": np.zeros(shape, np.float32)}, optimizer)["id"] for _ in range(4)]
+                for sid in ids:
+                    client.step(sid, grads).release()
+                stepped = rss_bytes(server.pid)
+                state = client.session(ids[0])["state_bytes"]
+                rows.append([f"I/O pool off, {optimizer}", f"4 x {shape[0]}x{shape[1]}, after one step each",
+                             f"{(stepped - idle) / 2**20:.0f}",
+                             f"{(stepped - idle) / (4 * n):.2f} (params 4 + state {state / n:.4f})"])  # fmt: skip
+                for sid in ids:
+                    client.delete_session(sid)
+        finally:
+            stop(server)
+    return rows
 
 
 def main() -> None:

@@ -9,12 +9,13 @@
         optimizer.step()          # gradients go to the server, updated parameters come back
         scheduler.step()
 
-``RemoteAdam``, ``RemoteAdamW``, ``RemoteSGD`` and ``RemoteRMSprop`` take their ``torch.optim`` twin's arguments
-(validated by torch itself: the same exceptions for the same mistakes) plus ``url=`` (or ``client=``),
-``session_id=`` (attach to an existing session), ``timeout=``, ``retry=``, ``nonfinite=``, ``max_grad_norm=``,
-``token=``, ``wire_dtype=``, ``overlap=`` and ``overlap_warmup=``; any other keyword is a TypeError, as in torch.
-They accept ``model.parameters()``, ``model.named_parameters()`` (the names become the tensor names on the server;
-otherwise parameters are named by their index, as in torch's ``state_dict``) and lists of parameter-group dicts.
+``RemoteAdam``, ``RemoteAdamW``, ``RemoteSGD``, ``RemoteRMSprop``, ``RemoteRAdam``, ``RemoteNAdam`` and
+``RemoteAdafactor`` take their ``torch.optim`` twin's arguments (validated by torch itself: the same exceptions for
+the same mistakes) plus ``url=`` (or ``client=``), ``session_id=`` (attach to an existing session), ``timeout=``,
+``retry=``, ``nonfinite=``, ``max_grad_norm=``, ``token=``, ``wire_dtype=``, ``overlap=`` and ``overlap_warmup=``;
+any other keyword is a TypeError, as in torch. They accept ``model.parameters()``, ``model.named_parameters()`` (the
+names become the tensor names on the server; otherwise parameters are named by their index, as in torch's
+``state_dict``) and lists of parameter-group dicts.
 
 - Hyperparameters changed in ``param_groups`` (by hand or by any ``lr_scheduler``) travel with the next step; one
   that needs state the session lacks (momentum switched on) makes the server create it, as torch does.
@@ -66,9 +67,9 @@ from .inflight import InFlight, Worker
 from .lease import Lease, settle
 from .protocol import Retry, StepResult
 
-__all__ = ["RemoteAdam", "RemoteAdamW", "RemoteSGD", "RemoteRMSprop"]
+__all__ = ["RemoteAdam", "RemoteAdamW", "RemoteSGD", "RemoteRMSprop", "RemoteRAdam", "RemoteNAdam", "RemoteAdafactor"]
 
-_STEP_KEY_OPTIMIZERS = ("adam", "adamw", "rmsprop")  # torch keeps a per-parameter "step" for these, not for SGD
+_NO_STEP_KEY = ("sgd",)  # torch keeps a per-parameter "step" for every optimizer but these
 _WIRE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _EXACT_DTYPES = (torch.float32, torch.complex64)  # held by the server's float32 master weights without rounding
 
@@ -328,6 +329,24 @@ class _RemoteOptimizer(Optimizer):
         """The state buffers torch creates for a parameter of this group."""
         return self._buffers
 
+    def _state_shape(self, buffer: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The server's shape of ``buffer`` for a parameter of (real) ``shape``: the parameter's own for elementwise
+        state; an algorithm with other state (NAdam's mu_product, Adafactor's factors) says its own, as its room on
+        the server does; ``(0,)`` for a buffer this parameter keeps none of."""
+        return shape
+
+    def _fresh(self, buffer: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A buffer as the server starts it for a parameter of ``shape`` (zeros; NAdam's mu_product is 1)."""
+        return np.zeros(self._state_shape(buffer, shape), np.float32)
+
+    def _state_tensor(self, buffer: str, array: np.ndarray, p: torch.Tensor) -> torch.Tensor | None:
+        """The torch state tensor of ``buffer`` for ``p`` (None where torch keeps none for this parameter)."""
+        if self._state_shape(buffer, tuple(_real(p).shape)) == tuple(_real(p).shape):
+            return _to_torch(array, p)
+        if array.shape == (0,):
+            return None
+        return torch.from_numpy(np.array(array, dtype=np.float32))
+
     # --- torch.optim.Optimizer ------------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -356,8 +375,8 @@ class _RemoteOptimizer(Optimizer):
         for name, p in zip(names, group["params"]):
             value = _to_numpy(p).astype(np.float32)
             cp.params[name] = value
-            for arrays in cp.state.values():
-                arrays[name] = np.zeros_like(value)
+            for buffer, arrays in cp.state.items():
+                arrays[name] = np.zeros_like(value) if buffer == "accumulated" else self._fresh(buffer, value.shape)
         cp.config["param_groups"].append({"params": names, **self._hyperparams(group)})
         cp.tensor_steps = cp.tensor_steps + [0] * len(names)
         if cp.momentum_started is not None:
@@ -481,12 +500,14 @@ class _RemoteOptimizer(Optimizer):
                 if steps[name] == 0:
                     continue
                 entry: dict[str, Any] = {}
-                if self._optimizer in _STEP_KEY_OPTIMIZERS:
+                if self._optimizer not in _NO_STEP_KEY:
                     entry["step"] = torch.tensor(float(steps[name]))
                 for buffer, arrays in cp.state.items():
                     sgd_unstarted = self._optimizer == "sgd" and not started[name]
                     if buffer != "accumulated" and not (buffer == "momentum_buffer" and sgd_unstarted):
-                        entry[buffer] = _to_torch(arrays[name], p)
+                        value = self._state_tensor(buffer, arrays[name], p)
+                        if value is not None:
+                            entry[buffer] = value
                 if p.dtype not in _EXACT_DTYPES:
                     entry["master_param"] = _to_torch(cp.params[name], p)
                 if entry:
@@ -595,7 +616,9 @@ class _RemoteOptimizer(Optimizer):
             for buffer, arrays in buffers.items():
                 value = entry.get(buffer)
                 arrays[name] = (
-                    np.zeros(shape, np.float32) if value is None else _to_numpy(value).astype(np.float32).reshape(shape)
+                    self._fresh(buffer, shape)
+                    if value is None
+                    else _to_numpy(value).astype(np.float32).reshape(self._state_shape(buffer, shape))
                 )
             started.append(entry.get("momentum_buffer") is not None)
             if "step" in entry:
@@ -819,3 +842,117 @@ class RemoteRMSprop(_RemoteOptimizer):
     def _required_buffers(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         return ("square_avg", *(("momentum_buffer",) if group["momentum"] > 0 else ()),
                 *(("grad_avg",) if group["centered"] else ()))  # fmt: skip
+
+
+class RemoteRAdam(_RemoteOptimizer):
+    """``torch.optim.RAdam`` with its state on the server (``decoupled_weight_decay`` per group, as in torch)."""
+
+    _twin = torch.optim.RAdam
+    _server_hps = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize")
+    _buffers = ("exp_avg", "exp_avg_sq")
+    _setstate_defaults = {
+        "foreach": None, "maximize": False, "differentiable": False, "decoupled_weight_decay": False,
+        "capturable": False,
+    }  # fmt: skip
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        **remote: Unpack[RemoteOptions],
+    ) -> None:
+        twin = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                    decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, maximize=maximize,
+                    capturable=capturable, differentiable=differentiable)  # fmt: skip
+        super().__init__(params, twin, "radam", dict(remote))
+
+
+class RemoteNAdam(_RemoteOptimizer):
+    """``torch.optim.NAdam`` with its state on the server (``momentum_decay`` and ``decoupled_weight_decay`` per
+    group, as in torch; each parameter's ``mu_product`` is a 0-d tensor, as torch's)."""
+
+    _twin = torch.optim.NAdam
+    _server_hps = ("lr", "betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay", "maximize")
+    _buffers = ("exp_avg", "exp_avg_sq", "mu_product")
+    _setstate_defaults = {
+        "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+        "decoupled_weight_decay": False,
+    }  # fmt: skip
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum_decay: float = 4e-3,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        **remote: Unpack[RemoteOptions],
+    ) -> None:
+        twin = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
+                    decoupled_weight_decay=decoupled_weight_decay, foreach=foreach, maximize=maximize,
+                    capturable=capturable, differentiable=differentiable)  # fmt: skip
+        super().__init__(params, twin, "nadam", dict(remote))
+
+    def _state_shape(self, buffer: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return () if buffer == "mu_product" else shape
+
+    def _fresh(self, buffer: str, shape: tuple[int, ...]) -> np.ndarray:
+        return np.ones((), np.float32) if buffer == "mu_product" else np.zeros(shape, np.float32)
+
+
+class RemoteAdafactor(_RemoteOptimizer):
+    """``torch.optim.Adafactor`` with its state on the server: a tensor of two dimensions or more keeps its row and
+    column factors (``row_var`` (..., R, 1), ``col_var`` (..., 1, C)), a smaller one its ``variance``, as torch."""
+
+    _twin = torch.optim.Adafactor
+    _server_hps = ("lr", "beta2_decay", "eps", "d", "weight_decay", "maximize")
+    _buffers = ("row_var", "col_var", "variance")
+    _setstate_defaults = {"foreach": None}
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = 1e-2,
+        beta2_decay: float = -0.8,
+        eps: tuple[float | None, float] = (None, 1e-3),
+        d: float = 1.0,
+        weight_decay: float = 0.0,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        **remote: Unpack[RemoteOptions],
+    ) -> None:
+        twin = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay, foreach=foreach,
+                    maximize=maximize)  # fmt: skip
+        super().__init__(params, twin, "adafactor", dict(remote))
+
+    def _state_shape(self, buffer: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        factored = len(shape) > 1
+        if buffer == "row_var":
+            return (*shape[:-1], 1) if factored else (0,)
+        if buffer == "col_var":
+            return (*shape[:-2], 1, shape[-1]) if factored else (0,)
+        return (0,) if factored else shape
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        for p in self._params:
+            if p.grad is not None and p.is_complex():
+                raise RuntimeError("Adafactor does not support complex parameters")  # torch's words, at its step
+        return super().step(closure)

@@ -19,7 +19,8 @@ from .hyperparams import SGDHyperparams, optimizer_kind
 from .session import Counters, KeyRecord, Pending, Session, SessionConfig
 
 OUTCOMES = ("applied", "skipped", "accepted")
-SQUARES = {"exp_avg_sq", "max_exp_avg_sq", "square_avg"}  # averages of squares: never negative
+# averages of squares (Adafactor's factors too): never negative
+SQUARES = {"exp_avg_sq", "max_exp_avg_sq", "square_avg", "row_var", "col_var", "variance"}
 
 
 def dump_parts(session: Session) -> list[bytes | memoryview]:
@@ -50,7 +51,8 @@ def dump_versioned(session: Session, held: bool = False) -> tuple[list[bytes | m
             token_sha256=session.token_digest,
             momentum_started=session.momentum_started.tolist() if session.optimizer == "sgd" else None,
         )
-    views = {prefix: session.layout.views(flat) for prefix, flat in buffers.items()}
+    layouts = {**session.state_layouts, "params": session.layout, "accumulated": session.layout}
+    views = {prefix: layouts[prefix].views(flat) for prefix, flat in buffers.items()}
     cp.params = views.pop("params")
     cp.state = views
     return encode_parts(cp), version, step
@@ -99,11 +101,13 @@ def load(body: bytes | bytearray | memoryview, session_id: str) -> Session:
     targets = {**session.state, **({"accumulated": session.pending.total} if session.pending else {})}
     for buffer_name, flat in targets.items():
         arrays = cp.state[buffer_name]
-        for slot in session.layout.slots:
+        layout = session.layout if buffer_name == "accumulated" else session.state_layouts[buffer_name]
+        for slot in layout.slots:  # each buffer in its algorithm's shape (the parameter's, for elementwise state)
             if arrays[slot.name].shape != slot.shape:
                 raise InvalidInput(
                     f"checkpoint {buffer_name}/{slot.name} has shape {list(arrays[slot.name].shape)}, "
-                    f"params/{slot.name} has {list(slot.shape)}"
+                    f"{session.optimizer} keeps {list(slot.shape)} for params/{slot.name} of shape "
+                    f"{list(session.layout.slots[session.layout.index[slot.name]].shape)}"
                 )
             flat[slot.offset : slot.stop] = arrays[slot.name].reshape(-1)
     for name in SQUARES & set(session.state):

@@ -54,6 +54,7 @@ from . import (  # noqa: E402
     fused,  # noqa: E402
     shards,
 )
+from .algorithms import get as algorithm  # noqa: E402
 from .auth import ADMIN, Access  # noqa: E402
 from .bodies import POOL  # noqa: E402
 from .errors import Conflict, ServiceError, SessionNotFound, StorageUnavailable  # noqa: E402
@@ -61,7 +62,16 @@ from .layout import FlatLayout  # noqa: E402
 from .persistence import Saver, Snapshots  # noqa: E402
 from .session import MAX_SHARDS, SessionConfig, StepResult, sum_of_squares  # noqa: E402
 from .settings import Settings  # noqa: E402
-from .store import Health, Lifetimes, Limits, MemoryStore, StepRequest, StoreStats, Tensors  # noqa: E402
+from .store import (  # noqa: E402
+    Health,
+    Lifetimes,
+    Limits,
+    MemoryStore,
+    StepRequest,
+    StoreStats,
+    Tensors,
+    state_floats,
+)
 
 log = logging.getLogger("optserve.cluster")
 
@@ -445,6 +455,7 @@ class SessionHost:
         info["tensors"] = {s.name: {"shape": list(s.shape), "dtype": "float32", "group": s.group}
                            for s in led.layout.slots}  # fmt: skip
         info["num_params"] = led.layout.size
+        info["state_bytes"] = 4 * len(info["state"]) * led.layout.size  # sharded: elementwise state only
         info["shards"] = [{"index": j, "host": h, "range": [lo, hi]} for j, (h, (lo, hi))
                           in enumerate(zip(led.hosts, led.ranges))]  # fmt: skip
         return info
@@ -816,9 +827,11 @@ class RayStore:
     async def create(
         self, session_id: str, config: SessionConfig, params: Mapping[str, np.ndarray], token_digest: str | None
     ) -> dict[str, Any]:
-        nbytes = sum(int(np.asarray(a).size) for a in params.values()) * 12
+        n = sum(int(np.asarray(a).size) for a in params.values())
+        nbytes = 4 * (n + state_floats(config, [tuple(np.shape(a)) for a in params.values()]))  # the algorithm's
         count = config.shards
-        if count == 1 and self.settings.shard_bytes and nbytes > self.settings.shard_bytes:
+        elementwise = algorithm(config.optimizer).elementwise  # only elementwise state may be cut inside tensors
+        if count == 1 and elementwise and self.settings.shard_bytes and nbytes > self.settings.shard_bytes:
             count = min(MAX_SHARDS, -(-nbytes // self.settings.shard_bytes))
             config = config.model_copy(update={"shards": count})
         if count > 1:

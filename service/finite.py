@@ -20,26 +20,21 @@ nothing.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from . import fused
-from .hyperparams import AdamHyperparams, Hyperparams, RMSpropHyperparams, SGDHyperparams
+from .algorithms import get
+from .algorithms.base import MARGIN, SAFE, SQRT_SAFE, TINY, Bounds, Unprovable
+from .hyperparams import Hyperparams
+from .layout import FlatLayout
 
-SAFE = 1e36  # float32's largest value is 3.4e38: every bound stays below this, a hundredfold margin
-SQRT_SAFE = 1e18  # a gradient bound beyond this may overflow when squared
-MARGIN = 1.0001  # relative slack for float32 rounding of the few operations each bound covers
+__all__ = ["MARGIN", "SAFE", "SQRT_SAFE", "TINY", "Bounds", "Run", "Unprovable", "dry_run", "exact", "step_bounds"]
+
 GRAD_MARGIN = 1.01  # the norm (float32 dot products) may be a little below the largest gradient element
 UNDERFLOW = 1.1e-19  # elements below this square to less than float32's smallest normal: the norm may be 0 for them
 DRY_CHUNK = 1 << 16  # elements stepped at a time in a dry run (the copies stay in cache)
-
-Bounds = dict[str, float]  # buffer name ("params", "exp_avg", ...) -> upper bound on its values' magnitudes
-
-
-class Unprovable(Exception):
-    """No bound exists for these hyperparameters: only a dry run can tell."""
 
 
 def exact(params: np.ndarray, state: Mapping[str, np.ndarray]) -> Bounds:
@@ -56,105 +51,15 @@ def _max_abs(x: np.ndarray) -> float:
     return max(abs(float(x.max())), abs(float(x.min())))
 
 
-TINY = 1.2e-38  # float32's smallest normal number: below it, a coefficient is what float32 makes of it
-
-
-def _f32(x: float) -> float:
-    """``x`` as the kernels see it (their coefficients are float32): only tiny values differ in a way that matters
-    here (they may become 0)."""
-    return x if x >= TINY or x == 0 else float(np.float32(x))
-
-
-def _adam(hp: AdamHyperparams, decoupled: bool, t: int, g: float, b: Bounds, out: Bounds) -> None:
-    beta1, beta2 = hp.betas
-    p = b["params"]
-    if decoupled:
-        if hp.weight_decay:
-            p *= abs(1 - hp.lr * hp.weight_decay)
-    else:
-        g += hp.weight_decay * p
-    if g > SQRT_SAFE:
-        raise OverflowError
-    m, v = b.get("exp_avg", 0.0), b.get("exp_avg_sq", 0.0)
-    m = m if m > g else g
-    v1 = beta2 * v + (1 - beta2) * g * g
-    v = v if v > v1 else v1
-    smallest = _f32(hp.eps)  # of the denominators sqrt(v + eps_root * bc2) / sqrt(bc2) + eps, v >= 0
-    if hp.eps_root:
-        bc2 = 1 - beta2**t
-        smallest += math.sqrt(_f32(hp.eps_root * bc2) / bc2) / MARGIN
-    if smallest <= 0:
-        raise Unprovable  # a zero denominator: 0 / 0 where the moments are 0
-    ratio = m / smallest  # m / denom, before the step size multiplies it
-    p += hp.lr / (1 - beta1**t) * ratio
-    if not (ratio < SAFE and p < SAFE):
-        raise OverflowError
-    _raise(out, "params", p)
-    _raise(out, "exp_avg", m)
-    _raise(out, "exp_avg_sq", v)
-    if hp.amsgrad:
-        _raise(out, "max_exp_avg_sq", v)
-
-
-def _sgd(hp: SGDHyperparams, t: int, g: float, b: Bounds, out: Bounds) -> None:
-    p = b["params"]
-    g += hp.weight_decay * p
-    if not g < SAFE:  # the gradient with its weight decay, before anything else
-        raise OverflowError
-    if hp.momentum != 0:
-        momentum = abs(hp.momentum)
-        buf = momentum * b.get("momentum_buffer", 0.0) + abs(1 - hp.dampening) * g
-        buf = buf if buf > g else g
-        _raise(out, "momentum_buffer", buf)
-        g = g + momentum * buf if hp.nesterov else buf
-        if not g < SAFE:
-            raise OverflowError
-    _raise(out, "params", p + hp.lr * g)
-
-
-def _rmsprop(hp: RMSpropHyperparams, t: int, g: float, b: Bounds, out: Bounds) -> None:
-    if hp.centered or not 0 <= hp.alpha <= 1:
-        raise Unprovable  # v - a * a may round below zero; with alpha > 1, v itself goes negative
-    p = b["params"]
-    g += hp.weight_decay * p
-    if g > SQRT_SAFE:
-        raise OverflowError
-    eps = _f32(hp.eps)
-    if eps <= 0:
-        raise Unprovable  # sqrt(v) + eps may be 0
-    _raise(out, "square_avg", hp.alpha * b.get("square_avg", 0.0) + (1 - hp.alpha) * g * g)
-    ratio = g / eps  # |g| / (sqrt(v) + eps)
-    if not ratio < SAFE:
-        raise OverflowError
-    if hp.momentum > 0:
-        buf = hp.momentum * b.get("momentum_buffer", 0.0) + ratio
-        _raise(out, "momentum_buffer", buf)
-        ratio = buf
-    _raise(out, "params", p + hp.lr * ratio)
-
-
-def _raise(out: Bounds, name: str, value: float) -> None:
-    """Make ``out[name]`` at least ``value`` (with the rounding margin); OverflowError beyond the safe range."""
-    value *= MARGIN
-    if not value < SAFE:  # also NaN
-        raise OverflowError
-    if value > out.get(name, 0.0):  # a buffer created by this step (momentum switched on) starts at zero
-        out[name] = value
-
-
 def step_bounds(optimizer: str, hp: Hyperparams, t: int, grad_bound: float, bounds: Bounds, out: Bounds) -> None:
     """Raise ``out`` (a copy of ``bounds``) to bound the buffers after one step of a range at step number ``t``
-    (the smallest of its tensors' numbers) whose gradients are at most ``grad_bound`` in magnitude. Raises
-    OverflowError when a bound leaves the safe range and :class:`Unprovable` when these hyperparameters admit no
-    bound."""
-    if type(hp) is AdamHyperparams:
-        _adam(hp, optimizer == "adamw", t, grad_bound, bounds, out)
-    elif type(hp) is SGDHyperparams:
-        _sgd(hp, t, grad_bound, bounds, out)
-    elif type(hp) is RMSpropHyperparams:
-        _rmsprop(hp, t, grad_bound, bounds, out)
-    else:  # pragma: no cover - every optimizer has its bounds
+    (the smallest of its tensors' numbers) whose gradients are at most ``grad_bound`` in magnitude, with the
+    algorithm's own bounds (its room's ``bounds``). Raises OverflowError when a bound leaves the safe range and
+    :class:`Unprovable` when these hyperparameters, or this algorithm, admit no bound."""
+    algorithm = get(optimizer)
+    if algorithm.bounds is None or type(hp) is not algorithm.hyperparams:
         raise Unprovable
+    algorithm.bounds(hp, t, grad_bound, bounds, out)
 
 
 Run = tuple[int, int, int, Hyperparams]  # start, stop, step number, hyperparameters of a range to step
@@ -167,12 +72,34 @@ def dry_run(
     state: Mapping[str, np.ndarray],
     runs: Sequence[Run],
     grad_scale: float,
+    layout: FlatLayout | None = None,
+    state_layouts: Mapping[str, FlatLayout] | None = None,
 ) -> bool:
-    """Step copies of ``runs`` chunk by chunk with the real kernels: True if every result is finite."""
+    """Step copies of ``runs`` with the real kernels: True if every result is finite. An elementwise algorithm's
+    copies are chunks; any other's are whole tensors (``layout`` and ``state_layouts`` say where they lie). Overflows
+    are what a dry run looks for: numpy's warnings about them are silenced."""
+    with np.errstate(all="ignore"):
+        return _dry_run(optimizer, params, grads, state, runs, grad_scale, layout, state_layouts)
+
+
+def _dry_run(
+    optimizer: str,
+    params: np.ndarray,
+    grads: np.ndarray,
+    state: Mapping[str, np.ndarray],
+    runs: Sequence[Run],
+    grad_scale: float,
+    layout: FlatLayout | None,
+    state_layouts: Mapping[str, FlatLayout] | None,
+) -> bool:
+    algorithm = get(optimizer)
+    names = set(state).union(*(hp.state_names() for _, _, _, hp in runs))  # with buffers this step creates
+    if not algorithm.elementwise:
+        assert layout is not None and state_layouts is not None
+        return _dry_run_tensors(optimizer, params, grads, state, runs, grad_scale, layout, state_layouts, names)
     largest = max((stop - start for start, stop, _, _ in runs), default=0)
     n = min(DRY_CHUNK, largest)
     p_copy = np.empty(n, np.float32)
-    names = set(state).union(*(hp.state_names() for _, _, _, hp in runs))  # with buffers this step creates
     s_copy = {name: np.empty(n, np.float32) for name in names}
     for start, stop, t, hp in runs:
         for lo in range(start, stop, DRY_CHUNK):
@@ -185,8 +112,41 @@ def dry_run(
                 if name in state:
                     buf[:] = state[name][lo:hi]
                 else:
-                    buf[:] = 0.0
+                    buf[:] = algorithm.initial.get(name, 0.0)
             fused.step_range(optimizer, p, grads[lo:hi], s, 0, k, t, hp, grad_scale)
+            if not (np.isfinite(p).all() and all(np.isfinite(buf).all() for buf in s.values())):
+                return False
+    return True
+
+
+def _dry_run_tensors(
+    optimizer: str,
+    params: np.ndarray,
+    grads: np.ndarray,
+    state: Mapping[str, np.ndarray],
+    runs: Sequence[Run],
+    grad_scale: float,
+    layout: FlatLayout,
+    state_layouts: Mapping[str, FlatLayout],
+    names: set[str],
+) -> bool:
+    algorithm = get(optimizer)
+    for start, stop, t, hp in runs:
+        for i, slot in enumerate(layout.slots):
+            if slot.offset < start or slot.stop > stop or slot.size == 0:
+                continue
+            one = FlatLayout([(slot.name, slot.shape, 0)])
+            p = params[slot.offset : slot.stop].copy()
+            s = {}
+            for name in names:
+                part = state_layouts[name].slots[i]
+                if name in state:
+                    s[name] = state[name][part.offset : part.stop].copy()
+                else:
+                    s[name] = np.full(part.size, algorithm.initial.get(name, 0.0), np.float32)
+            one_layouts = {name: FlatLayout([(slot.name, state_layouts[name].slots[i].shape, 0)]) for name in names}
+            g = grads[slot.offset : slot.stop]
+            fused.step_tensors(optimizer, p, g, s, one, one_layouts, 0, slot.size, t, hp, grad_scale)
             if not (np.isfinite(p).all() and all(np.isfinite(buf).all() for buf in s.values())):
                 return False
     return True

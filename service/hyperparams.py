@@ -1,8 +1,8 @@
-"""The optimizer family: names, hyperparameters, defaults and validation, as PyTorch spells them.
+"""Hyperparameters from JSON: lookup by optimizer name, type checks, defaults, inheritance and the echo.
 
-Four optimizers are served: ``adam`` (with optional L2 ``weight_decay``), ``adamw`` (decoupled weight decay; Adam
-with a flag, not a copy), ``sgd`` (momentum, dampening, nesterov) and ``rmsprop`` (momentum, centered). The
-hyperparameter names and defaults are ``torch.optim``'s, plus ``eps_root`` (optax's name) for Adam/AdamW.
+Each algorithm's hyperparameter dataclass (torch's names and defaults, validated in ``__post_init__``) lives in its
+room under :mod:`optserve.service.algorithms`; this module turns JSON values into one, so a typo or a wrong type is
+refused with a message meant for the user.
 
 Nothing here knows about HTTP: bad values raise :class:`HyperparamError`, a ``ValueError`` whose message is meant
 for the user.
@@ -11,151 +11,61 @@ for the user.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
+from .algorithms import ALGORITHMS, Algorithm, get
+from .algorithms.adafactor import AdafactorHyperparams
+from .algorithms.adam import AdamHyperparams
+from .algorithms.base import HyperparamError
+from .algorithms.nadam import NAdamHyperparams
+from .algorithms.radam import RAdamHyperparams
+from .algorithms.rmsprop import RMSpropHyperparams
+from .algorithms.sgd import SGDHyperparams
 
-class HyperparamError(ValueError):
-    """An unknown optimizer, an unknown hyperparameter or an invalid value."""
-
-
-def _finite(name: str, value: float) -> None:
-    if not math.isfinite(value):
-        raise HyperparamError(f"{name} must be finite, got {value!r}")
-
-
-def _non_negative(name: str, value: float) -> None:
-    _finite(name, value)
-    if value < 0:
-        raise HyperparamError(f"Invalid {name}: {value!r} (must be >= 0)")
-
-
-def _unit_interval(name: str, value: float) -> None:
-    _finite(name, value)
-    if not 0.0 <= value < 1.0:
-        raise HyperparamError(f"Invalid {name}: {value!r} (must be in [0, 1))")
-
-
-@dataclass(frozen=True)
-class AdamHyperparams:
-    """Adam / AdamW. ``weight_decay`` is L2 (added to the gradient) for ``adam``, decoupled for ``adamw``."""
-
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    amsgrad: bool = False
-    maximize: bool = False
-    eps_root: float = 0.0
-
-    def __post_init__(self) -> None:
-        _non_negative("learning rate (lr)", self.lr)
-        _non_negative("epsilon (eps)", self.eps)
-        _non_negative("eps_root", self.eps_root)
-        _non_negative("weight_decay", self.weight_decay)
-        if len(self.betas) != 2:
-            raise HyperparamError(f"betas must be a pair [beta1, beta2], got {list(self.betas)!r}")
-        _unit_interval("beta parameter at index 0 (betas[0])", self.betas[0])
-        _unit_interval("beta parameter at index 1 (betas[1])", self.betas[1])
-
-    def state_names(self) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if self.amsgrad else ("exp_avg", "exp_avg_sq")
+__all__ = [
+    "AdafactorHyperparams",
+    "AdamHyperparams",
+    "HyperparamError",
+    "Hyperparams",
+    "NAdamHyperparams",
+    "OPTIMIZERS",
+    "RAdamHyperparams",
+    "RMSpropHyperparams",
+    "SGDHyperparams",
+    "make_hyperparams",
+    "optimizer_kind",
+    "to_json",
+]
 
 
-@dataclass(frozen=True)
-class SGDHyperparams:
-    """SGD with optional momentum, dampening, Nesterov momentum and L2 weight decay."""
-
-    lr: float = 1e-3
-    momentum: float = 0.0
-    dampening: float = 0.0
-    weight_decay: float = 0.0
-    nesterov: bool = False
-    maximize: bool = False
-
-    def __post_init__(self) -> None:
-        _non_negative("learning rate (lr)", self.lr)
-        _non_negative("momentum", self.momentum)
-        _finite("dampening", self.dampening)
-        _non_negative("weight_decay", self.weight_decay)
-        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
-            raise HyperparamError("Nesterov momentum requires a momentum > 0 and zero dampening")
-
-    def state_names(self) -> tuple[str, ...]:
-        return ("momentum_buffer",) if self.momentum != 0 else ()
+Hyperparams = (
+    AdamHyperparams | SGDHyperparams | RMSpropHyperparams | RAdamHyperparams | NAdamHyperparams | AdafactorHyperparams
+)
+OptimizerKind = Algorithm  # the registry's entries
+OPTIMIZERS = ALGORITHMS
 
 
-@dataclass(frozen=True)
-class RMSpropHyperparams:
-    """RMSprop with optional momentum, centering and L2 weight decay."""
-
-    lr: float = 1e-2
-    alpha: float = 0.99
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    momentum: float = 0.0
-    centered: bool = False
-    maximize: bool = False
-
-    def __post_init__(self) -> None:
-        _non_negative("learning rate (lr)", self.lr)
-        _non_negative("alpha", self.alpha)
-        _non_negative("epsilon (eps)", self.eps)
-        _non_negative("weight_decay", self.weight_decay)
-        _non_negative("momentum", self.momentum)
-
-    def state_names(self) -> tuple[str, ...]:
-        names = ["square_avg"]
-        if self.momentum > 0:
-            names.append("momentum_buffer")
-        if self.centered:
-            names.append("grad_avg")
-        return tuple(names)
-
-
-Hyperparams = AdamHyperparams | SGDHyperparams | RMSpropHyperparams
-
-
-@dataclass(frozen=True)
-class OptimizerKind:
-    """One servable optimizer: its name, hyperparameter class, defaults and every state buffer it may keep."""
-
-    name: str
-    hyperparams: type
-    defaults: Mapping[str, Any]
-    buffers: tuple[str, ...]
-
-
-_ADAM_BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-OPTIMIZERS: dict[str, OptimizerKind] = {
-    "adam": OptimizerKind("adam", AdamHyperparams, {}, _ADAM_BUFFERS),
-    "adamw": OptimizerKind("adamw", AdamHyperparams, {"weight_decay": 1e-2}, _ADAM_BUFFERS),
-    "sgd": OptimizerKind("sgd", SGDHyperparams, {}, ("momentum_buffer",)),
-    "rmsprop": OptimizerKind("rmsprop", RMSpropHyperparams, {}, ("square_avg", "momentum_buffer", "grad_avg")),
-}
-
-
-def optimizer_kind(name: str) -> OptimizerKind:
+def optimizer_kind(name: str) -> Algorithm:
     """Look up an optimizer by name (case-insensitive), or raise HyperparamError listing the known ones."""
-    kind = OPTIMIZERS.get(str(name).lower())
-    if kind is None:
-        raise HyperparamError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
-    return kind
+    return get(name)
 
 
 def _coerce(field: dataclasses.Field[Any], value: Any) -> Any:
-    """Check one JSON value against the field's type; JSON has no tuples, so betas arrive as a list."""
-    name = field.name
-    if field.type in ("bool", bool):
+    """Check one JSON value against the field's type; JSON has no tuples, so pairs (betas, Adafactor's eps) arrive
+    as lists, and ``None`` stands where the type allows it (Adafactor's eps1: float32's epsilon)."""
+    name, kind = field.name, str(field.type)
+    if kind == "bool":
         if not isinstance(value, bool):
             raise HyperparamError(f"{name} must be true or false, got {value!r}")
         return value
-    if name == "betas":
-        if not isinstance(value, (list, tuple)) or len(value) != 2:
-            raise HyperparamError(f"betas must be a pair [beta1, beta2], got {value!r}")
-        return tuple(_coerce_number("betas", v) for v in value)
+    if kind.startswith("tuple["):
+        items = [k.strip() for k in kind[len("tuple[") : -1].split(",")]
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise HyperparamError(f"{name} must be a pair [{name}[0], {name}[1]], got {value!r}")
+        return tuple(None if v is None and "None" in k else _coerce_number(name, v) for k, v in zip(items, value))
+    if value is None and "None" in kind:
+        return None
     return _coerce_number(name, value)
 
 
@@ -176,7 +86,7 @@ def make_hyperparams(
     Missing values come from ``base`` when given (a parameter group inherits the session's values), else from the
     optimizer's PyTorch defaults. Unknown names are refused, so a typo never silently falls back to a default.
     """
-    kind = optimizer_kind(optimizer)
+    kind = get(optimizer)
     fields = {f.name: f for f in dataclasses.fields(kind.hyperparams)}
     values = dict(values or {})
     unknown = sorted(set(values) - set(fields))
@@ -192,7 +102,4 @@ def make_hyperparams(
 
 def to_json(hp: Hyperparams) -> dict[str, Any]:
     """The effective values, as the server echoes them back."""
-    out = dataclasses.asdict(hp)
-    if "betas" in out:
-        out["betas"] = list(out["betas"])
-    return out
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(hp).items()}

@@ -9,7 +9,7 @@ vector and :meth:`FlatLayout.gather` returns a view of the body without copying 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +64,14 @@ class FlatLayout:
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.slots]
+
+    def for_state(self, state_shape: Callable[[str, tuple[int, ...]], tuple[int, ...]], name: str) -> FlatLayout:
+        """The layout of state buffer ``name``: the same tensors in the same order, each in the shape
+        ``state_shape(name, shape)`` gives (an algorithm's own; this layout itself when every shape is unchanged)."""
+        shapes = [tuple(state_shape(name, s.shape)) for s in self.slots]
+        if all(shape == s.shape for shape, s in zip(shapes, self.slots)):
+            return self
+        return FlatLayout([(s.name, shape, s.group) for s, shape in zip(self.slots, shapes)])
 
     def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """Each tensor as a view (no copy) into a flat buffer of this layout."""

@@ -289,16 +289,20 @@ class Session:
         self.id = session_id
         self.config = config
         self.base_hp, self.groups = build_groups(config, list(params))
-        self.optimizer = optimizer_kind(config.optimizer).name
+        self.algorithm = optimizer_kind(config.optimizer)
+        self.optimizer = self.algorithm.name
         group_of = {n: g.index for g in self.groups for n in g.names}
         self.layout = FlatLayout([(n, tuple(a.shape), group_of[n]) for n, a in params.items()])
+        # Each state buffer's layout: the parameters' for elementwise state, else the algorithm's shapes per tensor
+        self.state_layouts = {n: self.layout.for_state(self.algorithm.state_shape, n) for n in self.algorithm.buffers}
         with np.errstate(over="ignore"):  # beyond float32's range becomes infinity, refused just below
             self.params = self.layout.flatten(params)
         _check_finite(self.layout, self.params)
         state_names: dict[str, None] = {}
         for g in self.groups:
             state_names.update(dict.fromkeys(g.hp.state_names()))
-        self.state = {name: np.zeros(self.layout.size, dtype=np.float32) for name in state_names}
+        self.state: dict[str, np.ndarray] = {}
+        self.hold_buffers(state_names)
         self.tensor_steps = np.zeros(len(self.layout.slots), dtype=np.int64)
         # Upper bounds on the magnitudes of every buffer's values (see optserve.service.finite); None: unknown
         self.bounds: finite_math.Bounds | None = finite_math.exact(self.params, self.state)
@@ -586,7 +590,9 @@ class Session:
             self._next_bounds = after
             return True
         self._next_bounds = None
-        return finite_math.dry_run(self.optimizer, self.params, grads, self.state, runs, grad_scale)
+        return finite_math.dry_run(
+            self.optimizer, self.params, grads, self.state, runs, grad_scale, self.layout, self.state_layouts
+        )
 
     def _apply(
         self,
@@ -598,7 +604,10 @@ class Session:
     ) -> None:
         """Step every run of present tensors sharing a group and step number: one fused call each."""
         for start, stop, t, hp in runs:
-            fused.step_range(self.optimizer, self.params, grads, self.state, start, stop, t, hp, grad_scale)
+            fused.step_run(
+                self.optimizer, self.params, grads, self.state, self.layout, self.state_layouts, start, stop, t, hp,
+                grad_scale,
+            )  # fmt: skip
         if present is None:
             self.tensor_steps += 1
         else:
@@ -672,7 +681,7 @@ class Session:
             planned.append((group, hp))
         missing = self._missing_buffers(hp for _, hp in planned)
         if missing and self.budget is not None:
-            self.budget(len(missing) * self.params.nbytes)
+            self.budget(sum(4 * self.state_layouts[name].size for name in missing))
         return planned, new_base
 
     def _missing_buffers(self, hyperparams: Iterable[Hyperparams]) -> list[str]:
@@ -684,9 +693,15 @@ class Session:
         """Allocate zeroed state buffers for ``names`` not held yet (torch's lazily created state starts at zero;
         SGD's momentum buffer starts from the gradient, see ``momentum_started``). Buffers are never dropped: one
         switched off keeps its values and switching it on again resumes from them, as torch's state does."""
-        new = {name: np.zeros(self.layout.size, np.float32) for name in names if name not in self.state}
+        new = {name: self._fresh(name) for name in names if name not in self.state}
         if new:  # a new dict: readers without the lock (the store's budget sums nbytes) never see one change size
             self.state = {**self.state, **new}
+
+    def _fresh(self, name: str) -> np.ndarray:
+        """A new state buffer at its algorithm's initial value (zeros by default: calloc'ed, so its pages become
+        resident only when first written, as the moments of a session that has not stepped yet)."""
+        size, value = self.state_layouts[name].size, self.algorithm.initial.get(name, 0.0)
+        return np.zeros(size, np.float32) if value == 0 else np.full(size, value, np.float32)
 
     def _assign(self, planned: list[tuple[ParamGroup, Hyperparams]], new_base: Hyperparams | None) -> None:
         self.hold_buffers(self._missing_buffers(hp for _, hp in planned))
@@ -757,6 +772,8 @@ class Session:
             },
             "num_params": self.layout.size,
             "state": sorted(self.state),
+            "state_bytes": sum(b.nbytes for b in self.state.values()),
+            "elementwise": self.algorithm.elementwise,
             "counters": self.counters.as_dict(),
             "created_at": self.created_at,
             "updated_at": self.updated_at,

@@ -8,11 +8,12 @@ the whole session's tensors its range covers, 1-D, under the same names, so a sh
 other: its groups are the whole session's (see ``build_groups``), its checkpoint and snapshot are ordinary files, and
 its state per tensor (step numbers, SGD's momentum flags) is that of the tensors it holds pieces of.
 
-Every update rule is elementwise, so stepping each range with the whole gradient's norm (clipping) and the same
-step numbers and hyperparameters gives bit for bit the parameters the unsharded session would have. This module is
-the arithmetic of it: the ranges, each shard's pieces of a flat buffer, and a whole session to and from its shards
-(checkpoints are always of the whole session).
-"""
+Only an elementwise algorithm (its registry entry says so: not NAdam, whose ``mu_product`` is per tensor, nor
+Adafactor, whose state is factored and whose step reads whole tensors) can be sharded; the others are refused (and
+``OPTSERVE_SHARD_BYTES`` leaves their sessions whole). An elementwise update rule stepping each range with the whole
+gradient's norm (clipping) and the same step numbers and hyperparameters gives bit for bit the parameters the
+unsharded session would have. This module is the arithmetic of it: the ranges, each shard's pieces of a flat buffer,
+and a whole session to and from its shards (checkpoints are always of the whole session)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from optserve.client.checkpoint import covers
 
+from .algorithms import get
 from .errors import InvalidInput
 from .layout import FlatLayout
 from .session import Counters, Session, SessionConfig, ShardOf, build_groups
@@ -75,12 +77,22 @@ def shard_config(config: SessionConfig, layout: FlatLayout, index: int, count: i
     return config.model_copy(update={"shards": count, "shard": shard})
 
 
+def check_shardable(config: SessionConfig) -> None:
+    """Refuse to shard what cannot be: accumulation, and an algorithm that is not elementwise."""
+    if not get(config.optimizer).elementwise:
+        raise InvalidInput(
+            f"{config.optimizer} cannot be sharded (shards > 1): its state is not one float per parameter or its step "
+            "reads whole tensors; create the session with shards 1"
+        )
+    if config.accumulate > 1:
+        raise InvalidInput("accumulate > 1 is not supported for a sharded session (shards > 1)")
+
+
 def split_params(
     session_id: str, config: SessionConfig, params: dict[str, np.ndarray], count: int
 ) -> list[tuple[str, SessionConfig, dict[str, np.ndarray]]]:
     """A new session's shards: (id, config, pieces) each. Validates what the unsharded session would."""
-    if config.accumulate > 1:
-        raise InvalidInput("accumulate > 1 is not supported for a sharded session (shards > 1)")
+    check_shardable(config)
     whole = Session(session_id, config.model_copy(update={"shards": count, "shard": None}), params)
     layout = whole.layout
     out = []
@@ -92,8 +104,7 @@ def split_params(
 
 def split(whole: Session, count: int) -> list[Session]:
     """A whole session (a restored checkpoint) as ``count`` shard sessions with its state."""
-    if whole.config.accumulate > 1:
-        raise InvalidInput("accumulate > 1 is not supported for a sharded session (shards > 1)")
+    check_shardable(whole.config)
     layout = whole.layout
     config = whole.current_config()
     out = []

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 import uuid
@@ -51,7 +52,7 @@ from .errors import (
     StorageUnavailable,
     TooManySessions,
 )
-from .hyperparams import HyperparamError, make_hyperparams
+from .hyperparams import HyperparamError, make_hyperparams, optimizer_kind
 from .layout import FlatLayout
 from .persistence import Saver, Snapshots, Summary, checkpoint_summary
 from .session import (
@@ -176,9 +177,10 @@ class SessionStore(Protocol):
     ) -> tuple[dict[str, Any], bool]: ...
 
 
-def state_buffers(config: SessionConfig) -> int:
-    """How many float-per-parameter buffers a config keeps beyond the parameters (for the memory budget, before
-    anything is allocated)."""
+def state_floats(config: SessionConfig, shapes: list[tuple[int, ...]]) -> int:
+    """How many floats a config keeps beyond the parameters of ``shapes`` (for the memory budget, before anything
+    is allocated): each state buffer in its algorithm's shapes (one float per parameter for elementwise state,
+    rows plus columns for Adafactor's factors), and the sum of contributions when accumulating."""
     try:
         base = make_hyperparams(config.optimizer, config.hyperparams)
         names = set(base.state_names())
@@ -186,7 +188,8 @@ def state_buffers(config: SessionConfig) -> int:
             names |= set(make_hyperparams(config.optimizer, dict(group.model_extra or {}), base=base).state_names())
     except HyperparamError as e:
         raise InvalidInput(str(e)) from None
-    return len(names) + (1 if config.accumulate > 1 else 0)
+    sizes = optimizer_kind(config.optimizer).state_sizes(sorted(names), shapes)
+    return sum(sizes.values()) + (sum(math.prod(s) for s in shapes) if config.accumulate > 1 else 0)
 
 
 class MemoryStore:
@@ -372,7 +375,7 @@ class MemoryStore:
         held = sum(s.nbytes for sid, s in list(self._sessions.items()) if sid != replacing)
         return held + sum(n for sid, n in list(self._reserved.items()) if sid != replacing)
 
-    def admit(self, n_tensors: int, n_params: int, state_buffers: int, replacing: str | None = None) -> None:
+    def admit(self, n_tensors: int, n_params: int, state_floats: int, replacing: str | None = None) -> None:
         """Refuse a session that would break a limit, before any of its memory is allocated."""
         limits = self.limits
         if n_tensors > limits.max_tensors_per_session:
@@ -387,7 +390,7 @@ class MemoryStore:
             )
         with self._lock:
             self._check_count(replacing)
-            self._check_budget(4 * n_params * (1 + state_buffers), replacing)
+            self._check_budget(4 * (n_params + state_floats), replacing)
 
     def _check_count(self, replacing: str | None) -> None:
         count = self._count(replacing)
@@ -535,7 +538,8 @@ class MemoryStore:
     async def create(
         self, session_id: str, config: SessionConfig, params: Mapping[str, np.ndarray], token_digest: str | None
     ) -> dict[str, Any]:
-        self.admit(len(params), sum(int(a.size) for a in params.values()), state_buffers(config))
+        shapes = [tuple(a.shape) for a in params.values()]
+        self.admit(len(params), sum(int(a.size) for a in params.values()), state_floats(config, shapes))
         session = await to_thread.run_sync(Session, session_id, config, params)
         session.token_digest = token_digest
         info = session.info()  # before the store changes: an answer that cannot be built leaves nothing behind
@@ -762,7 +766,9 @@ class MemoryStore:
         session = await to_thread.run_sync(checkpoint.load, body, session_id)
         if session.config.shard is not None and "#" not in session_id:  # ids with '#' are the Ray store's own
             raise InvalidInput("this checkpoint is of one shard of a session, not of a whole session")
-        self.admit(len(session.layout.slots), session.layout.size, len(session.state), replacing=session_id)
+        self.admit(
+            len(session.layout.slots), session.layout.size, session.nbytes // 4 - session.layout.size, session_id
+        )
         info = session.info()  # before the store changes
         with self._lock:
             if session_id in self._reserved or session_id in self._deleting:

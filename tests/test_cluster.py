@@ -159,6 +159,8 @@ SHARDED_CONFIGS = {
                      "warmup_steps": 10}},
     "rmsprop-centered": {"optimizer": "rmsprop", "hyperparams": {"lr": 1e-3, "centered": True, "momentum": 0.5},
                          "max_grad_norm": 2.0},
+    "radam-decoupled": {"optimizer": "radam", "hyperparams": {"lr": 1e-2, "weight_decay": 0.1,
+                        "decoupled_weight_decay": True}, "max_grad_norm": 1.0},
 }  # fmt: skip
 
 
@@ -204,6 +206,7 @@ def test_a_sharded_session_steps_bit_for_bit_like_the_unsharded_one(
             np.testing.assert_array_equal(a.params[k].view(np.uint32), b.params[k].view(np.uint32), err_msg=f"{k} {t}")
     ia, ib = client.session(one), client.session(sid)
     assert ia["step"] == ib["step"] == 50 and ia["counters"] == ib["counters"]
+    assert ia["state_bytes"] == ib["state_bytes"] > 0
     assert ia["last_grad_norm"] == ib["last_grad_norm"]
     whole_a = checkpoint.decode(client.checkpoint(one))
     whole_b = checkpoint.decode(client.checkpoint(sid))
@@ -214,6 +217,22 @@ def test_a_sharded_session_steps_bit_for_bit_like_the_unsharded_one(
     client.delete_session(one)
     client.delete_session(sid)
     assert shard_nodes(front.url, sid) == {}
+
+
+@pytest.mark.parametrize("optimizer", ["nadam", "adafactor"])
+def test_an_algorithm_that_is_not_elementwise_is_refused_shards_and_kept_whole_by_shard_bytes(
+    optimizer: str, cluster: RayCluster, tmp_path: Path, launch: Callable[..., Server]
+) -> None:
+    env = {**front_env(cluster, f"whole-{uuid.uuid4().hex[:6]}"), "OPTSERVE_SHARD_BYTES": "1000"}
+    front = launch(tmp_path / "data", env)
+    client = Client(front.url, timeout=60)
+    p = sharded_params()
+    with pytest.raises(ValueError, match=f"{optimizer} cannot be sharded"):
+        client.create_session(p, optimizer, shards=2)
+    sid = client.create_session(p, optimizer)["id"]  # beyond OPTSERVE_SHARD_BYTES, yet whole
+    assert "shards" not in client.session(sid) and shard_nodes(front.url, sid) == {}
+    assert client.step(sid, {k: np.ones_like(v) for k, v in p.items()}).step == 1
+    client.delete_session(sid)
 
 
 def test_a_sharded_checkpoint_moves_to_a_single_server_and_back_and_a_refused_step_changes_no_shard(

@@ -37,7 +37,16 @@ def build_wheel(tmp_path: Path) -> Path:
 def test_wheel_installs_the_folders_as_optserve_packages(tmp_path: Path) -> None:
     wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("service/app.py", "service/fused.py", "service/reference.py", "client/wire.py", "client/http.py"):
+    for module in (
+        "service/app.py",
+        "service/fused.py",
+        "service/reference.py",
+        "client/wire.py",
+        "client/http.py",
+        "service/algorithms/__init__.py",
+        "service/algorithms/adam.py",
+        "service/algorithms/adafactor.py",
+    ):
         assert f"optserve/{module}" in names
     assert not any(n.startswith(("service/", "client/", "tests/")) for n in names), "bare top-level packages leaked"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

@@ -7,7 +7,15 @@ import copy
 import pytest
 import torch
 
-from optserve.client.torch import RemoteAdam, RemoteAdamW, RemoteRMSprop, RemoteSGD
+from optserve.client.torch import (
+    RemoteAdafactor,
+    RemoteAdam,
+    RemoteAdamW,
+    RemoteNAdam,
+    RemoteRAdam,
+    RemoteRMSprop,
+    RemoteSGD,
+)
 
 STEPS = 50
 CASES = [
@@ -16,6 +24,9 @@ CASES = [
     (RemoteAdamW, torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1}),
     (RemoteSGD, torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
     (RemoteRMSprop, torch.optim.RMSprop, {"lr": 0.005, "momentum": 0.5, "centered": True, "weight_decay": 0.01}),
+    (RemoteRAdam, torch.optim.RAdam, {"lr": 0.01, "weight_decay": 0.05, "decoupled_weight_decay": True}),
+    (RemoteNAdam, torch.optim.NAdam, {"lr": 0.01, "weight_decay": 0.05, "momentum_decay": 0.01}),
+    (RemoteAdafactor, torch.optim.Adafactor, {"lr": 0.02, "weight_decay": 0.01}),
 ]
 
 

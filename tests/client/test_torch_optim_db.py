@@ -1,6 +1,7 @@
 """The torch drop-ins against torch's own optimizer test database (``torch.testing._internal.common_optimizers``).
 
-For Adam, AdamW, SGD and RMSprop, every configuration ``optim_inputs_func(device="cpu")`` gives, each also with the
+For every Remote twin (Adam, AdamW, SGD, RMSprop, RAdam, NAdam, Adafactor), every configuration
+``optim_inputs_func(device="cpu")`` gives, each also with the
 implementation flags torch's tests add (``fused``, ``differentiable``: see
 ``_get_optim_inputs_including_global_cliquey_kwargs``) and with ``foreach=True``, trains a small model 20 steps
 with torch and with the Remote twin, with plain, grouped and named parameters: the parameters must agree (rtol
@@ -32,7 +33,15 @@ from torch.testing._internal.common_optimizers import (  # needs expecttest (the
 )
 
 from optserve.client import Client
-from optserve.client.torch import RemoteAdam, RemoteAdamW, RemoteRMSprop, RemoteSGD
+from optserve.client.torch import (
+    RemoteAdafactor,
+    RemoteAdam,
+    RemoteAdamW,
+    RemoteNAdam,
+    RemoteRAdam,
+    RemoteRMSprop,
+    RemoteSGD,
+)
 
 STEPS = 20
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -41,6 +50,9 @@ TWINS: dict[type, type] = {
     torch.optim.AdamW: RemoteAdamW,
     torch.optim.SGD: RemoteSGD,
     torch.optim.RMSprop: RemoteRMSprop,
+    torch.optim.RAdam: RemoteRAdam,
+    torch.optim.NAdam: RemoteNAdam,
+    torch.optim.Adafactor: RemoteAdafactor,
 }
 INFOS = [info for info in optim_db if info.optim_cls in TWINS]
 MODES = ("plain", "grouped", "named")

@@ -15,7 +15,15 @@ import torch
 
 from optserve.client import Client
 from optserve.client.errors import InvalidInput, NotFound
-from optserve.client.torch import RemoteAdam, RemoteAdamW, RemoteRMSprop, RemoteSGD
+from optserve.client.torch import (
+    RemoteAdafactor,
+    RemoteAdam,
+    RemoteAdamW,
+    RemoteNAdam,
+    RemoteRAdam,
+    RemoteRMSprop,
+    RemoteSGD,
+)
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 
@@ -142,8 +150,11 @@ def test_an_adamw_state_dict_makes_remote_adam_step_as_adamw_and_a_hand_change_i
         (RemoteAdamW, torch.optim.AdamW, {"lr": 0.01, "fused": True}),
         (RemoteSGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
         (RemoteRMSprop, torch.optim.RMSprop, {"lr": 0.01, "centered": True, "momentum": 0.5}),
+        (RemoteRAdam, torch.optim.RAdam, {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1}),
+        (RemoteNAdam, torch.optim.NAdam, {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1}),
+        (RemoteAdafactor, torch.optim.Adafactor, {"lr": 0.01, "eps": (None, 1e-2), "d": 2.0}),
     ],
-    ids=["adam-amsgrad", "adam-decoupled", "adamw-fused", "sgd", "rmsprop"],
+    ids=["adam-amsgrad", "adam-decoupled", "adamw-fused", "sgd", "rmsprop", "radam", "nadam", "adafactor"],
 )
 def test_every_param_group_key_round_trips_both_ways(url, remote_cls, torch_cls, hp):
     local, remote = make_model(), make_model()
@@ -197,6 +208,9 @@ def test_sgd_state_dict_holds_momentum_buffers_only_where_torch_does(url):
         (RemoteSGD, torch.optim.SGD, {"capturable": True}),
         (RemoteAdamW, torch.optim.AdamW, {"decoupled_weight_decay": False}),
         (RemoteRMSprop, torch.optim.RMSprop, {"fused": True}),
+        (RemoteAdafactor, torch.optim.Adafactor, {"betas": (0.9, 0.999)}),
+        (RemoteNAdam, torch.optim.NAdam, {"eps_root": 1e-8}),
+        (RemoteRAdam, torch.optim.RAdam, {"fused": True}),
     ],
 )
 def test_unknown_keyword_arguments_are_a_type_error_as_in_torch(url, remote_cls, torch_cls, kwargs):
@@ -204,6 +218,19 @@ def test_unknown_keyword_arguments_are_a_type_error_as_in_torch(url, remote_cls,
         torch_cls(make_model().parameters(), **kwargs)
     with pytest.raises(TypeError, match=re.escape(str(expected.value).replace(torch_cls.__name__, ""))):
         remote_cls(make_model().parameters(), url=url, **kwargs)
+
+
+def test_adafactor_refuses_complex_parameters_at_the_step_as_torch_does(url):
+    def steps(cls, **extra):
+        w = torch.randn(3, 4, dtype=torch.complex64, requires_grad=True)
+        opt = cls([w], **extra)  # accepted, as by torch
+        (w.abs() ** 2).sum().backward()
+        opt.step()
+
+    with pytest.raises(RuntimeError) as expected:
+        steps(torch.optim.Adafactor)
+    with pytest.raises(RuntimeError, match=re.escape(str(expected.value))):
+        steps(RemoteAdafactor, url=url)
 
 
 @pytest.mark.parametrize(
@@ -218,6 +245,11 @@ def test_unknown_keyword_arguments_are_a_type_error_as_in_torch(url, remote_cls,
         (RemoteSGD, torch.optim.SGD, {"nesterov": True}),
         (RemoteSGD, torch.optim.SGD, {"weight_decay": -1.0}),
         (RemoteRMSprop, torch.optim.RMSprop, {"alpha": -0.5}),
+        (RemoteRAdam, torch.optim.RAdam, {"betas": (0.9, 1.0)}),
+        (RemoteNAdam, torch.optim.NAdam, {"momentum_decay": -1e-3}),
+        (RemoteAdafactor, torch.optim.Adafactor, {"beta2_decay": 0.5}),
+        (RemoteAdafactor, torch.optim.Adafactor, {"d": 0.5}),
+        (RemoteAdafactor, torch.optim.Adafactor, {"eps": (-1.0, 1e-3)}),
     ],
 )
 def test_invalid_arguments_raise_torchs_exception_before_the_server_is_asked(remote_cls, torch_cls, kwargs):
@@ -259,8 +291,10 @@ def test_differentiable_is_refused_and_the_implementation_flags_are_accepted(url
         (RemoteAdamW, torch.optim.AdamW, {"lr": 0.01}),
         (RemoteSGD, torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.1}),
         (RemoteRMSprop, torch.optim.RMSprop, {"lr": 0.01, "centered": True, "momentum": 0.5, "maximize": True}),
+        (RemoteRAdam, torch.optim.RAdam, {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+        (RemoteNAdam, torch.optim.NAdam, {"lr": 0.01, "weight_decay": 0.1, "maximize": True}),
     ],
-    ids=["adam", "adamw", "sgd", "rmsprop"],
+    ids=["adam", "adamw", "sgd", "rmsprop", "radam", "nadam"],
 )
 def test_complex_parameters_train_like_torch(url, remote_cls, torch_cls, hp):
     g = torch.Generator().manual_seed(3)

@@ -52,8 +52,25 @@ def grads(scale: float, seed: int) -> dict[str, np.ndarray]:
         ("adam", {"eps": 0.0, "amsgrad": True}, 0, 0.0),
         # gradients whose squares underflow float32 (a norm of 0) divided by a denormal eps, times a huge lr
         ("adam", {"lr": 1e30, "eps": 1e-45}, 0, 1e-30),
+        ("radam", {"lr": 1e30}, 1, 1e10),  # before rectification: p - lr * m / (1 - b1^t) overflows
+        ("radam", {"lr": 1e20, "weight_decay": 1e20, "decoupled_weight_decay": True}, 0, 1.0),  # the decay
+        ("nadam", {"eps": 0.0}, 0, 0.0),
+        ("nadam", {}, 1, 1e22),  # exp_avg_sq overflows
+        ("adafactor", {"lr": 1e20, "weight_decay": 1e20}, 0, 1.0),  # the decay 1 - lr * wd is beyond float32
     ],
-    ids=["huge-gradient", "eps0-zero-gradient", "sgd-lr1e30", "rmsprop-alpha5", "amsgrad-eps0", "underflowing-norm"],
+    ids=[
+        "huge-gradient",
+        "eps0-zero-gradient",
+        "sgd-lr1e30",
+        "rmsprop-alpha5",
+        "amsgrad-eps0",
+        "underflowing-norm",
+        "radam-lr1e30",
+        "radam-decay",
+        "nadam-eps0",
+        "nadam-huge-gradient",
+        "adafactor-decay",
+    ],  # fmt: skip
 )
 def test_a_step_that_would_make_the_state_non_finite_is_refused_and_changes_nothing(
     optimizer: str, hyperparams: dict, warm_up: int, gradient_scale: float
@@ -103,7 +120,8 @@ def test_ordinary_training_is_proven_from_the_bounds_without_a_dry_run(monkeypat
         calls["exact"] += 1
         return real_exact(*args, **kwargs)
 
-    configs = [("adamw", {"lr": 1e-3}), ("sgd", {"lr": 0.1, "momentum": 0.9}), ("rmsprop", {})]
+    configs = [("adamw", {"lr": 1e-3}), ("sgd", {"lr": 0.1, "momentum": 0.9}), ("rmsprop", {}), ("radam", {}),
+               ("nadam", {"decoupled_weight_decay": True, "weight_decay": 0.1})]  # fmt: skip
     sessions = [session(optimizer, hp) for optimizer, hp in configs]  # their bounds are exact at creation
     monkeypatch.setattr(finite, "dry_run", dry)
     monkeypatch.setattr(finite, "exact", exact)
@@ -115,7 +133,8 @@ def test_ordinary_training_is_proven_from_the_bounds_without_a_dry_run(monkeypat
 
 def test_centered_rmsprop_and_eps0_are_checked_by_a_dry_run_and_match_the_unguarded_step() -> None:
     """No bound exists for them: the dry run steps copies; the real step is then the same kernel's."""
-    for optimizer, hp in [("rmsprop", {"centered": True, "momentum": 0.5}), ("adamw", {"eps": 0.0})]:
+    cases = [("rmsprop", {"centered": True, "momentum": 0.5}), ("adamw", {"eps": 0.0}), ("adafactor", {})]
+    for optimizer, hp in cases:
         s = session(optimizer, hp)
         twin = session(optimizer, hp)
         for t in range(20):
@@ -132,9 +151,20 @@ magnitudes = st.sampled_from([0.0, 1e-45, 1e-30, 1e-8, 1e-3, 1.0, 1e3, 1e10, 1e1
 
 @st.composite
 def configs(draw: st.DrawFn) -> tuple[str, dict]:
-    optimizer = draw(st.sampled_from(["adam", "adamw", "sgd", "rmsprop"]))
+    optimizer = draw(st.sampled_from(["adam", "adamw", "sgd", "rmsprop", "radam", "nadam", "adafactor"]))
     hp: dict = {"lr": draw(magnitudes), "weight_decay": draw(st.sampled_from([0.0, 0.01, 1.0, 1e10, 1e30]))}
-    if optimizer in ("adam", "adamw"):
+    if optimizer in ("radam", "nadam"):
+        hp |= {"eps": draw(magnitudes), "decoupled_weight_decay": draw(st.booleans())}
+        hp["betas"] = draw(st.sampled_from([[0.9, 0.999], [0.0, 0.0], [0.999999, 0.5]]))
+        if optimizer == "nadam":
+            hp["momentum_decay"] = draw(st.sampled_from([0.0, 4e-3, 1e3]))
+    elif optimizer == "adafactor":
+        hp |= {
+            "eps": [draw(st.sampled_from([None, 0.0, 1e-30])), draw(magnitudes)],
+            "d": draw(st.sampled_from([1.0, 1e30])),
+        }
+        hp["beta2_decay"] = draw(st.sampled_from([-0.8, 0.0, -30.0]))
+    elif optimizer in ("adam", "adamw"):
         hp |= {"eps": draw(magnitudes), "amsgrad": draw(st.booleans()), "eps_root": draw(st.sampled_from([0.0, 1e-8]))}
         hp["betas"] = draw(st.sampled_from([[0.9, 0.999], [0.0, 0.0], [0.999999, 0.5]]))
     elif optimizer == "sgd":

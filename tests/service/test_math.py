@@ -4,8 +4,12 @@ Three implementations of every configuration are run on the same random problem 
 parameter groups with different ``lr`` and ``weight_decay``, gradients depending on the parameters):
 
 - ``torch.optim`` (the specification),
-- :mod:`optserve.service.reference` (one tensor at a time),
-- :mod:`optserve.service.fused` (one flat float32 buffer per state, one ``step_range`` call per group).
+- each algorithm's reference form (one tensor at a time),
+- its fast forms through :mod:`optserve.service.fused` (one flat float32 buffer per state laid out by the
+  algorithm's state shapes, one ``step_run`` call per group), on both backends.
+
+Every algorithm of the registry (:mod:`optserve.service.algorithms`) must have configurations here: the lists below
+are checked against it, so a new algorithm cannot go untested.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import pytest
 import torch
 
 from optserve.service import fused, kernels, reference
+from optserve.service.algorithms import ALGORITHMS
 from optserve.service.hyperparams import HyperparamError, make_hyperparams
+from optserve.service.layout import FlatLayout
 
 
 @pytest.fixture(autouse=True, params=["numba", "numpy"])
@@ -34,10 +40,21 @@ TORCH_CLASSES = {
     "adamw": torch.optim.AdamW,
     "sgd": torch.optim.SGD,
     "rmsprop": torch.optim.RMSprop,
+    "radam": torch.optim.RAdam,
+    "nadam": torch.optim.NAdam,
+    "adafactor": torch.optim.Adafactor,
 }
 
 # Learning rates of group 0 and group 1, per optimizer.
-GROUP_LRS = {"adam": (1e-2, 3e-3), "adamw": (1e-2, 3e-3), "sgd": (5e-2, 2e-2), "rmsprop": (1e-2, 3e-3)}
+GROUP_LRS = {
+    "adam": (1e-2, 3e-3),
+    "adamw": (1e-2, 3e-3),
+    "sgd": (5e-2, 2e-2),
+    "rmsprop": (1e-2, 3e-3),
+    "radam": (1e-2, 3e-3),
+    "nadam": (1e-2, 3e-3),
+    "adafactor": (1e-2, 3e-3),
+}
 
 # (optimizer, values shared by both groups). When weight_decay is given, group 1 uses three times that value.
 CONFIGS = [
@@ -59,12 +76,34 @@ CONFIGS = [
         id="rmsprop-centered-momentum-l2",
     ),
     pytest.param("rmsprop", {"maximize": True}, id="rmsprop-maximize"),
+    pytest.param("radam", {}, id="radam"),
+    pytest.param("radam", {"weight_decay": 0.05, "betas": [0.8, 0.95]}, id="radam-l2"),
+    pytest.param("radam", {"weight_decay": 0.05, "decoupled_weight_decay": True}, id="radam-decoupled"),
+    pytest.param("radam", {"maximize": True, "betas": [0.9, 0.9]}, id="radam-maximize-rectified-early"),
+    pytest.param("nadam", {}, id="nadam"),
+    pytest.param("nadam", {"weight_decay": 0.05, "momentum_decay": 0.01}, id="nadam-l2-momentum_decay"),
+    pytest.param("nadam", {"weight_decay": 0.05, "decoupled_weight_decay": True}, id="nadam-decoupled"),
+    pytest.param("nadam", {"maximize": True, "betas": [0.8, 0.99]}, id="nadam-maximize"),
+    pytest.param("adafactor", {}, id="adafactor"),
+    pytest.param("adafactor", {"weight_decay": 0.05, "d": 2.0}, id="adafactor-decay-d"),
+    pytest.param("adafactor", {"beta2_decay": -0.5, "eps": [1e-20, 1e-2]}, id="adafactor-beta2_decay-eps"),
+    pytest.param("adafactor", {"maximize": True}, id="adafactor-maximize"),
 ]
 
 EPS_ROOT_CONFIGS = [
     pytest.param("adam", {"eps_root": 1e-3}, id="adam-eps_root"),
     pytest.param("adamw", {"eps_root": 1e-3, "weight_decay": 0.05, "amsgrad": True}, id="adamw-amsgrad-eps_root"),
 ]
+
+
+def test_every_registered_algorithm_is_tested():
+    """The parity, bit-for-bit, read-only and defaults tests below are generated from these lists: each algorithm
+    of the registry must be in all of them (a new one fails here until it has its configurations)."""
+    assert set(TORCH_CLASSES) == set(ALGORITHMS)
+    assert set(GROUP_LRS) == set(ALGORITHMS)
+    assert {p.values[0] for p in CONFIGS} == set(ALGORITHMS)
+    assert {optimizer for optimizer, _ in READ_ONLY_CONFIGS} >= set(ALGORITHMS) - {"adamw"}
+
 
 SMALL_SHAPES = [(7, 5), (13,), (3, 4, 2), ()]
 SMALL_GROUPS = [[0, 1], [2, 3]]  # tensor indices of each parameter group, in flat-buffer order
@@ -99,10 +138,17 @@ def tensor_hps(optimizer, groups, gvalues):
     return {i: hps[gi] for gi, grp in enumerate(groups) for i in grp}
 
 
+def initial_state(optimizer: str, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    algorithm = ALGORITHMS[optimizer]
+    return np.full(algorithm.state_shape(name, shape), algorithm.initial.get(name, 0.0), np.float32)
+
+
 def run_reference(optimizer, groups, gvalues, params, noise):
     hp_of = tensor_hps(optimizer, groups, gvalues)
     ps = [p.copy() for p in params]
-    states = [{name: np.zeros_like(p) for name in hp_of[i].state_names()} for i, p in enumerate(ps)]
+    states = [
+        {name: initial_state(optimizer, name, p.shape) for name in hp_of[i].state_names()} for i, p in enumerate(ps)
+    ]
     for t, step_noise in enumerate(noise, start=1):
         for i in range(len(ps)):
             g = gradient(ps[i], step_noise[i], hp_of[i].maximize)
@@ -113,37 +159,37 @@ def run_reference(optimizer, groups, gvalues, params, noise):
 
 
 def run_fused(optimizer, groups, gvalues, params, noise):
-    """Lay the tensors out group by group in flat buffers; one read-only gradient and one step_range per group."""
+    """Lay the tensors out group by group in flat buffers (each state buffer in the algorithm's own shapes); one
+    read-only gradient and one step_run per group, as a session steps."""
+    algorithm = ALGORITHMS[optimizer]
     hps = [make_hyperparams(optimizer, v) for v in gvalues]
-    order = [i for grp in groups for i in grp]
-    offsets, ranges, pos = {}, [], 0
-    for grp in groups:
-        start = pos
-        for i in grp:
-            offsets[i] = pos
-            pos += params[i].size
-        ranges.append((start, pos))
-    flat_p = np.concatenate([params[i].ravel() for i in order]).astype(np.float32)
+    group_of = {i: gi for gi, grp in enumerate(groups) for i in grp}
+    layout = FlatLayout([(str(i), p.shape, group_of[i]) for i, p in enumerate(params)])
+    state_layouts = {name: layout.for_state(algorithm.state_shape, name) for name in algorithm.buffers}
+    flat_p = layout.flatten({str(i): p for i, p in enumerate(params)})
     names = sorted({name for hp in hps for name in hp.state_names()})
-    state = {name: np.zeros(pos, dtype=np.float32) for name in names}
-    maximize = np.zeros(pos, dtype=bool)
-    for hp, (start, stop) in zip(hps, ranges):
+    state = {
+        name: np.full(state_layouts[name].size, algorithm.initial.get(name, 0.0), dtype=np.float32) for name in names
+    }
+    maximize = np.zeros(layout.size, dtype=bool)
+    for gi, hp in enumerate(hps):
+        start, stop = layout.group_ranges[gi]
         maximize[start:stop] = hp.maximize
     for t, step_noise in enumerate(noise, start=1):
-        flat_noise = np.concatenate([step_noise[i].ravel() for i in order])
+        flat_noise = layout.flatten({str(i): n for i, n in enumerate(step_noise)})
         flat_g = np.where(maximize, gradient(flat_p, flat_noise, True), gradient(flat_p, flat_noise, False)).astype(
             np.float32
         )
         flat_g.setflags(write=False)
-        for hp, (start, stop) in zip(hps, ranges):
-            fused.step_range(optimizer, flat_p, flat_g, state, start, stop, t, hp)
+        for gi, hp in enumerate(hps):
+            start, stop = layout.group_ranges[gi]
+            fused.step_run(optimizer, flat_p, flat_g, state, layout, state_layouts, start, stop, t, hp)
 
-    def unflat(buf, i):
-        return buf[offsets[i] : offsets[i] + params[i].size].reshape(params[i].shape).copy()
-
-    ps = [unflat(flat_p, i) for i in range(len(params))]
+    views = layout.views(flat_p)
+    ps = [views[str(i)].copy() for i in range(len(params))]
     hp_of = tensor_hps(optimizer, groups, gvalues)
-    states = [{name: unflat(state[name], i) for name in hp_of[i].state_names()} for i in range(len(params))]
+    state_views = {name: state_layouts[name].views(buf) for name, buf in state.items()}
+    states = [{name: state_views[name][str(i)].copy() for name in hp_of[i].state_names()} for i in range(len(params))]
     return ps, states
 
 
@@ -172,6 +218,7 @@ def assert_close_to_torch(label, ours, theirs):
     for i, (p, tp) in enumerate(zip(ps, tps)):
         np.testing.assert_allclose(p, tp, rtol=1e-5, atol=1e-6, err_msg=f"{label}: param {i}")
     for i, (s, ts) in enumerate(zip(states, tstates)):
+        s = {k: v for k, v in s.items() if v.shape != (0,)}  # an entry this tensor keeps none of (Adafactor's)
         assert set(s) == set(ts), f"{label}: state names of tensor {i}: {sorted(s)} vs torch {sorted(ts)}"
         for name in s:
             np.testing.assert_allclose(s[name], ts[name], rtol=1e-5, atol=1e-6, err_msg=f"{label}: {name} of {i}")
@@ -264,6 +311,11 @@ READ_ONLY_CONFIGS = [
     ("sgd", {"momentum": 0.9, "nesterov": True}),
     ("rmsprop", {}),
     ("rmsprop", {"momentum": 0.9, "centered": True}),
+    ("radam", {}),
+    ("radam", {"decoupled_weight_decay": True, "betas": [0.9, 0.9]}),
+    ("nadam", {}),
+    ("nadam", {"decoupled_weight_decay": True, "momentum_decay": 0.01}),
+    ("adafactor", {}),
 ]
 
 
@@ -278,20 +330,25 @@ def test_fused_never_writes_the_gradient(optimizer, values, maximize_and_decay):
         values = {**values, "weight_decay": 0.0}
     hp = make_hyperparams(optimizer, values)
     n = fused.CHUNK + 7
+    shape = (7, n // 7) if not ALGORITHMS[optimizer].elementwise else (n,)  # a 2-D tensor for factored state
+    n = int(np.prod(shape))
     rng = np.random.default_rng(3)
     p = rng.standard_normal(n).astype(np.float32)
-    state = {name: np.zeros(n, dtype=np.float32) for name in hp.state_names()}
-    ref_p, ref_state = p.copy(), {k: v.copy() for k, v in state.items()}
+    layout = FlatLayout([("w", shape, 0)])
+    layouts = {name: layout.for_state(ALGORITHMS[optimizer].state_shape, name) for name in hp.state_names()}
+    state = {name: initial_state(optimizer, name, shape).reshape(-1) for name in hp.state_names()}
+    ref_p = p.reshape(shape).copy()
+    ref_state = {k: v.reshape(layouts[k].slots[0].shape).copy() for k, v in state.items()}
     for t in (1, 2, 3):
         g = rng.standard_normal(n).astype(np.float32)
         g_copy = g.copy()
         g.setflags(write=False)
-        fused.step_range(optimizer, p, g, state, 0, n, t, hp)  # raises if it writes into g
+        fused.step_run(optimizer, p, g, state, layout, layouts, 0, n, t, hp)  # raises if it writes into g
         assert np.array_equal(g, g_copy)
-        ref_p, ref_state = reference.step(optimizer, ref_p, g_copy, ref_state, t, hp)
-    assert np.array_equal(p, ref_p)
+        ref_p, ref_state = reference.step(optimizer, ref_p, g_copy.reshape(shape), ref_state, t, hp)
+    assert np.array_equal(p, ref_p.reshape(-1))
     for name in state:
-        assert np.array_equal(state[name], ref_state[name])
+        assert np.array_equal(state[name], np.asarray(ref_state[name]).reshape(-1))
 
 
 # 4. defaults ---------------------------------------------------------------------------------------------------
@@ -308,7 +365,13 @@ DEFAULT_KEYS = {
     "nesterov",
     "alpha",
     "centered",
+    "decoupled_weight_decay",
+    "momentum_decay",
+    "beta2_decay",
+    "d",
 }
+# torch's Adam spells decoupled weight decay with a flag; here it is the optimizer's name (adam or adamw)
+NAMED_BY_OPTIMIZER = {"adam": {"decoupled_weight_decay"}, "adamw": {"decoupled_weight_decay"}}
 
 
 @pytest.mark.parametrize("optimizer", sorted(TORCH_CLASSES))
@@ -316,7 +379,7 @@ def test_defaults_equal_torch(optimizer):
     torch_defaults = TORCH_CLASSES[optimizer]([torch.nn.Parameter(torch.zeros(1))]).defaults
     ours = dataclasses.asdict(make_hyperparams(optimizer))
     # Every hyperparameter we serve exists in torch (except eps_root, ours) and vice versa, among DEFAULT_KEYS.
-    assert set(ours) - {"eps_root"} == set(torch_defaults) & DEFAULT_KEYS
+    assert set(ours) - {"eps_root"} == set(torch_defaults) & DEFAULT_KEYS - NAMED_BY_OPTIMIZER.get(optimizer, set())
     for key in set(ours) - {"eps_root"}:
         theirs = torch_defaults[key]
         if key == "betas":
@@ -363,6 +426,16 @@ INVALID = [
     ("sgd", {"nesterov": True}, r"Nesterov momentum requires a momentum > 0"),
     ("sgd", {"nesterov": True, "momentum": 0.0}, r"Nesterov momentum requires a momentum > 0"),
     ("sgd", {"nesterov": True, "momentum": 0.9, "dampening": 0.1}, r"zero dampening"),
+    ("radam", {"betas": [0.9, 1.0]}, r"betas\[1\].*\[0, 1\)"),
+    ("radam", {"decoupled_weight_decay": 1}, r"decoupled_weight_decay must be true or false"),
+    ("nadam", {"momentum_decay": -0.1}, r"momentum_decay.*>= 0"),
+    ("nadam", {"eps_root": 0.0}, r"unknown hyperparameter.*eps_root"),
+    ("adafactor", {"beta2_decay": 0.5}, r"beta2_decay.*<= 0"),
+    ("adafactor", {"d": 0.5}, r"clipping threshold \(d\).*>= 1"),
+    ("adafactor", {"eps": [-1e-3, 1e-3]}, r"epsilon1"),
+    ("adafactor", {"eps": [None, None]}, r"eps must be a number"),
+    ("adafactor", {"eps": [1e-30]}, r"eps must be a pair"),
+    ("adafactor", {"betas": [0.9, 0.99]}, r"unknown hyperparameter.*betas"),
 ]
 
 
@@ -404,6 +477,12 @@ def test_base_inheritance():
     assert make_hyperparams("sgd", {"lr": 0.3}, base=sgd_base).nesterov is True
 
 
+def test_adafactor_eps1_may_be_null_and_is_echoed_as_given():
+    hp = make_hyperparams("adafactor", {"eps": [None, 1e-2]})
+    assert hp.eps == (None, 1e-2)
+    assert make_hyperparams("adafactor", {"eps": [1e-30, 1e-3]}).eps == (1e-30, 1e-3)
+
+
 def test_betas_list_becomes_tuple():
     assert make_hyperparams("adam", {"betas": [0.5, 0.6]}).betas == (0.5, 0.6)
     assert make_hyperparams("adam", {"lr": 1}).lr == 1.0 and isinstance(make_hyperparams("adam", {"lr": 1}).lr, float)
@@ -416,6 +495,8 @@ def test_kernel_split_over_threads_gives_the_same_bits(backend, optimizer, value
     bit for bit what one thread computes, including at the boundaries between parts."""
     if backend != "numba":
         pytest.skip("the split is the numba backend's")
+    if not ALGORITHMS[optimizer].elementwise:
+        pytest.skip("only an elementwise algorithm's range is split (the others step tensor by tensor)")
     hp = make_hyperparams(optimizer, values)
     n = kernels.PARALLEL_MIN + 4099
     rng = np.random.default_rng(7)
