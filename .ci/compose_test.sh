@@ -16,13 +16,17 @@
 #      packages (debootstrap minbase + python3, python3-venv, ca-certificates, the host's extra CA certificates,
 #      a venv at /usr/local so python/pip resolve as in the official image), cached under $OPTSERVE_CI_CACHE and
 #      imported under the FROM name, so neither the Dockerfile nor docker-compose.yml is edited for the test.
-#   4. the suites (functions suite_NAME, chosen by OPTSERVE_CI_SUITES, default "single"): `up -d --build --wait`
-#      with a generated .env (a user's own .env is moved aside and put back), then checks against the container.
+#   4. the suites (functions suite_NAME, chosen by OPTSERVE_CI_SUITES, default "single ray"): `up -d --build --wait`
+#      with a generated .env (a user's own .env is moved aside and put back), then checks against the containers.
+#      single: docker-compose.yml as the README deploys it. ray: docker-compose.ray.yml, a Ray head, a Ray worker
+#      and two fronts (image optserve:ray): every container a Ray node on its own address, a session created
+#      through one front stepped through the other (If-Match, replay, 412), then the worker stopped and its
+#      sessions answering again through both fronts at their last answered step (the time it took is printed).
 #   5. cleanup: down -v --rmi all (on an engine of the user's too: an optserve:latest there is rebuilt and removed),
 #      the stand-in removed, engine stopped, host restored (and checked), temporary folders deleted.
 #
-# Adding a suite (e.g. a Ray cluster compose file): write suite_ray() that sets COMPOSE_FILES, calls
-# compose_up and runs `check NAME function` for its own checks; then OPTSERVE_CI_SUITES="single ray".
+# Adding a suite: write suite_NAME() that sets COMPOSE_FILES (and MAIN_SERVICE), calls compose_up and runs
+# `check NAME function` for its own checks; then add NAME to the default of OPTSERVE_CI_SUITES.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -37,7 +41,7 @@ STANDIN_RECIPE=1                                              # bump when the st
 STANDIN_PACKAGES=python3,python3-venv,ca-certificates
 CACHE=${OPTSERVE_CI_CACHE:-/var/cache/optserve-ci}
 PROJECT=${OPTSERVE_CI_PROJECT:-optserve-ci}
-SUITES=${OPTSERVE_CI_SUITES:-single}
+SUITES=${OPTSERVE_CI_SUITES:-single ray}
 CLIENT_PYTHON=${OPTSERVE_CI_PYTHON:-$ROOT/.venv/bin/python}
 FORCE_COMPOSE_V1=${OPTSERVE_CI_COMPOSE_V1:-0} # 1: use Debian's docker-compose v1 even where v2 can be had
 ENGINE_TMPFS=${OPTSERVE_CI_ENGINE_TMPFS:-1}   # 0: our engine's data on disk (under /tmp) instead of a tmpfs
@@ -938,8 +942,9 @@ check_ray_worker_stopped() { # stop the worker: its sessions answer again, at th
         return 1
     }
     t1=$(date +%s.%N)
-    echo "compose stop ray-worker took $(python3 -c "print(f'{$t1 - $t0:.1f}')") s"
-    STOPPED_AT=$t1 ray_py <<'EOF'
+    STOP_TOOK=$(python3 -c "print(f'{$t1 - $t0:.1f}')")
+    echo "compose stop ray-worker took $STOP_TOOK s"
+    STOPPED_AT=$t1 STOP_TOOK=$STOP_TOOK ray_py <<'EOF'
 s = state()
 stopped = float(os.environ["STOPPED_AT"])
 deadline = time.monotonic() + 150
@@ -974,7 +979,8 @@ for sid in (worker, s["twin"]):
     answers[sid] = tensors(r)
 assert answers[worker] == answers[s["twin"]], answers
 slowest = max(recovered.values())
-print(f"{len(s['on_worker'])} session(s) of the stopped worker answered again {slowest:.1f} s after it stopped"
+print(f"compose stop ray-worker took {os.environ['STOP_TOOK']} s; {len(s['on_worker'])} session(s) of the stopped"
+      f" worker answered again {slowest:.1f} s after it stopped"
       f" (first: {min(recovered.values()):.1f} s), now on {placed[worker]}, at step {s['step']} with the last answer's"
       f" params (fsync every step: no answered step lost); the worker listed alive=false; step 7 through A (If-Match"
       f" \"6\") equal to the twin's")
