@@ -885,7 +885,11 @@ for front in (A, B):
 seen = [where(front)[1] for front in (A, B)]
 print(seen)
 assert seen[0] == seen[1] == {s: True for s in NODES}, "the fronts list other nodes than the four containers"
-print(f"/readyz 200 through both; GET /v1/cluster through either lists the {len(NODES)} nodes, all alive: {', '.join(sorted(seen[0]))}")
+for front, own in ((A, "front-a"), (B, "front-b")):  # each front's driver is on its own container's node
+    node = call("GET", front, "/v1/cluster").json()["front"]["node_id"]
+    assert service(node) == own, (front, service(node))
+print(f"/readyz 200 through both; GET /v1/cluster through either lists the {len(NODES)} nodes, all alive"
+      f" ({', '.join(sorted(seen[0]))}), and names the front's own node")
 EOF
 }
 
