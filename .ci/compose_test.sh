@@ -527,7 +527,9 @@ compose_up() { # compose_up [--build]: up -d and wait until healthy (v1 has no -
     else
         run compose up -d "$@" --wait >"$LOGS/up.log" 2>&1 || {
             tail -n 30 "$LOGS/up.log"
-            compose logs --no-color 2>&1 | tail -n 20
+            compose ps -a >"$LOGS/up-failed.log" 2>&1
+            compose logs --no-color >>"$LOGS/up-failed.log" 2>&1
+            tail -n 20 "$LOGS/up-failed.log"
             echo "up $* --wait failed"
             return 1
         }
