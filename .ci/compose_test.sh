@@ -993,6 +993,79 @@ print(f"compose stop ray-worker took {os.environ['STOP_TOOK']} s; {len(s['on_wor
 EOF
 }
 
+check_ray_worker_killed() { # the worker started again (a new node): a session on it, then SIGKILL of the container
+    local cid status t0 _
+    compose start ray-worker >"$LOGS/start-worker.log" 2>&1 || {
+        cat "$LOGS/start-worker.log"
+        echo "compose start ray-worker failed"
+        return 1
+    }
+    cid=$(container_id ray-worker)
+    for _ in $(seq 120); do
+        status=$(docker inspect -f '{{.State.Health.Status}}' "$cid")
+        [[ $status == healthy || $status == unhealthy ]] && break
+        sleep 1
+    done
+    [[ $status == healthy ]] || {
+        echo "the worker started again is $status"
+        return 1
+    }
+    RAY_NODES=$(ray_node_ids)
+    echo "Ray nodes: $RAY_NODES"
+    ray_py <<'EOF' || return 1
+s = state()
+deadline = time.monotonic() + 120
+n = 0
+while True:  # the coordinator starts a host on the new node; the next sessions go there (the most free memory)
+    assert time.monotonic() < deadline, f"no session reached the worker's new node within 120 s: {where(B)[0]}"
+    sid = f"ray-again-{n}"
+    n += 1
+    body = {"id": sid, "optimizer": "adamw", "hyperparams": {"lr": 0.1},
+            "params": {"w": {"dtype": "float32", "shape": [2, 2], "data": [1, 2, 3, 4]}}}
+    r = call("POST", B, "/v1/sessions", json=body)
+    assert r.status_code == 201, (r.status_code, r.text)
+    placed, alive = where(A)
+    print(f"{sid} created through B: on {placed.get(sid)}")
+    if placed.get(sid) == "ray-worker":
+        break
+    time.sleep(1)
+for k in range(1, 4):
+    r = step(A if k % 2 else B, sid, k)
+    assert r.status_code == 200 and r.headers["etag"] == f'"{k}"', (k, r.status_code, r.text)
+state(killed=sid, killed_params=tensors(r))
+print(f"{sid} on the worker's new node, at step 3")
+EOF
+    t0=$(date +%s.%N)
+    docker kill --signal KILL "$cid" >/dev/null || return 1
+    KILLED_AT=$t0 ray_py <<'EOF'
+s = state()
+killed = float(os.environ["KILLED_AT"])
+sid = s["killed"]
+deadline = time.monotonic() + 150
+while True:
+    assert time.monotonic() < deadline, f"{sid} does not answer 150 s after the SIGKILL of the worker"
+    try:
+        r = call("GET", B, f"/v1/sessions/{sid}", timeout=90)
+    except httpx.TimeoutException:
+        continue
+    if r.status_code == 200:
+        break
+    print(f"{sid}: {r.status_code} {r.text[:200]}")
+    assert r.status_code == 503, (r.status_code, r.text)
+    time.sleep(0.5)
+took = time.time() - killed
+assert r.json()["step"] == 3, r.json()
+read = tensors(call("GET", A, f"/v1/sessions/{sid}/params"))
+assert read == s["killed_params"], (read, s["killed_params"])
+placed, _ = where(A)
+assert placed.get(sid) == "ray-head", placed
+r = step(A, sid, 4)
+assert r.status_code == 200 and r.headers["etag"] == '"4"', (r.status_code, r.text)
+print(f"SIGKILL of the worker container: {sid} answered again {took:.1f} s later (Ray's health checks: every second,"
+      f" 5 misses), on ray-head at step 3 with the last answer's params; step 4 through A")
+EOF
+}
+
 suite_ray() { # docker-compose.ray.yml: a Ray head, a Ray worker and two fronts
     local t0=$SECONDS
     COMPOSE_FILES=(docker-compose.ray.yml)
@@ -1007,7 +1080,8 @@ suite_ray() { # docker-compose.ray.yml: a Ray head, a Ray worker and two fronts
     check "ray: four Ray nodes on the containers' own addresses" check_ray_up || return 1
     check "ray: both fronts ready, the cluster as either sees it" check_ray_fronts &&
         check "ray: a session created through front A is stepped through front B" check_ray_across_fronts &&
-        check "ray: stop the worker, its sessions come back" check_ray_worker_stopped
+        check "ray: stop the worker, its sessions come back" check_ray_worker_stopped &&
+        check "ray: SIGKILL the worker (started again), its session comes back" check_ray_worker_killed
     compose logs --no-color >"$LOGS/ray.log" 2>&1
     timed ray-checks "$t0"
 }

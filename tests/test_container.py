@@ -102,8 +102,9 @@ def test_ray_compose_file_is_a_ray_cluster_behind_two_fronts_from_the_ray_image(
         assert service["volumes"] == ["optserve-data:/data"] and "network_mode" not in service
         assert service["environment"]["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"  # "0" keeps Ray on 127.0.0.1
         assert "healthcheck" in service  # the image's own checks /healthz, which only the fronts serve
-    assert "--head" in services["ray-head"]["command"] and "ports" not in services["ray-head"]
-    assert "--address=ray-head:6379" in services["ray-worker"]["command"] and "ports" not in services["ray-worker"]
+    assert "exec ray start --head " in services["ray-head"]["command"][-1] and "ports" not in services["ray-head"]
+    assert "exec ray start --address=ray-head:6379 " in services["ray-worker"]["command"][-1]
+    assert "ports" not in services["ray-worker"]
     ports = set()
     for name in ("front-a", "front-b"):
         front = services[name]
