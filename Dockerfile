@@ -14,12 +14,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# The extra installed: "server" (the default image, no Ray), or "ray" for the Ray cluster of docker-compose.ray.yml
+# (the server plus Ray; the same code, a larger image).
+ARG OPTSERVE_EXTRAS=server
+
 # Dependencies first, in their own layer: it is rebuilt only when pyproject.toml changes, not on every code change.
-# The server's dependencies are the [server] extra (pip only warns while a pyproject.toml has no such extra).
+# The server's dependencies are the [server] extra (pip only warns while a pyproject.toml has no such extra), or the
+# [ray] one.
 COPY pyproject.toml README.md ./
 RUN mkdir -p service client \
     && touch service/__init__.py client/__init__.py \
-    && pip install "./[server]" \
+    && pip install "./[${OPTSERVE_EXTRAS}]" \
     && pip uninstall --yes optserve
 
 COPY service/ service/

@@ -16,13 +16,17 @@
 #      packages (debootstrap minbase + python3, python3-venv, ca-certificates, the host's extra CA certificates,
 #      a venv at /usr/local so python/pip resolve as in the official image), cached under $OPTSERVE_CI_CACHE and
 #      imported under the FROM name, so neither the Dockerfile nor docker-compose.yml is edited for the test.
-#   4. the suites (functions suite_NAME, chosen by OPTSERVE_CI_SUITES, default "single"): `up -d --build --wait`
-#      with a generated .env (a user's own .env is moved aside and put back), then checks against the container.
+#   4. the suites (functions suite_NAME, chosen by OPTSERVE_CI_SUITES, default "single ray"): `up -d --build --wait`
+#      with a generated .env (a user's own .env is moved aside and put back), then checks against the containers.
+#      single: docker-compose.yml as the README deploys it. ray: docker-compose.ray.yml, a Ray head, a Ray worker
+#      and two fronts (image optserve:ray): every container a Ray node on its own address, a session created
+#      through one front stepped through the other (If-Match, replay, 412), then the worker stopped and its
+#      sessions answering again through both fronts at their last answered step (the time it took is printed).
 #   5. cleanup: down -v --rmi all (on an engine of the user's too: an optserve:latest there is rebuilt and removed),
 #      the stand-in removed, engine stopped, host restored (and checked), temporary folders deleted.
 #
-# Adding a suite (e.g. a Ray cluster compose file): write suite_ray() that sets COMPOSE_FILES, calls
-# compose_up and runs `check NAME function` for its own checks; then OPTSERVE_CI_SUITES="single ray".
+# Adding a suite: write suite_NAME() that sets COMPOSE_FILES (and MAIN_SERVICE), calls compose_up and runs
+# `check NAME function` for its own checks; then add NAME to the default of OPTSERVE_CI_SUITES.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -37,7 +41,7 @@ STANDIN_RECIPE=1                                              # bump when the st
 STANDIN_PACKAGES=python3,python3-venv,ca-certificates
 CACHE=${OPTSERVE_CI_CACHE:-/var/cache/optserve-ci}
 PROJECT=${OPTSERVE_CI_PROJECT:-optserve-ci}
-SUITES=${OPTSERVE_CI_SUITES:-single}
+SUITES=${OPTSERVE_CI_SUITES:-single ray}
 CLIENT_PYTHON=${OPTSERVE_CI_PYTHON:-$ROOT/.venv/bin/python}
 FORCE_COMPOSE_V1=${OPTSERVE_CI_COMPOSE_V1:-0} # 1: use Debian's docker-compose v1 even where v2 can be had
 ENGINE_TMPFS=${OPTSERVE_CI_ENGINE_TMPFS:-1}   # 0: our engine's data on disk (under /tmp) instead of a tmpfs
@@ -52,6 +56,7 @@ FAILED=0
 declare -a TIMES=()
 declare -a COMPOSE=()
 declare -a COMPOSE_FILES=(docker-compose.yml)
+MAIN_SERVICE=optserve # the service CID names (the checks' container)
 COMPOSE_V1=0
 OWN_ENGINE=0
 DOCKERD_PID=
@@ -486,10 +491,14 @@ write_env() { # a generated .env: a random admin key, the published port on loop
     API_KEY=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')
     HOST_PORT=$(free_port)
     URL=http://127.0.0.1:$HOST_PORT
+    FRONT_A=http://127.0.0.1:$(free_port) # the two fronts of docker-compose.ray.yml
+    FRONT_B=http://127.0.0.1:$(free_port)
     cat >.env <<EOF
 # written by .ci/compose_test.sh for one run (removed at its end)
 OPTSERVE_API_KEY=$API_KEY
 OPTSERVE_HOST_PORT=127.0.0.1:$HOST_PORT
+OPTSERVE_FRONT_A_PORT=${FRONT_A#http://}
+OPTSERVE_FRONT_B_PORT=${FRONT_B#http://}
 # no timed snapshots: what is on the volume after stop is then the shutdown's flush
 OPTSERVE_SNAPSHOT_EVERY_SECONDS=0
 EOF
@@ -506,25 +515,38 @@ compose_up() { # compose_up [--build]: up -d and wait until healthy (v1 has no -
             echo "up failed"
             return 1
         }
-        for _ in $(seq 90); do
-            status=$(docker inspect -f '{{.State.Health.Status}}' "$(container_id optserve)" 2>/dev/null)
+        for _ in $(seq 180); do
+            status=$(project_health)
             [[ $status == healthy || $status == unhealthy ]] && break
             sleep 1
         done
         [[ $status == healthy ]] || {
-            echo "not healthy after 90 s: ${status:-no container}"
+            echo "not healthy after 180 s: ${status:-no container}"
             return 1
         }
     else
         run compose up -d "$@" --wait >"$LOGS/up.log" 2>&1 || {
             tail -n 30 "$LOGS/up.log"
-            compose logs --no-color 2>&1 | tail -n 20
+            compose ps -a >"$LOGS/up-failed.log" 2>&1
+            compose logs --no-color >>"$LOGS/up-failed.log" 2>&1
+            tail -n 20 "$LOGS/up-failed.log"
             echo "up $* --wait failed"
             return 1
         }
     fi
-    CID=$(container_id optserve)
+    CID=$(container_id "$MAIN_SERVICE")
     echo "up -d $* took $((SECONDS - t0)) s; container ${CID:0:12} at $URL"
+}
+project_health() { # "healthy" when every container of the project is, else the status of one that is not
+    local id status
+    for id in $(compose ps -q 2>/dev/null); do
+        status=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$id" 2>/dev/null)
+        [[ $status == healthy ]] || {
+            echo "${status:-gone}"
+            return
+        }
+    done
+    echo healthy
 }
 
 check_healthy() {
@@ -743,6 +765,325 @@ suite_single() { # docker-compose.yml as the README deploys it
     check "single: stop within the grace period, snapshots flushed" check_stop_flushes &&
         check "single: down, up: the same session bit for bit" check_down_up_same_session
     timed checks "$t0"
+}
+
+# ---------------------------------------------------------------------------------------------------- the Ray cluster
+
+client_python() { # the Python with optserve's client (and httpx): $CLIENT_PYTHON, or the project's venv made now
+    if [[ -x $CLIENT_PYTHON ]]; then
+        echo "$CLIENT_PYTHON"
+    elif [[ -x $ROOT/.venv/bin/python ]] || make install >"$LOGS/make-install.log" 2>&1; then
+        echo "$ROOT/.venv/bin/python"
+    else
+        tail -n 20 "$LOGS/make-install.log" >&2
+        echo "make install failed" >&2
+        return 1
+    fi
+}
+
+# What the Ray checks share: the two fronts, the key, requests, where GET /v1/cluster says each session is, and a
+# state file between checks.
+RAY_PY_PRELUDE=$(
+    cat <<'EOF'
+import json, os, sys, time
+import httpx
+
+A, B = os.environ["FRONT_A"], os.environ["FRONT_B"]
+AUTH = {"Authorization": "Bearer " + os.environ["API_KEY"]}
+NODES = json.loads(os.environ["RAY_NODES"])  # compose service -> its Ray node id
+STATE = os.path.join(os.environ["LOGS"], "ray-state.json")
+
+
+def state(**update):
+    s = json.load(open(STATE)) if os.path.exists(STATE) else {}
+    s.update(update)
+    json.dump(s, open(STATE, "w"))
+    return s
+
+
+def call(method, front, path, timeout=30.0, headers=None, **kw):
+    return httpx.request(method, front + path, headers={**AUTH, **(headers or {})}, timeout=timeout, **kw)
+
+
+def where(front):
+    """session id -> the compose service whose Ray node holds it; service -> alive, from GET /v1/cluster"""
+    r = call("GET", front, "/v1/cluster")
+    assert r.status_code == 200, (r.status_code, r.text)
+    nodes = r.json()["nodes"]
+    return {s: service(n["node_id"]) for n in nodes for s in n["sessions"]}, {service(n["node_id"]): n["alive"] for n in nodes}
+
+
+def service(node_id):
+    return next((name for name, n in NODES.items() if n == node_id), "unknown node " + node_id[:12])
+
+
+def grad(session, k):  # the k-th step's gradient, the same for a session and its twin
+    return {"w": {"dtype": "float32", "shape": [2, 2], "data": [0.5 * k, -0.25 * k, 1.0 / k, -1.0]}}
+
+
+def tensors(response):  # the tensors of a step's or GET params' answer (without the metadata: step, grad_norm)
+    return {k: v for k, v in response.json().items() if k != "__metadata__"}
+
+
+def step(front, session, k, key=None):
+    return call("POST", front, f"/v1/sessions/{session}/step", json=grad(session, k),
+                headers={"If-Match": f'"{k - 1}"', "Idempotency-Key": key or f"{session}-{k}"})
+EOF
+)
+ray_py() { # ray_py ARGS... <<SCRIPT: SCRIPT after the prelude, run by the client's Python
+    local py script
+    py=$(client_python) || return 1
+    script=$(cat)
+    FRONT_A=$FRONT_A FRONT_B=$FRONT_B API_KEY=$API_KEY LOGS=$LOGS RAY_NODES=$RAY_NODES \
+        run "$py" -c "$RAY_PY_PRELUDE"$'\n'"$script" "$@"
+}
+
+ray_node_ids() { # {"service": "<Ray node id>"}: the --node_id of the raylet each container runs
+    local svc id first=1
+    printf '{'
+    for svc in ray-head ray-worker front-a front-b; do
+        id=$(docker top "$(container_id "$svc")" -eo pid,args 2>/dev/null | grep -o -- '--node_id=[0-9a-f]*' | head -n 1)
+        ((first)) || printf ', '
+        first=0
+        printf '"%s": "%s"' "$svc" "${id#--node_id=}"
+    done
+    printf '}\n'
+}
+
+check_ray_up() { # every container healthy; each runs a raylet on its own address on the compose network
+    local svc cid ip node_ip problems=() published
+    for svc in ray-head ray-worker front-a front-b; do
+        cid=$(container_id "$svc")
+        [[ $(docker inspect -f '{{.State.Health.Status}}' "$cid") == healthy ]] || problems+=("$svc not healthy")
+        ip=$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$cid")
+        node_ip=$(docker top "$cid" -eo pid,args | grep -o -- '--node_ip_address=[0-9.]*' | head -n 1)
+        node_ip=${node_ip#--node_ip_address=}
+        echo "$svc: container $ip, raylet --node_ip_address=$node_ip"
+        [[ -n $ip && $node_ip == "$ip" ]] || problems+=("$svc's raylet is on ${node_ip:-no address}, the container on $ip")
+        # only the fronts' port 8000 is published, on the host's loopback
+        published=$(docker inspect -f '{{range $p, $b := .NetworkSettings.Ports}}{{range $b}}{{$p}}->{{.HostIp}}:{{.HostPort}} {{end}}{{end}}' "$cid")
+        echo "$svc publishes: ${published:-nothing}"
+        case $svc in
+        front-*) [[ $published =~ ^8000/tcp-\>127\.0\.0\.1:[0-9]+\ $ ]] || problems+=("$svc publishes '$published'") ;;
+        *) [[ -z $published ]] || problems+=("$svc publishes '$published'") ;;
+        esac
+    done
+    RAY_NODES=$(ray_node_ids)
+    echo "Ray nodes: $RAY_NODES"
+    [[ $RAY_NODES != *'""'* ]] || problems+=("a container runs no raylet")
+    ((${#problems[@]} == 0)) || {
+        echo "${problems[*]}"
+        return 1
+    }
+    echo "4 containers healthy, each a Ray node on its own address on the compose network; only the fronts' 8000 published, on 127.0.0.1"
+}
+
+check_ray_fronts() { # both fronts ready, and GET /v1/cluster through either lists the four nodes alike
+    ray_py <<'EOF'
+for front in (A, B):
+    r = call("GET", front, "/readyz")
+    print(front, r.status_code, r.text)
+    assert r.status_code == 200 and r.json()["status"] == "ready", r.text
+seen = [where(front)[1] for front in (A, B)]
+print(seen)
+assert seen[0] == seen[1] == {s: True for s in NODES}, "the fronts list other nodes than the four containers"
+for front, own in ((A, "front-a"), (B, "front-b")):  # each front's driver is on its own container's node
+    node = call("GET", front, "/v1/cluster").json()["front"]["node_id"]
+    assert service(node) == own, (front, service(node))
+print(f"/readyz 200 through both; GET /v1/cluster through either lists the {len(NODES)} nodes, all alive"
+      f" ({', '.join(sorted(seen[0]))}), and names the front's own node")
+EOF
+}
+
+check_ray_across_fronts() { # sessions made through A until one is on the worker and one on the head; stepped through B
+    ray_py <<'EOF'
+made = []
+for n in range(12):  # placement fills the host with the most free memory first: a few sessions reach both
+    sid = f"ray-{n}"
+    body = {"id": sid, "optimizer": "adamw", "hyperparams": {"lr": 0.1},
+            "params": {"w": {"dtype": "float32", "shape": [2, 2], "data": [1, 2, 3, 4]}}}
+    r = call("POST", A, "/v1/sessions", json=body)
+    assert r.status_code == 201 and r.headers["etag"] == '"0"', (r.status_code, r.text)
+    made.append(sid)
+    placed, _ = where(B)
+    print(f"{sid} created through A: on {placed.get(sid)}")
+    on = {svc: [s for s in made if placed.get(s) == svc] for svc in ("ray-head", "ray-worker")}
+    if on["ray-head"] and on["ray-worker"]:
+        break
+assert on["ray-head"] and on["ray-worker"], f"after {len(made)} sessions: {placed}"
+fronts_hold = [s for s in made if placed.get(s, "").startswith("front-")]
+assert not fronts_hold, f"sessions on a front's node: {fronts_hold}"
+worker, twin = on["ray-worker"][0], on["ray-head"][0]
+answers = {}
+for k in range(1, 7):  # alternately through B and A, each step with If-Match; the twin gets the same gradients
+    front, other = (B, A) if k % 2 else (A, B)
+    for sid in (worker, twin):
+        r = step(front, sid, k)
+        assert r.status_code == 200 and r.headers["etag"] == f'"{k}"', (sid, k, r.status_code, r.text)
+        answers[sid] = tensors(r)
+    assert answers[worker] == answers[twin], (answers, k)
+    replay = step(other, worker, k)  # the same key through the other front: the answer replayed, no second step
+    assert replay.status_code == 200 and replay.headers.get("idempotent-replayed") == "true", replay.headers
+    assert tensors(replay) == answers[worker], (tensors(replay), answers[worker])
+    stale = step(other, worker, k, key=f"stale-{k}")  # If-Match of the step before, a new key
+    assert stale.status_code == 412, (stale.status_code, stale.text)
+for front in (A, B):
+    info = call("GET", front, f"/v1/sessions/{worker}").json()
+    assert info["step"] == 6, info
+    read = tensors(call("GET", front, f"/v1/sessions/{worker}/params"))
+    assert read == answers[worker], (read, answers[worker])
+state(worker=worker, twin=twin, on_worker=on["ray-worker"], made=made, step=6, params=answers[worker])
+print(f"{len(made)} sessions created through A ({', '.join(f'{s}: {placed[s]}' for s in made)}); {worker} (on the worker)"
+      f" stepped 6 times alternately through B and A with If-Match, replays and stale If-Match 412 through the other"
+      f" front, equal to its twin {twin} on the head; step 6 and its params read through both")
+EOF
+}
+
+check_ray_worker_stopped() { # stop the worker: its sessions answer again, at their last answered step, on a live host
+    local t0 t1
+    t0=$(date +%s.%N)
+    compose stop ray-worker >"$LOGS/stop-worker.log" 2>&1 || {
+        cat "$LOGS/stop-worker.log"
+        echo "compose stop ray-worker failed"
+        return 1
+    }
+    t1=$(date +%s.%N)
+    STOP_TOOK=$(python3 -c "print(f'{$t1 - $t0:.1f}')")
+    echo "compose stop ray-worker took $STOP_TOOK s"
+    STOPPED_AT=$t1 STOP_TOOK=$STOP_TOOK ray_py <<'EOF'
+s = state()
+stopped = float(os.environ["STOPPED_AT"])
+deadline = time.monotonic() + 150
+recovered = {}
+for sid in s["on_worker"]:  # each session the worker held, read through both fronts
+    for front in (B, A):
+        while True:
+            assert time.monotonic() < deadline, f"{sid} does not answer through {front} 150 s after the worker stopped"
+            try:
+                r = call("GET", front, f"/v1/sessions/{sid}", timeout=90)
+            except httpx.TimeoutException:
+                continue
+            if r.status_code == 200:
+                break
+            print(f"{sid} through {front}: {r.status_code} {r.text[:200]}")
+            assert r.status_code == 503, (r.status_code, r.text)  # retryable while its host is being replaced
+            time.sleep(0.5)
+        recovered.setdefault(sid, time.time() - stopped)
+        print(f"{sid} through {front}: 200 at step {r.json()['step']}, {time.time() - stopped:.1f} s after the stop")
+        assert r.json()["step"] == (s["step"] if sid == s["worker"] else 0), r.json()
+worker = s["worker"]
+read = tensors(call("GET", A, f"/v1/sessions/{worker}/params"))
+assert read == s["params"], ("params differ from the last answer", read, s["params"])
+placed, alive = where(B)
+assert alive.get("ray-worker") is False, alive
+assert all(placed.get(sid) in ("ray-head",) for sid in s["on_worker"]), placed
+# the next step, through A, with If-Match of the last answered step: as the twin that never moved
+answers = {}
+for sid in (worker, s["twin"]):
+    r = step(A, sid, 7)
+    assert r.status_code == 200 and r.headers["etag"] == '"7"', (sid, r.status_code, r.text)
+    answers[sid] = tensors(r)
+assert answers[worker] == answers[s["twin"]], answers
+slowest = max(recovered.values())
+print(f"compose stop ray-worker took {os.environ['STOP_TOOK']} s; {len(s['on_worker'])} session(s) of the stopped"
+      f" worker answered again {slowest:.1f} s after it stopped"
+      f" (first: {min(recovered.values()):.1f} s), now on {placed[worker]}, at step {s['step']} with the last answer's"
+      f" params (fsync every step: no answered step lost); the worker listed alive=false; step 7 through A (If-Match"
+      f" \"6\") equal to the twin's")
+EOF
+}
+
+check_ray_worker_killed() { # the worker started again (a new node): a session on it, then SIGKILL of the container
+    local cid status t0 _
+    compose start ray-worker >"$LOGS/start-worker.log" 2>&1 || {
+        cat "$LOGS/start-worker.log"
+        echo "compose start ray-worker failed"
+        return 1
+    }
+    cid=$(container_id ray-worker)
+    for _ in $(seq 120); do
+        status=$(docker inspect -f '{{.State.Health.Status}}' "$cid")
+        [[ $status == healthy || $status == unhealthy ]] && break
+        sleep 1
+    done
+    [[ $status == healthy ]] || {
+        echo "the worker started again is $status"
+        return 1
+    }
+    RAY_NODES=$(ray_node_ids)
+    echo "Ray nodes: $RAY_NODES"
+    ray_py <<'EOF' || return 1
+s = state()
+deadline = time.monotonic() + 120
+n = 0
+while True:  # the coordinator starts a host on the new node; the next sessions go there (the most free memory)
+    assert time.monotonic() < deadline, f"no session reached the worker's new node within 120 s: {where(B)[0]}"
+    sid = f"ray-again-{n}"
+    n += 1
+    body = {"id": sid, "optimizer": "adamw", "hyperparams": {"lr": 0.1},
+            "params": {"w": {"dtype": "float32", "shape": [2, 2], "data": [1, 2, 3, 4]}}}
+    r = call("POST", B, "/v1/sessions", json=body)
+    assert r.status_code == 201, (r.status_code, r.text)
+    placed, alive = where(A)
+    print(f"{sid} created through B: on {placed.get(sid)}")
+    if placed.get(sid) == "ray-worker":
+        break
+    time.sleep(1)
+for k in range(1, 4):
+    r = step(A if k % 2 else B, sid, k)
+    assert r.status_code == 200 and r.headers["etag"] == f'"{k}"', (k, r.status_code, r.text)
+state(killed=sid, killed_params=tensors(r))
+print(f"{sid} on the worker's new node, at step 3")
+EOF
+    t0=$(date +%s.%N)
+    docker kill --signal KILL "$cid" >/dev/null || return 1
+    KILLED_AT=$t0 ray_py <<'EOF'
+s = state()
+killed = float(os.environ["KILLED_AT"])
+sid = s["killed"]
+deadline = time.monotonic() + 150
+while True:
+    assert time.monotonic() < deadline, f"{sid} does not answer 150 s after the SIGKILL of the worker"
+    try:
+        r = call("GET", B, f"/v1/sessions/{sid}", timeout=90)
+    except httpx.TimeoutException:
+        continue
+    if r.status_code == 200:
+        break
+    print(f"{sid}: {r.status_code} {r.text[:200]}")
+    assert r.status_code == 503, (r.status_code, r.text)
+    time.sleep(0.5)
+took = time.time() - killed
+assert r.json()["step"] == 3, r.json()
+read = tensors(call("GET", A, f"/v1/sessions/{sid}/params"))
+assert read == s["killed_params"], (read, s["killed_params"])
+placed, _ = where(A)
+assert placed.get(sid) == "ray-head", placed
+r = step(A, sid, 4)
+assert r.status_code == 200 and r.headers["etag"] == '"4"', (r.status_code, r.text)
+print(f"SIGKILL of the worker container: {sid} answered again {took:.1f} s later (Ray's health checks: every second,"
+      f" 5 misses), on ray-head at step 3 with the last answer's params; step 4 through A")
+EOF
+}
+
+suite_ray() { # docker-compose.ray.yml: a Ray head, a Ray worker and two fronts
+    local t0=$SECONDS
+    COMPOSE_FILES=(docker-compose.ray.yml)
+    MAIN_SERVICE=front-a
+    write_env
+    URL=$FRONT_A
+    rm -f "$LOGS/ray-state.json"
+    check "ray: compose up -d --build --wait$( ((COMPOSE_V1)) && echo " (v1: the health status polled)")" compose_up --build || return 1
+    timed ray-build+up "$t0"
+    t0=$SECONDS
+    say "INFO image optserve:ray $(docker image inspect -f '{{.Size}}' optserve:ray | awk '{ printf "%.0f MB", $1 / 1e6 }')"
+    check "ray: four Ray nodes on the containers' own addresses" check_ray_up || return 1
+    check "ray: both fronts ready, the cluster as either sees it" check_ray_fronts &&
+        check "ray: a session created through front A is stepped through front B" check_ray_across_fronts &&
+        check "ray: stop the worker, its sessions come back" check_ray_worker_stopped &&
+        check "ray: SIGKILL the worker (started again), its session comes back" check_ray_worker_killed
+    compose logs --no-color >"$LOGS/ray.log" 2>&1
+    timed ray-checks "$t0"
 }
 
 # ---------------------------------------------------------------------------------------------------- 5. cleanup

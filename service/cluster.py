@@ -8,8 +8,9 @@
   survives the loss of any front or host (the head node is Ray's single point of failure unless its GCS fault
   tolerance is set up). A restarted host reads back the sessions the directory gives it, from their snapshots.
 - :class:`Coordinator`, one detached actor on the head node (restarted there by Ray): it places new sessions on
-  the host with the most free memory budget, starts a host on every node that joins, and, when a node dies, gives
-  the sessions of its host to the surviving hosts, which load them from their last snapshots.
+  the host with the most free memory budget, starts a host on every node that joins (but a front's own node,
+  :func:`host_nodes`), and, when a node dies, gives the sessions of its host to the surviving hosts, which load
+  them from their last snapshots.
 - Sharded sessions (``"shards": k``, :mod:`optserve.service.shards`): k shard sessions ``<id>#<j>`` on k hosts
   where there are k; the host of shard 0 leads the session (``session/<id>`` names it): every operation goes to it,
   and it runs each step on all shards under its lock, checked everywhere before it is applied anywhere. Shards
@@ -77,6 +78,7 @@ log = logging.getLogger("optserve.cluster")
 
 HOST_PREFIX = "optserve-host-"
 COORDINATOR = "optserve-coordinator"
+FRONT_RESOURCE = "optserve_front"
 KEY_PREFIX = b"session/"
 SUPERVISE_SECONDS = 0.5
 # What a call to a host may fail with when the host is gone or going (its process died, its node died, Ray is
@@ -148,6 +150,12 @@ def host_name(node_id: str) -> str:
 
 def alive_nodes() -> dict[str, dict[str, Any]]:
     return {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
+
+
+def host_nodes() -> dict[str, dict[str, Any]]:
+    """The live nodes that get a session host: all but those started with the resource ``optserve_front`` (a front's
+    own raylet on a machine of its own, which a Ray driver needs; its sessions would go down with the front)."""
+    return {node_id: n for node_id, n in alive_nodes().items() if FRONT_RESOURCE not in n.get("Resources", {})}
 
 
 def _cause(error: RayTaskError) -> BaseException:
@@ -557,7 +565,7 @@ class Coordinator:
         """A host on every live node (started and answering); the names."""
         if self._supervisor is None:
             self._supervisor = asyncio.ensure_future(self._supervise())
-        nodes = await to_thread.run_sync(alive_nodes)
+        nodes = await to_thread.run_sync(host_nodes)
         names = [host_name(node_id) for node_id in nodes]
         await asyncio.gather(*(self._host(node_id).ping.remote() for node_id in nodes))
         await self._refresh()
@@ -589,7 +597,7 @@ class Coordinator:
                 log.exception("cluster supervision round failed")
 
     async def _round(self) -> None:
-        nodes = await to_thread.run_sync(alive_nodes)
+        nodes = await to_thread.run_sync(host_nodes)
         for node_id in nodes:
             self._host(node_id)  # a node that joined gets its host
         await self._refresh()

@@ -84,3 +84,37 @@ def test_build_context_is_only_what_the_image_copies() -> None:
     kept = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
     copied = {src.rstrip("/") for op, rest in instructions() if op == "COPY" for src in rest.split()[:-1]}
     assert kept == copied
+
+
+def test_ray_compose_file_is_a_ray_cluster_behind_two_fronts_from_the_ray_image() -> None:
+    """docker-compose.ray.yml (run for real by .ci/compose_test.sh's suite ray): a Ray head, a Ray worker and two
+    fronts, all from the image built with the [ray] extra (the default build stays without Ray), one data volume,
+    every answered step on it, Ray on the containers' own addresses, the fronts' own nodes marked to hold no
+    sessions."""
+    from optserve.service.cluster import FRONT_RESOURCE
+
+    assert dockerfile()["ARG"] == "OPTSERVE_EXTRAS=server"
+    compose = yaml.safe_load((ROOT / "docker-compose.ray.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"ray-head", "ray-worker", "front-a", "front-b"}
+    for service in services.values():
+        assert service["image"] == "optserve:ray" and service["build"]["args"] == {"OPTSERVE_EXTRAS": "ray"}
+        assert service["volumes"] == ["optserve-data:/data"] and "network_mode" not in service
+        assert service["environment"]["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"  # "0" keeps Ray on 127.0.0.1
+        assert "healthcheck" in service  # the image's own checks /healthz, which only the fronts serve
+    assert "exec ray start --head " in services["ray-head"]["command"][-1] and "ports" not in services["ray-head"]
+    assert "exec ray start --address=ray-head:6379 " in services["ray-worker"]["command"][-1]
+    assert "ports" not in services["ray-worker"]
+    ports = set()
+    for name in ("front-a", "front-b"):
+        front = services[name]
+        script = front["command"][-1]
+        assert f'"{FRONT_RESOURCE}": 1' in script and script.endswith("exec optserve serve")
+        env = front["environment"]
+        assert env["OPTSERVE_STORE"] == "ray" and env["OPTSERVE_RAY_ADDRESS"] == "ray-head:6379"
+        assert env["OPTSERVE_FSYNC_EVERY_STEP"] == "true" and env["OPTSERVE_DATA_DIR"] == "/data"
+        assert front["env_file"] == [".env"]
+        (port,) = front["ports"]
+        ports.add(port.rsplit(":", 1)[0])
+    assert len(ports) == 2
+    assert "optserve-data" in compose["volumes"]
