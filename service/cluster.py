@@ -566,8 +566,19 @@ class Coordinator:
         if self._supervisor is None:
             self._supervisor = asyncio.ensure_future(self._supervise())
         nodes = await to_thread.run_sync(host_nodes)
-        names = [host_name(node_id) for node_id in nodes]
-        await asyncio.gather(*(self._host(node_id).ping.remote() for node_id in nodes))
+        answers = await asyncio.gather(*(self._host(node_id).ping.remote() for node_id in nodes),
+                                       return_exceptions=True)  # fmt: skip
+        names = []
+        for node_id, answer in zip(nodes, answers):
+            name = host_name(node_id)
+            if isinstance(answer, BaseException):  # a node dying as we looked (Ray had not noticed yet)
+                log.warning("no session host on node %s: %s", node_id, answer)
+                self.hosts.pop(name, None)
+                self.node_of.pop(name, None)
+            else:
+                names.append(name)
+        if not names:
+            raise StorageUnavailable("no session host could be started on any node")
         await self._refresh()
         return names
 
