@@ -353,6 +353,7 @@ def test_a_step_in_flight_when_its_node_dies_answers_503_and_its_retry_applies_i
     the kill lands): the step answers 503, or 200 when it finished first; the retry with the same Idempotency-Key
     then answers from the recovered session, and the step is applied exactly once either way."""
     added = cluster.command("add")
+    assert "node_id" in added, added
     cluster.nodes.append(added)
     front = launch(
         tmp_path / "data", front_env(cluster, f"fly-{uuid.uuid4().hex[:6]}", OPTSERVE_FSYNC_EVERY_STEP="true")
@@ -397,6 +398,7 @@ def test_a_sharded_session_comes_back_whole_at_one_step_when_a_shards_node_dies(
     snapshot at step 10 while the other is at 12 in memory: the leader brings both back to step 10 (never mixed),
     and the next step is step 11, bit for bit the unsharded session's (a single server as the twin)."""
     added = cluster.command("add")
+    assert "node_id" in added, added
     cluster.nodes.append(added)
     env = front_env(cluster, f"whole-{uuid.uuid4().hex[:6]}", OPTSERVE_SNAPSHOT_EVERY_STEPS="5",
                     OPTSERVE_SNAPSHOT_EVERY_SECONDS="0")  # fmt: skip
