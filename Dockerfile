@@ -22,8 +22,8 @@ ARG OPTSERVE_EXTRAS=server
 # The server's dependencies are the [server] extra (pip only warns while a pyproject.toml has no such extra), or the
 # [ray] one.
 COPY pyproject.toml README.md ./
-RUN mkdir -p service client \
-    && touch service/__init__.py client/__init__.py \
+RUN mkdir -p service/algorithms client \
+    && touch service/__init__.py service/algorithms/__init__.py client/__init__.py \
     && pip install "./[${OPTSERVE_EXTRAS}]" \
     && pip uninstall --yes optserve
 

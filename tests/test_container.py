@@ -118,3 +118,19 @@ def test_ray_compose_file_is_a_ray_cluster_behind_two_fronts_from_the_ray_image(
         ports.add(port.rsplit(":", 1)[0])
     assert len(ports) == 2
     assert "optserve-data" in compose["volumes"]
+
+
+def test_the_dependency_layer_has_a_folder_for_every_package() -> None:
+    """The layer that installs the dependencies builds the project from pyproject.toml before the code is copied:
+    setuptools refuses a package whose folder is missing, so the layer must make one for each (a new subpackage
+    broke the image build once)."""
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = setup["package-dir"]
+    runs = [rest for op, rest in instructions() if op == "RUN"]
+    layer = next(r for r in runs if "pip install" in r and "uninstall" in r)
+    for package in setup["packages"]:
+        top = next(p for p in dirs if package == p or package.startswith(p + "."))
+        folder = "/".join([dirs[top], *package[len(top) + 1 :].split(".")]) if package != top else dirs[top]
+        assert f"{folder}/__init__.py" in layer, f"the dependency layer makes no {folder}/ for {package}"
