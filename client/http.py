@@ -13,7 +13,7 @@ import asyncio
 import functools
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from concurrent.futures import Future
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -73,7 +73,7 @@ def _blocking(operation: Callable[Concatenate[core.Core, P], Operation[R]]) -> C
 
 def _awaited(
     operation: Callable[Concatenate[core.Core, P], Operation[R]],
-) -> Callable[Concatenate[AsyncClient, P], Any]:
+) -> Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, R]]:
     """``operation`` as a coroutine method of :class:`AsyncClient`: the same signature and docstring, awaited."""
 
     @functools.wraps(operation)
