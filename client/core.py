@@ -15,7 +15,6 @@ and :func:`drive_async`). A third driver (another transport, a test's scripted r
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -47,7 +46,7 @@ def exchange(core: Core, call: Call, retry: Retry | None = None) -> Operation[Re
     policy = retry or core.retry
     auth = core.credentials.headers(call.path)
     if auth:
-        call = dataclasses.replace(call, headers={**auth, **call.headers})
+        call = Call(call.method, call.path, {**auth, **call.headers}, call.content, call.json)
     attempt = 0
     while True:
         try:
