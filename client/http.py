@@ -1,8 +1,10 @@
 """``Client`` and ``AsyncClient``: the session operations of the optserve API over httpx.
 
-The two are twins: every method builds its request and reads its answer with the I/O-free functions of
-:mod:`optserve.client.protocol`, and only the sending differs. Both raise the typed errors of
-:mod:`optserve.client.errors` and retry steps safely (same ``Idempotency-Key`` on every attempt).
+The two are drivers of one implementation: every method is an operation of :mod:`optserve.client.core` (written
+once, I/O-free: it builds its requests, retries and reads its answers with :mod:`optserve.client.protocol`), which
+``Client`` runs with blocking sends and ``AsyncClient`` with awaited ones. So both have the same methods, signatures
+and docstrings, raise the same typed errors of :mod:`optserve.client.errors` and retry steps safely (same
+``Idempotency-Key`` on every attempt); only the sending differs.
 """
 
 from __future__ import annotations
@@ -11,19 +13,21 @@ import asyncio
 import functools
 import os
 import time
-import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import httpx
-import numpy as np
 
-from . import protocol
+from . import core
+from .core import Operation
 from .errors import TransportError
 from .inflight import Worker
-from .protocol import Call, Credentials, HyperparamChanges, Reply, Retry, StepResult
+from .protocol import Call, Reply, Retry, StepResult
 from .transport import SocketTransport
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def default_url() -> str:
@@ -51,21 +55,47 @@ def _content(content: bytes | list[bytes | memoryview] | None) -> Any:
     return iter(content) if isinstance(content, list) else content
 
 
-def _step_call(session_id: str, grads: Mapping[str, Any], key: str | None, **kwargs: Any) -> Call:
-    return protocol.step(session_id, grads, idempotency_key=key or uuid.uuid4().hex, **kwargs)
+async def _parts(content: list[bytes | memoryview]) -> AsyncIterator[bytes]:
+    """A step's buffers streamed as they are (as bytes-like views: no join, no copy)."""
+    for part in content:
+        yield memoryview(part).cast("B")  # type: ignore[misc]  # httpx takes any bytes-like part
 
 
-class _Base:
+def _blocking(operation: Callable[Concatenate[core.Core, P], Operation[R]]) -> Callable[Concatenate[Client, P], R]:
+    """``operation`` as a method of :class:`Client`: the same signature and docstring, run to its result."""
+
+    @functools.wraps(operation)
+    def method(self: Client, *args: P.args, **kwargs: P.kwargs) -> R:
+        return core.drive(operation(self, *args, **kwargs), self._send_once, time.sleep)
+
+    return method
+
+
+def _awaited(
+    operation: Callable[Concatenate[core.Core, P], Operation[R]],
+) -> Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, R]]:
+    """``operation`` as a coroutine method of :class:`AsyncClient`: the same signature and docstring, awaited."""
+
+    @functools.wraps(operation)
+    async def method(self: AsyncClient, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await core.drive_async(operation(self, *args, **kwargs), self._send_once, asyncio.sleep)
+
+    return method
+
+
+class _Base(core.Core):
     """What both clients hold: the server's URL, the retry policy and the bearer tokens."""
 
     def __init__(self, url: str | None, retry: Retry | None, token: str | None) -> None:
+        super().__init__(retry, token)
         self.url = (url or default_url()).rstrip("/")
-        self.retry = retry or Retry()
-        self.credentials = Credentials(token)
 
     def use_token(self, session_id: str, token: str) -> None:
         """Use ``token`` for everything on ``session_id`` (a session created elsewhere, when auth is on)."""
         self.credentials.sessions[session_id] = token
+
+    def _failed(self, call: Call, e: httpx.TransportError) -> TransportError:
+        return TransportError(f"{call.method} {self.url}{call.path}: {e!r}")
 
 
 class Client(_Base):
@@ -102,26 +132,10 @@ class Client(_Base):
         self._worker.close()
         self._http.close()
 
-    def _send(self, call: Call, retry: Retry | None = None) -> Reply:
-        """One request; sent again after a transport error or a 5xx when that is safe (``Call.retry_safe``: reads,
-        and steps, which carry an Idempotency-Key), with the backoff of ``retry`` (default: the client's)."""
-        attempt = 0
-        while True:
-            try:
-                reply = self._send_once(call)
-            except TransportError:
-                if (delay := protocol.retry_delay(call, attempt, retry or self.retry)) is None:
-                    raise
-            else:
-                if (delay := protocol.retry_delay(call, attempt, retry or self.retry, reply)) is None:
-                    return reply
-            time.sleep(delay)
-            attempt += 1
-
     def _send_once(self, call: Call) -> Reply:
-        headers = {**self.credentials.headers(call.path), **call.headers}
+        """One request sent as it is (the core set its token and decides on retries)."""
         request = self._http.build_request(
-            call.method, call.path, headers=headers, content=_content(call.content), json=call.json
+            call.method, call.path, headers=call.headers, content=_content(call.content), json=call.json
         )
         try:
             response = self._http.send(request, stream=True)
@@ -130,77 +144,17 @@ class Client(_Base):
             finally:
                 response.close()
         except httpx.TransportError as e:
-            raise TransportError(f"{call.method} {self.url}{call.path}: {e!r}") from e
+            raise self._failed(call, e) from e
 
-    # --- sessions ---------------------------------------------------------------------------------------------
-
-    def create_session(
-        self,
-        params: Mapping[str, Any],
-        optimizer: str = "adamw",
-        *,
-        hyperparams: Mapping[str, Any] | None = None,
-        param_groups: Sequence[Mapping[str, Any]] | None = None,
-        session_id: str | None = None,
-        **options: Any,
-    ) -> dict[str, Any]:
-        """Create a session holding ``params`` (sent as float32); returns its info (``id``, ``step``, ...).
-
-        ``options``: ``nonfinite`` ("error" or "skip"), ``max_grad_norm``, ``schedule`` (a dict such as
-        ``{"name": "cosine", "total_steps": 1000, "warmup_steps": 100}``), ``accumulate``.
-        """
-        call = protocol.create(params, optimizer, hyperparams, param_groups, session_id, **options)
-        info: dict[str, Any] = protocol.read_json(self._send(call))
-        self.credentials.learn(info)
-        return info
-
-    def list_sessions(self) -> list[dict[str, Any]]:
-        return protocol.read_json(self._send(Call("GET", "/v1/sessions")))["sessions"]  # type: ignore[no-any-return]
-
-    def session(self, session_id: str) -> dict[str, Any]:
-        """Config, parameter groups, step, tensors and counters of a session."""
-        return protocol.read_json(self._send(Call("GET", f"/v1/sessions/{session_id}")))  # type: ignore[no-any-return]
-
-    def update_hyperparams(self, session_id: str, group: int | None = None, **hyperparams: Any) -> dict[str, Any]:
-        """Change hyperparameters (e.g. ``lr=1e-4``) of every parameter group, or of ``group``."""
-        return protocol.read_json(self._send(protocol.update(group, hyperparams, session_id)))  # type: ignore[no-any-return]
-
-    def delete_session(self, session_id: str) -> None:
-        protocol.read_json(self._send(Call("DELETE", f"/v1/sessions/{session_id}")))
-
-    # --- tensors ----------------------------------------------------------------------------------------------
-
-    def step(
-        self,
-        session_id: str,
-        grads: Mapping[str, Any],
-        *,
-        if_match: int | None = None,
-        idempotency_key: str | None = None,
-        minimal: bool = False,
-        partial: bool = False,
-        changes: HyperparamChanges | None = None,
-        dtype: str | Mapping[str, str] | None = None,
-        answer_dtype: str | None = None,
-        retry: Retry | None = None,
-    ) -> StepResult:
-        """Apply one step (or one contribution, in an accumulating session).
-
-        Transport errors and 5xx answers are retried with the same ``Idempotency-Key`` (one is generated when none
-        is given), so the step is applied at most once. See :func:`optserve.client.protocol.step` for the options.
-        """
-        call = _step_call(
-            session_id,
-            grads,
-            idempotency_key,
-            if_match=if_match,
-            minimal=minimal,
-            partial=partial,
-            changes=changes,
-            dtype=dtype,
-            answer_dtype=answer_dtype,
-        )
-        return protocol.read_step(self._send(call, retry))
+    create_session = _blocking(core.create_session)
+    list_sessions = _blocking(core.list_sessions)
+    session = _blocking(core.session)
+    update_hyperparams = _blocking(core.update_hyperparams)
+    delete_session = _blocking(core.delete_session)
+    step = _blocking(core.step)
+    params = _blocking(core.params)
+    checkpoint = _blocking(core.checkpoint)
+    restore = _blocking(core.restore)
 
     def step_async(self, session_id: str, grads: Mapping[str, Any], **options: Any) -> Future[StepResult]:
         """:meth:`step` on this client's background thread: returns at once with a future of its result, so the
@@ -209,25 +163,10 @@ class Client(_Base):
         done. The options are :meth:`step`'s (pass ``if_match`` and ``idempotency_key`` for exactly once)."""
         return self._worker.submit(functools.partial(self.step, session_id, grads, **options))
 
-    def params(
-        self, session_id: str, *, min_step: int | None = None, timeout: float | None = None, dtype: str | None = None
-    ) -> tuple[int, dict[str, np.ndarray]]:
-        """(step, current parameters) of a session; with ``min_step``, once the session has reached that step
-        (the server waits up to ``timeout`` seconds, then answers with what it has); ``dtype`` float16 or bfloat16
-        rounds them on the wire."""
-        return protocol.read_tensors(self._send(protocol.params(session_id, min_step, timeout, dtype)))
-
-    def checkpoint(self, session_id: str) -> bytes:
-        """Everything needed to resume the session, as one safetensors file's bytes."""
-        return protocol.read_bytes(self._send(Call("GET", f"/v1/sessions/{session_id}/checkpoint")))
-
-    def restore(self, session_id: str, checkpoint: bytes) -> dict[str, Any]:
-        """Bring a session back from checkpoint bytes under ``session_id`` (created or replaced)."""
-        return protocol.read_json(self._send(protocol.restore(session_id, checkpoint)))  # type: ignore[no-any-return]
-
 
 class AsyncClient(_Base):
-    """The asyncio twin of :class:`Client` (same methods, awaited; same errors and retries)."""
+    """The asyncio driver of the same operations as :class:`Client` (same methods, awaited; same errors and
+    retries; a step's buffers are streamed as they are, not joined)."""
 
     def __init__(
         self,
@@ -251,97 +190,33 @@ class AsyncClient(_Base):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _send(self, call: Call, retry: Retry | None = None) -> Reply:
-        attempt = 0
-        while True:
-            try:
-                reply = await self._send_once(call)
-            except TransportError:
-                if (delay := protocol.retry_delay(call, attempt, retry or self.retry)) is None:
-                    raise
-            else:
-                if (delay := protocol.retry_delay(call, attempt, retry or self.retry, reply)) is None:
-                    return reply
-            await asyncio.sleep(delay)
-            attempt += 1
-
     async def _send_once(self, call: Call) -> Reply:
-        content = b"".join(call.content) if isinstance(call.content, list) else call.content
-        headers = {**self.credentials.headers(call.path), **call.headers}
-        try:
-            response = await self._http.request(
-                call.method, call.path, headers=headers, content=content, json=call.json
-            )
-        except httpx.TransportError as e:
-            raise TransportError(f"{call.method} {self.url}{call.path}: {e!r}") from e
-        return Reply(response.status_code, response.headers, response.content, response.reason_phrase)
-
-    async def create_session(
-        self,
-        params: Mapping[str, Any],
-        optimizer: str = "adamw",
-        *,
-        hyperparams: Mapping[str, Any] | None = None,
-        param_groups: Sequence[Mapping[str, Any]] | None = None,
-        session_id: str | None = None,
-        **options: Any,
-    ) -> dict[str, Any]:
-        call = protocol.create(params, optimizer, hyperparams, param_groups, session_id, **options)
-        info: dict[str, Any] = protocol.read_json(await self._send(call))
-        self.credentials.learn(info)
-        return info
-
-    async def list_sessions(self) -> list[dict[str, Any]]:
-        return protocol.read_json(await self._send(Call("GET", "/v1/sessions")))["sessions"]  # type: ignore[no-any-return]
-
-    async def session(self, session_id: str) -> dict[str, Any]:
-        return protocol.read_json(await self._send(Call("GET", f"/v1/sessions/{session_id}")))  # type: ignore[no-any-return]
-
-    async def update_hyperparams(self, session_id: str, group: int | None = None, **hyperparams: Any) -> dict[str, Any]:
-        return protocol.read_json(await self._send(protocol.update(group, hyperparams, session_id)))  # type: ignore[no-any-return]
-
-    async def delete_session(self, session_id: str) -> None:
-        protocol.read_json(await self._send(Call("DELETE", f"/v1/sessions/{session_id}")))
-
-    async def step(
-        self,
-        session_id: str,
-        grads: Mapping[str, Any],
-        *,
-        if_match: int | None = None,
-        idempotency_key: str | None = None,
-        minimal: bool = False,
-        partial: bool = False,
-        changes: HyperparamChanges | None = None,
-        dtype: str | Mapping[str, str] | None = None,
-        answer_dtype: str | None = None,
-        retry: Retry | None = None,
-    ) -> StepResult:
-        call = _step_call(
-            session_id,
-            grads,
-            idempotency_key,
-            if_match=if_match,
-            minimal=minimal,
-            partial=partial,
-            changes=changes,
-            dtype=dtype,
-            answer_dtype=answer_dtype,
+        """One request sent as it is (the core set its token and decides on retries)."""
+        content = _parts(call.content) if isinstance(call.content, list) else call.content
+        request = self._http.build_request(
+            call.method, call.path, headers=call.headers, content=content, json=call.json
         )
-        return protocol.read_step(await self._send(call, retry))
+        try:
+            response = await self._http.send(request, stream=True)
+            try:
+                await response.aread()
+                return Reply.of(response)
+            finally:
+                await response.aclose()
+        except httpx.TransportError as e:
+            raise self._failed(call, e) from e
+
+    create_session = _awaited(core.create_session)
+    list_sessions = _awaited(core.list_sessions)
+    session = _awaited(core.session)
+    update_hyperparams = _awaited(core.update_hyperparams)
+    delete_session = _awaited(core.delete_session)
+    step = _awaited(core.step)
+    params = _awaited(core.params)
+    checkpoint = _awaited(core.checkpoint)
+    restore = _awaited(core.restore)
 
     def step_async(self, session_id: str, grads: Mapping[str, Any], **options: Any) -> asyncio.Task[StepResult]:
         """:meth:`step` scheduled as a task of the running event loop: returns at once, the caller awaits the task
         when it needs the answer (and computes meanwhile). The options are :meth:`step`'s."""
         return asyncio.ensure_future(self.step(session_id, grads, **options))
-
-    async def params(
-        self, session_id: str, *, min_step: int | None = None, timeout: float | None = None, dtype: str | None = None
-    ) -> tuple[int, dict[str, np.ndarray]]:
-        return protocol.read_tensors(await self._send(protocol.params(session_id, min_step, timeout, dtype)))
-
-    async def checkpoint(self, session_id: str) -> bytes:
-        return protocol.read_bytes(await self._send(Call("GET", f"/v1/sessions/{session_id}/checkpoint")))
-
-    async def restore(self, session_id: str, checkpoint: bytes) -> dict[str, Any]:
-        return protocol.read_json(await self._send(protocol.restore(session_id, checkpoint)))  # type: ignore[no-any-return]

@@ -12,7 +12,6 @@ With ``overlap=True`` the step runs in the background while the loop computes th
 from __future__ import annotations
 
 import functools
-import uuid
 from collections.abc import Mapping, MutableMapping, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -20,11 +19,10 @@ from typing import Any
 import numpy as np
 
 from . import wire
-from .errors import PreconditionFailed
 from .http import Client
-from .inflight import InFlight, Worker
 from .lease import Lease, settle
 from .protocol import Retry, StepResult
+from .stepping import Answer, Sequencer, exchange
 
 
 class RemoteOptimizer:
@@ -81,13 +79,7 @@ class RemoteOptimizer:
         overlap_warmup: int = 0,
         **hyperparams: Any,
     ) -> None:
-        if overlap_warmup < 0:
-            raise ValueError(f"overlap_warmup must be >= 0, got {overlap_warmup}")
-        self.overlap = overlap
-        self.overlap_warmup = overlap_warmup
-        self.steps_taken = 0  # steps this optimizer took (the warm-up counts them)
-        self._inflight: InFlight[Any] = InFlight()
-        self._worker = Worker()
+        self._inflight: Sequencer[Any] = Sequencer(overlap, overlap_warmup)
         self.params = params
         self.timeout = timeout
         self.wire_dtype = wire.check_wire_dtype(wire_dtype)
@@ -121,6 +113,19 @@ class RemoteOptimizer:
         if session_id is not None:
             self.pull()
 
+    @property
+    def overlap(self) -> bool:
+        return self._inflight.overlap
+
+    @property
+    def overlap_warmup(self) -> int:
+        return self._inflight.warmup
+
+    @property
+    def steps_taken(self) -> int:
+        """Steps this optimizer took (the warm-up counts them)."""
+        return self._inflight.taken
+
     def pull(self, min_step: int | None = None) -> MutableMapping[str, np.ndarray]:
         """Copy the server's parameters into ``params`` and adopt its step counter (waiting for ``min_step``)."""
         self._inflight.settle()
@@ -142,14 +147,9 @@ class RemoteOptimizer:
         With ``overlap=True`` (after the warm-up), it writes the step in flight into ``params``, sends this one in
         the background and returns ``params`` as they are: updated by the previous step, not by this one."""
         self._inflight.settle()
-        pipelined = self.overlap and self.steps_taken >= self.overlap_warmup
+        pipelined = self._inflight.pipelined()
         ordered = self._ordered(grads, copy=pipelined)
-        self.steps_taken += 1
-        if pipelined:
-            job = functools.partial(self._exchange, ordered, self.step_count)
-            self._inflight.start(self._worker.submit(job), self._apply)
-        else:
-            self._apply(self._exchange(ordered, self.step_count))
+        self._inflight.take(functools.partial(self._exchange, ordered, self.step_count), self._apply, pipelined)
         return self.params
 
     def step_async(self, grads: Mapping[str, np.ndarray]) -> Future[MutableMapping[str, np.ndarray]]:
@@ -160,15 +160,12 @@ class RemoteOptimizer:
         failed."""
         self._inflight.settle()
         ordered = self._ordered(grads, copy=True)
-        self.steps_taken += 1
 
         def job() -> MutableMapping[str, np.ndarray]:
             self._apply(self._exchange(ordered, self.step_count))
             return self.params
 
-        future = self._worker.submit(job)
-        self._inflight.start(future, None)
-        return future
+        return self._inflight.take_async(job)
 
     def synchronize(self) -> MutableMapping[str, np.ndarray]:
         """Wait for the step in flight and write its answer into ``params`` (its error raised here); returns
@@ -184,40 +181,28 @@ class RemoteOptimizer:
         ordered.update({name: convert(grads[name]) for name in grads if name not in ordered})
         return ordered
 
-    def _exchange(self, ordered: dict[str, np.ndarray], if_match: int) -> tuple[StepResult, int, Any]:
-        """One step's round trip: it touches no parameter (it may run in the background)."""
+    def _exchange(self, ordered: dict[str, np.ndarray], if_match: int) -> Answer:
+        """One step's round trip (:func:`optserve.client.stepping.exchange`): it touches no parameter."""
+        return exchange(
+            self.client,
+            self.session_id,
+            ordered,
+            if_match,
+            timeout=self.timeout,
+            retry=self.retry,
+            on_resync=self._resynced,
+            dtype=self.wire_dtype,
+            answer_dtype=self.wire_dtype,
+        )
 
-        def send(at: int) -> StepResult:
-            return self.client.step(
-                self.session_id,
-                ordered,
-                if_match=at,
-                idempotency_key=uuid.uuid4().hex,
-                dtype=self.wire_dtype,
-                answer_dtype=self.wire_dtype,
-                retry=self.retry,
-            )
+    def _resynced(self) -> None:
+        self.resyncs += 1
 
-        try:
-            result = send(if_match)
-        except PreconditionFailed as e:
-            if not e.server_behind(if_match):
-                raise  # someone else stepped this session: not ours to paper over
-            # The server restarted from a snapshot older than our last step: apply this step at its step (the
-            # answer carries every parameter).
-            self.resyncs += 1
-            if_match = self.client.params(self.session_id)[0]
-            result = send(if_match)
-        if result.params is None:  # a contribution: the step completes when the other contributors have sent theirs
-            step, tensors = self.client.params(self.session_id, min_step=if_match + 1, timeout=self.timeout)
-            return result, step, tensors
-        return result, result.step, result.params
-
-    def _apply(self, answer: tuple[StepResult, int, Any]) -> None:
-        result, self.step_count, tensors = answer
-        self.last = result
-        self._assign(tensors)
-        result.release()  # copied into params: the receive buffer can serve the next step
+    def _apply(self, answer: Answer) -> None:
+        self.step_count = answer.step
+        self.last = answer.result
+        self._assign(answer.tensors)
+        answer.result.release()  # copied into params: the receive buffer can serve the next step
 
     def set_hyperparams(self, group: int | None = None, **hyperparams: Any) -> None:
         """Change hyperparameters on the server (e.g. ``lr=1e-4``), for every group or for ``group``; after the step
@@ -232,7 +217,7 @@ class RemoteOptimizer:
         try:
             self._inflight.settle()
         finally:
-            self._worker.close()
+            self._inflight.close()
             settle(self._lease, self.client, self.session_id, delete)
             if self._owns_client:
                 self.client.close()

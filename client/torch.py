@@ -61,11 +61,10 @@ from torch.optim.optimizer import _device_dtype_check_for_fused, _get_capturable
 from typing_extensions import Unpack
 
 from . import checkpoint, wire
-from .errors import PreconditionFailed
 from .http import Client
-from .inflight import InFlight, Worker
 from .lease import Lease, settle
-from .protocol import Retry, StepResult
+from .protocol import Retry
+from .stepping import Answer, Sequencer, exchange
 
 __all__ = ["RemoteAdam", "RemoteAdamW", "RemoteSGD", "RemoteRMSprop", "RemoteRAdam", "RemoteNAdam", "RemoteAdafactor"]
 
@@ -125,15 +124,6 @@ class RemoteOptions(TypedDict, total=False):
 
 
 @dataclass
-class _Answer:
-    """A step's answer: the server's result, and the session's step and parameters to write into the model."""
-
-    result: StepResult
-    step: int
-    tensors: Mapping[str, np.ndarray]
-
-
-@dataclass
 class _Handed:
     """What the last ``state_dict()`` handed out, to recognise it when it is loaded back unchanged."""
 
@@ -178,13 +168,8 @@ class _RemoteOptimizer(Optimizer):
         self._names: list[str] = []
         self._params: list[torch.Tensor] = []
         self._connected = False
-        self._overlap = bool(remote.get("overlap", False))
-        self._overlap_warmup = int(remote.get("overlap_warmup", 0))
-        if self._overlap_warmup < 0:
-            raise ValueError(f"overlap_warmup must be >= 0, got {self._overlap_warmup}")
-        self._inflight: InFlight[_Answer] = InFlight()
-        self._worker = Worker()
-        self._steps_taken = 0  # steps taken by this optimizer (the warm-up counts them)
+        overlap, warmup = bool(remote.get("overlap", False)), int(remote.get("overlap_warmup", 0))
+        self._inflight: Sequencer[Answer] = Sequencer(overlap, warmup)
         self._snapshot: dict[str, torch.Tensor] = {}  # gradient copies of the step in flight, reused
         self._flat_entries: tuple[wire.TensorEntry, ...] | None = None  # an answer layout checked for _copy_in_flat
         self._flat_key: list[tuple[int, torch.Size]] | None = None  # the parameters the flat views were made of
@@ -405,18 +390,14 @@ class _RemoteOptimizer(Optimizer):
                 grads.append(g)
         if not grads:
             return loss
-        pipelined = self._overlap and self._steps_taken >= self._overlap_warmup
+        pipelined = self._inflight.pipelined()
         # in flight, the gradients are copied: the loop may zero or accumulate into p.grad in place meanwhile
         arrays = self._copy_grads(names, grads) if pipelined else [_to_numpy(g) for g in grads]
         # bfloat16 travels as bfloat16 (numpy has no such type: the arrays hold float32 copies, exact)
         dtype = self._wire_dtype or ({n: "bfloat16" for n, g in zip(names, grads) if g.dtype == torch.bfloat16} or None)
         now, changes = self._changes()
-        exchange = functools.partial(self._exchange, dict(zip(names, arrays)), dtype, changes, self._step_count)
-        self._steps_taken += 1
-        if pipelined:
-            self._inflight.start(self._worker.submit(exchange), functools.partial(self._finish, now))
-        else:
-            self._finish(now, exchange())
+        send = functools.partial(self._exchange, dict(zip(names, arrays)), dtype, changes, self._step_count)
+        self._inflight.take(send, functools.partial(self._finish, now), pipelined)
         return loss
 
     def synchronize(self) -> None:
@@ -443,37 +424,22 @@ class _RemoteOptimizer(Optimizer):
         dtype: str | dict[str, str] | None,
         changes: list[dict[str, Any] | None] | None,
         if_match: int,
-    ) -> _Answer:
-        """One step's round trip (on the caller's thread, or in the background): it touches no parameter."""
+    ) -> Answer:
+        """One step's round trip (:func:`optserve.client.stepping.exchange`): it touches no parameter."""
+        return exchange(
+            self.client,
+            self.session_id,
+            grads,
+            if_match,
+            timeout=self._timeout,
+            retry=self._retry,
+            partial=len(grads) < len(self._names),
+            changes=changes,
+            dtype=dtype,
+            answer_dtype=self._wire_dtype,
+        )
 
-        def send(at: int) -> StepResult:
-            return self.client.step(
-                self.session_id,
-                grads,
-                if_match=at,
-                idempotency_key=uuid.uuid4().hex,
-                partial=len(grads) < len(self._names),
-                changes=changes,
-                dtype=dtype,
-                answer_dtype=self._wire_dtype,
-                retry=self._retry,
-            )
-
-        try:
-            result = send(if_match)
-        except PreconditionFailed as e:
-            if not e.server_behind(if_match):
-                raise
-            # The server restarted from a snapshot older than our last step: step there (the answer carries every
-            # parameter of the session).
-            if_match = self.client.params(self.session_id)[0]
-            result = send(if_match)
-        if result.params is None:  # a contribution: wait for the other contributors to complete the step
-            step, tensors = self.client.params(self.session_id, min_step=if_match + 1, timeout=self._timeout)
-            return _Answer(result, step, tensors)
-        return _Answer(result, result.step, result.params)
-
-    def _finish(self, sent: list[dict[str, Any]], answer: _Answer) -> None:
+    def _finish(self, sent: list[dict[str, Any]], answer: Answer) -> None:
         """A step's answer in: the parameters written into the model, the hyperparameters it was sent with noted."""
         self._version += 1
         self._sent = sent
@@ -656,7 +622,7 @@ class _RemoteOptimizer(Optimizer):
         try:
             self._inflight.settle()
         finally:
-            self._worker.close()
+            self._inflight.close()
             settle(self._lease, self.client, self.session_id, delete)
             if self._owns_client:
                 self.client.close()
