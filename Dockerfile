@@ -19,13 +19,16 @@ WORKDIR /app
 ARG OPTSERVE_EXTRAS=server
 
 # Dependencies first, in their own layer: it is rebuilt only when pyproject.toml changes, not on every code change.
+# The stub packages and setuptools' build folder go with it: the build folder's empty stub __init__.py files are
+# newer than the copied code's, and setuptools would put them, not the code, into the wheel.
 # The server's dependencies are the [server] extra (pip only warns while a pyproject.toml has no such extra), or the
 # [ray] one.
 COPY pyproject.toml README.md ./
 RUN mkdir -p service/algorithms client \
     && touch service/__init__.py service/algorithms/__init__.py client/__init__.py \
     && pip install "./[${OPTSERVE_EXTRAS}]" \
-    && pip uninstall --yes optserve
+    && pip uninstall --yes optserve \
+    && rm -rf build ./*.egg-info service client
 
 COPY service/ service/
 COPY client/ client/
