@@ -48,7 +48,8 @@ from ray.exceptions import RayActorError, RayTaskError  # noqa: E402
 from ray.experimental import internal_kv  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
-from optserve.client.wire import Safetensors  # noqa: E402
+from optserve.client import wire  # noqa: E402
+from optserve.client.wire import Safetensors, WireError  # noqa: E402
 
 from . import (  # noqa: E402
     checkpoint,
@@ -968,8 +969,8 @@ class RayStore:
             return result
         if not access.admin:
             raise access.missing(session_id)
-        whole = await to_thread.run_sync(checkpoint.load, data, session_id)
-        if whole.config.shards > 1:  # exported from a sharded session: sharded again
+        if _shards_of(data) > 1:  # exported from a sharded session: sharded again (else the host loads it, once)
+            whole = await to_thread.run_sync(checkpoint.load, data, session_id)
             split = await to_thread.run_sync(shards.split, whole, whole.config.shards)
             parts = [(p.id, p.config, checkpoint.dump(p), None) for p in split]
             return await self._create_sharded(session_id, parts), False
@@ -985,6 +986,16 @@ class RayStore:
             raise
         self._where[session_id] = name
         return info, replaced
+
+
+def _shards_of(body: bytes) -> int:
+    """The ``shards`` a checkpoint's config asks for, read from its header alone (1 when it cannot be read: the
+    host's full load then answers what is wrong with it)."""
+    try:
+        config = wire.loads(wire.parse(body).metadata.get("config", "{}"), "checkpoint config")
+        return int(config.get("shards", 1)) if isinstance(config, dict) else 1
+    except (WireError, TypeError, ValueError):
+        return 1
 
 
 class _HostGone(Exception):
