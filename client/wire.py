@@ -25,7 +25,7 @@ import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -230,6 +230,7 @@ class Safetensors:
     entries: tuple[TensorEntry, ...]
     metadata: dict[str, str]
     data: memoryview
+    body: memoryview | None = field(default=None, compare=False, repr=False)  # the whole body (header and data)
 
     def raw(self, entry: TensorEntry) -> np.ndarray:
         """The tensor as stored (BF16 as uint16 bits): a read-only view into the body, no copy."""
@@ -327,7 +328,7 @@ def parse(body: bytes | bytearray | memoryview, max_header_bytes: int = DEFAULT_
     end = max((e.stop for e in entries), default=0)
     if end != len(data):
         raise WireError(f"tensors cover {end} bytes of data but the body carries {len(data)}")
-    return Safetensors(entries, dict(metadata), data)
+    return Safetensors(entries, dict(metadata), data, view)
 
 
 def _remember(raw: bytes, parsed: tuple[tuple[TensorEntry, ...], dict[str, str]]) -> None:

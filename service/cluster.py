@@ -31,9 +31,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
+import secrets
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,13 +56,15 @@ from optserve.client.wire import Safetensors, WireError  # noqa: E402
 
 from . import (  # noqa: E402
     checkpoint,
+    direct,
     fused,  # noqa: E402
     shards,
 )
 from .algorithms import get as algorithm  # noqa: E402
 from .auth import ADMIN, Access  # noqa: E402
 from .bodies import POOL  # noqa: E402
-from .errors import Conflict, ServiceError, SessionNotFound, StorageUnavailable  # noqa: E402
+from .direct import DirectPool, DirectServer, Mappings, NotSent, ProtocolError, Segments  # noqa: E402
+from .errors import BadRequest, Conflict, ServiceError, SessionNotFound, StorageUnavailable  # noqa: E402
 from .layout import FlatLayout  # noqa: E402
 from .persistence import Saver, Snapshots  # noqa: E402
 from .session import MAX_SHARDS, SessionConfig, StepResult, sum_of_squares  # noqa: E402
@@ -145,6 +150,15 @@ def directory(namespace: str) -> dict[str, str]:
     return out
 
 
+def direct_secret(namespace: str) -> str:
+    """The deployment's secret for the direct data path (made by whichever front or host asks first)."""
+    key = b"direct/secret"
+    internal_kv._internal_kv_put(key, secrets.token_hex(32).encode(), overwrite=False, namespace=namespace)
+    value = internal_kv._internal_kv_get(key, namespace=namespace)
+    assert value is not None
+    return value.decode()
+
+
 def host_name(node_id: str) -> str:
     return HOST_PREFIX + node_id
 
@@ -202,6 +216,11 @@ class SessionHost:
         self._led: dict[str, _Led] = {}  # sharded sessions whose shard 0 is here: this host leads them
         self._leading: dict[str, asyncio.Lock] = {}
         self._peers: dict[str, Any] = {}  # the other hosts, by name
+        self._direct: DirectServer | None = None  # the direct data path (see optserve.service.direct)
+        self._address: tuple[str, int] | None = None
+        self._maps = Mappings()
+        self.direct_steps = self.shared_steps = 0  # steps that came over the direct path; in shared memory
+        self._layouts: weakref.WeakKeyDictionary[FlatLayout, bytes] = weakref.WeakKeyDictionary()
 
     async def _ready(self) -> MemoryStore:
         """Start once, on the first call (also after Ray restarted this actor with empty memory)."""
@@ -214,6 +233,9 @@ class SessionHost:
         np.seterr(over="ignore", invalid="ignore")
         await to_thread.run_sync(fused.warm_up)
         await self.store.start()
+        secret = await to_thread.run_sync(direct_secret, self.config.namespace)
+        self._direct = DirectServer(secret, self._direct_step, POOL.take)
+        self._address = await self._direct.start(ray.util.get_node_ip_address())
         owned = [sid for sid, host in (await to_thread.run_sync(directory, self.config.namespace)).items()
                  if host == self.name]  # fmt: skip
         for session_id in owned:
@@ -237,6 +259,60 @@ class SessionHost:
         await self._ready()
         return self.name
 
+    async def endpoint(self) -> tuple[str, int]:
+        """The address of this host's direct data path."""
+        await self._ready()
+        assert self._address is not None
+        return self._address
+
+    async def _direct_step(
+        self, header: dict[str, Any], data: memoryview
+    ) -> tuple[dict[str, Any], bytes, tuple[Any, ...]]:
+        """A step that came over the direct data path: the request's frame in, the answer's frame out."""
+        try:
+            store = await self._ready()
+            if header.get("op") != "step":
+                raise ProtocolError(f"no operation {header.get('op')!r} on the direct path")
+            admin, digest = header["access"]
+            access = Access(bool(admin), str(digest))
+            session_id = str(header["session"])
+            body = self._maps.view(header["body"]) if "body" in header else data
+            try:
+                grads = wire.parse(body, 1 << 30)  # the front checked its limit
+            except WireError as e:
+                raise BadRequest(str(e)) from None
+            r = header["request"]
+            out = self._maps.view(header["out"]).view(np.float32) if "out" in header else None
+            if_match = frozenset(int(i) for i in r["if_match"]) if r["if_match"] is not None else None
+            request = StepRequest(if_match, r["key"], bool(r["want_params"]), bool(r["partial"]), r["changes"],
+                                  out=out)  # fmt: skip
+            self.direct_steps += 1
+            self.shared_steps += "body" in header or "out" in header
+            if self._sharded(session_id):
+                result = await self._sharded_step(access, session_id, grads, request)
+            else:
+                result = await store.step(access, session_id, grads, request)
+        except ServiceError as e:
+            return direct.error_header(e), b"", ()
+        except (ProtocolError, KeyError, TypeError, ValueError) as e:
+            raise ProtocolError(f"a step frame that is not one: {e!r}") from None
+        except Exception as e:  # noqa: BLE001 - answered as the Ray path would (a 500 on the front), and logged
+            log.exception("direct step of %s failed", header.get("session"))
+            return direct.error_header(e), b"", ()
+        answer: dict[str, Any] = {"status": result.status, "step": result.step, "skipped": result.skipped,
+                                  "grad_norm": result.grad_norm, "awaiting": result.awaiting}  # fmt: skip
+        if result.params is None or result.layout is None:
+            return answer, b"", ()
+        layout = self._layouts.get(result.layout)
+        if layout is None:
+            layout = json.dumps([[s.name, list(s.shape), s.group] for s in result.layout.slots]).encode()
+            self._layouts[result.layout] = layout
+        if out is not None and result.params is out:
+            answer["params"] = "out"
+            return answer, layout, ()
+        answer["params"] = "data"
+        return answer, layout, (result.params,)
+
     async def stats(self) -> dict[str, Any]:
         store = await self._ready()
         s = store.stats()
@@ -244,7 +320,9 @@ class SessionHost:
                 "parameters": s.parameters, "memory_bytes": s.state_bytes,
                 "free_bytes": store.limits.memory_budget_bytes - s.state_bytes, "evictions": s.evictions,
                 "reloads": s.reloads, "expired": s.expired, "snapshot_failures": store.saver.failures if store.saver
-                else 0, "snapshots_failing": bool(store.saver and store.saver.failing)}  # fmt: skip
+                else 0, "snapshots_failing": bool(store.saver and store.saver.failing),
+                "direct": {"address": ":".join(map(str, self._address or ())) or None, "steps": self.direct_steps,
+                           "shared_memory": self.shared_steps}}  # fmt: skip
 
     async def create(
         self, session_id: str, config: SessionConfig, params: Mapping[str, np.ndarray], token_digest: str | None
@@ -409,7 +487,7 @@ class SessionHost:
                 lo, hi = led.ranges[j]
                 return access, ("arrays", shards.pieces(led.layout, j, lo, hi, flat, present)), req
 
-            dry = dataclasses.replace(request, sumsq=sumsq, dry=True, want_params=False)
+            dry = dataclasses.replace(request, sumsq=sumsq, dry=True, want_params=False, out=None)
             checks: list[StepResult] = await self._each(led, session_id, "step", lambda j: part(j, dry))
             if len({c.step for c in checks}) > 1:  # a failure left the shards apart: all back to one snapshot
                 step = await self._realign(led, session_id)
@@ -417,14 +495,19 @@ class SessionHost:
                     f"the shards of session {session_id!r} were brought back to their common snapshot at step {step} "
                     "after a failure; retry (with the same Idempotency-Key, or resynchronise after a 412)"
                 )
-            real = dataclasses.replace(request, sumsq=sumsq, skip=any(c.skipped for c in checks))
+            real = dataclasses.replace(request, sumsq=sumsq, skip=any(c.skipped for c in checks), out=None)
             results: list[StepResult] = await self._each(led, session_id, "step", lambda j: part(j, real))
             first = results[0]
             if first.status in ("applied", "skipped"):
                 await self._aligned_snapshot(led, session_id, first.step)
         params = None
         if request.want_params and all(r.params is not None for r in results):
-            params = POOL.take(4 * led.layout.size).view(np.float32)
+            out = request.out
+            params = (
+                out
+                if out is not None and out.size == led.layout.size
+                else POOL.take(4 * led.layout.size).view(np.float32)
+            )
             for (lo, hi), r in zip(led.ranges, results):
                 assert r.layout is not None and r.params is not None
                 shards.place(led.layout, lo, hi, params, r.layout, r.params)
@@ -641,7 +724,7 @@ class Coordinator:
         for node_id, alive in everything.items():
             stats = self.stats.get(host_name(node_id), {})
             nodes.append({"node_id": node_id, "alive": alive, "sessions": stats.get("sessions", []),
-                          "memory_bytes": stats.get("memory_bytes", 0)})  # fmt: skip
+                          "memory_bytes": stats.get("memory_bytes", 0), "direct": stats.get("direct")})  # fmt: skip
         return {"nodes": nodes, "recovered": self.recovered}
 
     async def totals(self) -> dict[str, Any]:
@@ -686,12 +769,30 @@ class RayStore:
         self._coordinator: Any = None
         self._totals: dict[str, Any] = {}
         self._last_totals = 0.0
+        # the direct data path of steps (see optserve.service.direct)
+        self._direct: DirectPool | None = None
+        self._endpoints: dict[str, tuple[str, int]] = {}  # host name -> its direct address
+        self._segments: Segments | None = None  # shared memory with the host of this front's node, if it has one
+        self._local_host = ""
+        self._no_shm: set[str] = set()  # hosts that cannot open this front's shared memory
+        self._sizes: dict[str, int] = {}  # session id -> parameters in its last answer (the next answer's buffer)
+        self._layouts: dict[bytes, FlatLayout] = {}
+        self._pool_make: Any = None
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         await to_thread.run_sync(self._connect)
         await self._coordinator.start.remote()
+        if self.settings.ray_direct:
+            self._direct = DirectPool(await to_thread.run_sync(direct_secret, self.namespace))
+            node_id = ray.get_runtime_context().get_node_id()
+            if node_id in await to_thread.run_sync(host_nodes) and Segments.available():
+                # this node has a host: large bodies and answers in shared memory it can read and write
+                await to_thread.run_sync(Segments.sweep)
+                self._segments = Segments()
+                self._local_host = host_name(node_id)
+                self._pool_make, POOL.make = POOL.make, self._segments.make
         await self._refresh_totals()
         self.ready = True
 
@@ -723,6 +824,12 @@ class RayStore:
 
     async def stop(self) -> None:
         self.ready = False
+        if self._direct is not None:
+            self._direct.close()
+        if self._segments is not None:
+            POOL.make = self._pool_make
+            self._segments.close()
+            self._segments = None
         if self._started_ray:  # the cluster goes with this front: its sessions are written first
             with _suppress_gone():
                 await self._coordinator.flush.remote()
@@ -784,13 +891,16 @@ class RayStore:
             self._handles.pop(name, None)
             return None
 
-    async def _call(self, access: Access, session_id: str, method: str, *args: Any) -> Any:
+    async def _call(
+        self, access: Access, session_id: str, method: str, *args: Any, via: Callable[[str], Any] | None = None
+    ) -> Any:
         """``method`` on the session's host, waiting for a host that is gone to come back (or its sessions to be
         recovered elsewhere) for ``ray_recovery_seconds``; then 503.
 
         A change (``MUTATING``) whose host dies while it runs is not sent again: it may have been applied (and
         snapshotted) before the host died, so it answers 503 and the client's retry, with its Idempotency-Key or
-        If-Match, decides. Reads are simply asked again of the recovered host."""
+        If-Match, decides. Reads are simply asked again of the recovered host. ``via(host name)``, when given, does
+        the call another way than an actor call (a step on the direct path)."""
         deadline = time.monotonic() + self.settings.ray_recovery_seconds
         fresh = False
         while True:
@@ -805,16 +915,30 @@ class RayStore:
                     host = None
             if host is not None:
                 try:
-                    return await self._await(getattr(host, method).remote(access, session_id, *args), session_id)
+                    if via is not None and name is not None:
+                        work = asyncio.ensure_future(via(name))
+                    else:
+                        work = asyncio.wrap_future(getattr(host, method).remote(access, session_id, *args).future())
+                    return await self._await(work, session_id)
                 except RayTaskError as e:
                     cause = _cause(e)
                     if isinstance(cause, SessionNotFound) and not fresh:  # moved since we looked: look again
                         fresh = True
                         continue
                     raise cause from None
-                except (*GONE, _HostGone):
+                except SessionNotFound:  # (the direct path)
+                    if fresh:
+                        raise
+                    fresh = True
+                    continue
+                except NotSent:  # the direct path found nobody listening: nothing was sent, wait and look again
                     if name is not None:
                         self._suspect.add(name)
+                        self._endpoints.pop(name, None)
+                except (*GONE, _HostGone, OSError, ProtocolError):  # OSError, ProtocolError: the direct path's
+                    if name is not None:
+                        self._suspect.add(name)
+                        self._endpoints.pop(name, None)
                     if method in MUTATING:
                         raise StorageUnavailable(
                             f"the host of session {session_id!r} went down during the request, which may or may not "
@@ -825,10 +949,9 @@ class RayStore:
             await asyncio.sleep(0.2)
             fresh = True
 
-    async def _await(self, ref: Any, session_id: str) -> Any:
+    async def _await(self, future: asyncio.Future[Any], session_id: str) -> Any:
         """The answer of a call to a host; a call whose host's node died never answers, so every second the wait
         checks that the session's host is still alive and still its host (else :class:`_HostGone`)."""
-        future = asyncio.wrap_future(ref.future())
         name = self._where.get(session_id)
         while True:
             done, _ = await asyncio.wait({future}, timeout=1.0)
@@ -943,12 +1066,79 @@ class RayStore:
     async def delete(self, access: Access, session_id: str) -> None:
         await self._call(access, session_id, "delete")
         self._where.pop(session_id, None)
+        self._sizes.pop(session_id, None)
 
     async def step(
         self, access: Access, session_id: str, grads: Safetensors | Mapping[str, np.ndarray], request: StepRequest
     ) -> StepResult:
-        result: StepResult = await self._call(access, session_id, "step", portable(grads), request)
+        if self._direct is not None and isinstance(grads, Safetensors) and grads.body is not None:
+            body = grads.body
+
+            def via(name: str) -> Any:
+                return self._direct_step(name, access, session_id, body, request)
+
+            result: StepResult = await self._call(access, session_id, "step", via=via)
+        else:
+            result = await self._call(access, session_id, "step", portable(grads), request)
         return result
+
+    async def _endpoint(self, name: str) -> tuple[str, int]:
+        address = self._endpoints.get(name)
+        if address is None:
+            try:
+                host, port = await self._handle(name).endpoint.remote()
+            except (*GONE, ValueError, RayTaskError) as e:
+                raise NotSent(f"{name}: {e}") from None
+            address = self._endpoints[name] = (str(host), int(port))
+        return address
+
+    async def _direct_step(
+        self, name: str, access: Access, session_id: str, body: memoryview, request: StepRequest
+    ) -> StepResult:
+        """A step over the direct data path to host ``name`` (see :mod:`optserve.service.direct`)."""
+        assert self._direct is not None
+        address = await self._endpoint(name)
+        changes = request.changes
+        header: dict[str, Any] = {"op": "step", "session": session_id, "access": [access.admin, access.digest],
+                                  "request": {"if_match": sorted(request.if_match) if request.if_match is not None
+                                              else None, "key": request.key, "want_params": request.want_params,
+                                              "partial": request.partial, "changes": changes}}  # fmt: skip
+        data: list[Any] = [body]
+        out = None
+        if self._segments is not None and name == self._local_host and name not in self._no_shm:
+            ref = self._segments.find(body)
+            if ref is not None:  # the host reads the body where it lies
+                header["body"], data = ref, []
+            size = self._sizes.get(session_id, 0)
+            if request.want_params and 4 * size >= direct.SHM_MIN:  # and writes the parameters into our buffer
+                out = POOL.take(4 * size)
+                ref = self._segments.find(out)
+                if ref is not None:
+                    header["out"] = ref
+                else:
+                    out = None
+        answer, layout_bytes, params = await self._direct.exchange(address, header, data, POOL.take)
+        if (answer.get("error") or {}).get("class") == "NoSharedMemory":  # nothing was done: send the bytes
+            log.warning("session host %s cannot open this front's shared memory: sending bytes to it", name)
+            self._no_shm.add(name)
+            return await self._direct_step(name, access, session_id, body, request)
+        direct.raise_error(answer)
+        layout = None
+        if layout_bytes:
+            layout = self._layouts.get(layout_bytes)
+            if layout is None:
+                if len(self._layouts) > 1024:
+                    self._layouts.clear()
+                layout = FlatLayout([(n, tuple(shape), g) for n, shape, g in json.loads(layout_bytes)])
+                self._layouts[layout_bytes] = layout
+            self._sizes[session_id] = layout.size
+        flat = None
+        if answer.get("params") == "out" and out is not None:
+            flat = out.view(np.float32)
+        elif answer.get("params") == "data":
+            flat = np.frombuffer(params, dtype=np.float32)
+        return StepResult(answer["status"], int(answer["step"]), flat, bool(answer["skipped"]), answer["grad_norm"],
+                          int(answer["awaiting"]), layout=layout)  # fmt: skip
 
     async def params(
         self, access: Access, session_id: str, min_step: int | None = None, timeout: float = 0.0

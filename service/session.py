@@ -352,13 +352,15 @@ class Session:
         sumsq: float | None = None,
         dry: bool = False,
         skip: bool = False,
+        out: np.ndarray | None = None,
     ) -> StepResult:
         """Apply one step, or one contribution to it (see the module docstring for the order of checks).
 
         With ``blocking=False`` a session busy with another request raises :class:`SessionBusy` at once. A shard
         (see :class:`ShardOf`) is stepped with the whole gradient's ``sumsq`` (its norm decides clipping), first
         ``dry`` (every check made, nothing written: "checked", ``skipped`` if the step would be skipped), then for
-        real, with ``skip`` when any shard would skip it.
+        real, with ``skip`` when any shard would skip it. The parameters answered are copied into ``out`` when it
+        is given and of their size (a Ray front's shared memory), else into a pool buffer.
         """
         if not self.lock.acquire(blocking):
             raise SessionBusy(self.id)
@@ -367,7 +369,7 @@ class Session:
             if key is not None and key in self.keys:
                 if dry:
                     return self._replay_check(key, self.keys[key])
-                return self._replay(key, self.keys[key], want_params)
+                return self._replay(key, self.keys[key], want_params, out)
             if if_match is not None and self.step_count not in if_match:
                 named = ", ".join(map(str, sorted(if_match))) or "no step number"
                 raise PreconditionFailed(
@@ -438,7 +440,7 @@ class Session:
             if key is not None:
                 self._remember(key, record)
             status: Literal["applied", "skipped"] = "applied" if applied else "skipped"
-            return StepResult(status, self.step_count, self._params_copy(want_params), not applied, norm)
+            return StepResult(status, self.step_count, self._params_copy(want_params, out), not applied, norm)
 
     @property
     def closed(self) -> bool:
@@ -450,7 +452,7 @@ class Session:
         if self.gone is not None:
             raise SessionMoved(f"session {self.id!r} was {self.gone}")
 
-    def _replay(self, key: str, record: KeyRecord, want_params: bool) -> StepResult:
+    def _replay(self, key: str, record: KeyRecord, want_params: bool, out: np.ndarray | None = None) -> StepResult:
         """The answer to a retried request whose key is known (without applying anything)."""
         if record.outcome == "accepted":  # a contribution to the step still being gathered
             self.counters.replays += 1
@@ -464,7 +466,11 @@ class Session:
             )
         self.counters.replays += 1
         return StepResult(
-            "replayed", self.step_count, self._params_copy(want_params), record.outcome == "skipped", record.grad_norm
+            "replayed",
+            self.step_count,
+            self._params_copy(want_params, out),
+            record.outcome == "skipped",
+            record.grad_norm,
         )
 
     def _replay_check(self, key: str, record: KeyRecord) -> StepResult:
@@ -634,10 +640,11 @@ class Session:
         while len(self.keys) > MAX_IDEMPOTENCY_KEYS:
             self.keys.popitem(last=False)
 
-    def _params_copy(self, wanted: bool) -> np.ndarray | None:
+    def _params_copy(self, wanted: bool, out: np.ndarray | None = None) -> np.ndarray | None:
         if not wanted:
             return None
-        out = POOL.take(self.params.nbytes).view(np.float32)  # reused memory: no page faults on every step
+        if out is None or out.nbytes != self.params.nbytes:
+            out = POOL.take(self.params.nbytes).view(np.float32)  # reused memory: no page faults on every step
         out[:] = self.params
         return out
 

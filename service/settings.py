@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     shard_bytes: int = Field(
         default=0, ge=0, description="Ray store: shard sessions of more state bytes than this (0: on request)"
     )
+    ray_direct: bool = Field(
+        default=True, description="Ray store: steps go to their host over its own socket (false: as Ray actor calls)"
+    )
     ray_recovery_seconds: float = Field(
         default=60.0, gt=0, description="how long a request waits for a session whose host is gone (then 503)"
     )

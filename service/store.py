@@ -114,6 +114,8 @@ class StepRequest:
     sumsq: float | None = None
     dry: bool = False
     skip: bool = False
+    # where the answer's parameters go when it fits them (the Ray store's direct path: a front's shared memory)
+    out: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -693,6 +695,7 @@ class MemoryStore:
                 sumsq=request.sumsq,
                 dry=request.dry,
                 skip=request.skip,
+                out=request.out,
             )
 
         if session.params.nbytes <= INLINE_STATE_BYTES:  # small: a thread hop costs more than the step

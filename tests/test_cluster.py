@@ -150,6 +150,92 @@ def test_two_fronts_serve_every_session(cluster: RayCluster, tmp_path: Path, lau
     assert httpx.get(f"{a.url}/v1/sessions/{sid}").status_code == 404
 
 
+def cluster_nodes(url: str) -> list[dict[str, Any]]:
+    nodes: list[dict[str, Any]] = httpx.get(f"{url}/v1/cluster", timeout=30).json()["nodes"]
+    return nodes
+
+
+def direct_counts(url: str) -> dict[str, tuple[int, int]]:
+    """Each live host's steps over the direct path and those in shared memory, by node id."""
+    return {n["node_id"]: (n["direct"]["steps"], n["direct"]["shared_memory"]) for n in cluster_nodes(url)
+            if n["alive"] and n["direct"]}  # fmt: skip
+
+
+def test_steps_take_the_direct_path_in_shared_memory_on_the_fronts_node_and_match_a_single_process(
+    cluster: RayCluster, tmp_path: Path, launch: Callable[..., Server]
+) -> None:
+    """A step goes to its host over the host's own socket (on 127.0.0.1 here), and a large one on the front's own
+    node through shared memory both ways; the parameters are those of a single-process server, bit for bit,
+    whichever way they went (session on the front's node, on another node; small and large)."""
+    env = front_env(cluster, f"direct-{uuid.uuid4().hex[:6]}")
+    front = launch(tmp_path / "data", env)
+    single = launch(tmp_path / "single")
+    answer = httpx.get(f"{front.url}/v1/cluster", timeout=30).json()
+    mine = answer["front"]["node_id"]
+    for node in answer["nodes"]:
+        assert node["direct"]["address"].startswith("127.0.0.1:"), node
+    client, reference = Client(front.url), Client(single.url)
+    sizes = {"small": 2000, "large": 600_000}  # 2.4 MB bodies and answers: above the shared-memory threshold
+    placed: dict[tuple[str, str], str] = {}
+    others: list[str] = []
+    for _ in range(12):  # placement goes by free memory: sessions land on the nodes in turn
+        for size, n in sizes.items():
+            sid = client.create_session(params(n, seed=4), "adamw", hyperparams={"lr": 0.01})["id"]
+            key = (size, "front" if where(front.url, sid) == mine else "other")
+            if key in placed:
+                others.append(sid)
+            else:
+                placed[key] = sid
+        if len(placed) == 4:
+            break
+    assert len(placed) == 4, placed
+    before = direct_counts(front.url)
+    for (size, _), sid in placed.items():
+        twin = reference.create_session(params(sizes[size], seed=4), "adamw", hyperparams={"lr": 0.01})["id"]
+        for t in range(3):
+            g = grads_for(t, params(sizes[size], seed=4))
+            got, want = client.step(sid, g), reference.step(twin, g)
+            for name in want.params:
+                np.testing.assert_array_equal(got.params[name], want.params[name])
+    after = direct_counts(front.url)
+    steps = {node: after[node][0] - before[node][0] for node in after}
+    shared = {node: after[node][1] - before[node][1] for node in after}
+    assert sum(steps.values()) == 12, steps  # every step over the direct path
+    assert shared[mine] == 3, shared  # the large session's three steps on the front's node, and only those
+    assert sum(shared.values()) == 3, shared
+    for sid in [*placed.values(), *others]:
+        client.delete_session(sid)
+
+
+def test_the_direct_path_serves_nothing_without_the_deployments_secret(
+    cluster: RayCluster, tmp_path: Path, launch: Callable[..., Server]
+) -> None:
+    import socket
+    import struct
+
+    env = front_env(cluster, f"secret-{uuid.uuid4().hex[:6]}")
+    front = launch(tmp_path / "data", env)
+    p = params()
+    client = Client(front.url)
+    sid = client.create_session(p, "adamw")["id"]
+    host = next(n for n in cluster_nodes(front.url) if sid in n["sessions"])
+    address, port = host["direct"]["address"].rsplit(":", 1)
+    body = bytes(wire.encode(grads_for(0, p)))
+
+    def frame(header: dict[str, Any], data: bytes = b"") -> bytes:
+        head = json.dumps(header).encode()
+        return struct.pack("<IIQ", len(head), 0, len(data)) + head + data
+
+    step = {"op": "step", "session": sid, "access": [True, ""], "request": {"if_match": None, "key": None,
+            "want_params": True, "partial": False, "changes": None}}  # fmt: skip
+    for hello in ({"secret": "not-it"}, {}):
+        with socket.create_connection((address, int(port)), timeout=10) as sock:
+            sock.sendall(frame(hello) + frame(step, body))
+            assert sock.recv(1 << 16) == b""  # closed without an answer
+    assert client.session(sid)["step"] == 0
+    client.delete_session(sid)
+
+
 SHARDED_CONFIGS = {
     "adamw-amsgrad": {"optimizer": "adamw", "hyperparams": {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1},
                       "param_groups": [{"params": ["b"], "lr": 1e-3}], "max_grad_norm": 1.0,
