@@ -825,9 +825,22 @@ def tensors(response):  # the tensors of a step's or GET params' answer (without
     return {k: v for k, v in response.json().items() if k != "__metadata__"}
 
 
-def step(front, session, k, key=None):
-    return call("POST", front, f"/v1/sessions/{session}/step", json=grad(session, k),
-                headers={"If-Match": f'"{k - 1}"', "Idempotency-Key": key or f"{session}-{k}"})
+def safetensors(tensors):  # a float32 safetensors body, as the client library sends
+    import struct
+    header, data = {}, b""
+    for name, t in tensors.items():
+        raw = struct.pack(f"<{len(t['data'])}f", *t["data"])
+        header[name] = {"dtype": "F32", "shape": t["shape"], "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + data
+
+
+def step(front, session, k, key=None):  # in safetensors: the front sends it to the session's host directly
+    return call("POST", front, f"/v1/sessions/{session}/step", content=safetensors(grad(session, k)),
+                headers={"Content-Type": "application/x-safetensors", "Accept": "application/json",
+                         "If-Match": f'"{k - 1}"', "Idempotency-Key": key or f"{session}-{k}"})
 EOF
 )
 ray_py() { # ray_py ARGS... <<SCRIPT: SCRIPT after the prelude, run by the client's Python
@@ -927,6 +940,10 @@ for k in range(1, 7):  # alternately through B and A, each step with If-Match; t
     assert tensors(replay) == answers[worker], (tensors(replay), answers[worker])
     stale = step(other, worker, k, key=f"stale-{k}")  # If-Match of the step before, a new key
     assert stale.status_code == 412, (stale.status_code, stale.text)
+direct = {service(n["node_id"]): n["direct"] for n in call("GET", A, "/v1/cluster").json()["nodes"] if n["direct"]}
+for svc in ("ray-head", "ray-worker"):  # the steps went over each host's own socket, on its container's address
+    assert direct[svc]["steps"] >= 6 and not direct[svc]["address"].startswith("127."), direct
+print("direct path: " + ", ".join(f"{svc} at {d['address']}: {d['steps']} steps" for svc, d in sorted(direct.items())))
 for front in (A, B):
     info = call("GET", front, f"/v1/sessions/{worker}").json()
     assert info["step"] == 6, info

@@ -403,12 +403,12 @@ def ray_cluster(nodes: int) -> tuple[subprocess.Popen[str], dict[str, object]]:
     return proc, json.loads(line)
 
 
-def ray_front(data_dir: str, address: str) -> tuple[subprocess.Popen[bytes], str]:
+def ray_front(data_dir: str, address: str, **settings: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [str(OPTSERVE), "serve", "--port", str(port), "--data-dir", data_dir, "--log-level", "warning"]
     env = {"OPTSERVE_STORE": "ray", "OPTSERVE_RAY_ADDRESS": address, "OPTSERVE_RAY_NAMESPACE": f"bench-{port}",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # fmt: skip
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **settings}  # fmt: skip
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
     wait_healthy(url, timeout=300, alive=lambda: proc.poll() is None)
     return proc, url
@@ -440,7 +440,7 @@ def ray_table(data_dir: str, sizes: list[int], seconds: int) -> None:
         return
     n_small = 1000
     body = wire.encode({"w": np.random.default_rng(2).standard_normal(n_small, dtype=np.float32)})
-    step_s: dict[str, dict[int, float]] = {"single": {}, "front": {}, "other": {}}
+    step_s: dict[str, dict[int, float]] = {"single": {}, "front": {}, "other": {}, "actor": {}}
     rate: dict[str, float] = {}
     server, url = optserve_server(data_dir)
     try:
@@ -455,41 +455,49 @@ def ray_table(data_dir: str, sizes: list[int], seconds: int) -> None:
         stop(server)
     cluster, started = ray_cluster(2)
     try:
-        front, url = ray_front(tempfile.mkdtemp(dir=data_dir), str(started["address"]))
-        try:
-            with Client(url, timeout=300) as client:
-                taken: list[str] = []
-                for where in ("front", "other"):
-                    for n in sizes:
-                        sid = placed(client, url, n, where, taken)
-                        step_s[where][n] = step_seconds(client, sid, n)
-                        client.delete_session(sid)
-                    ids = [placed(client, url, n_small, where, taken) for _ in range(16)]
-                    rate[where] = wrk(url, [f"/v1/sessions/{i}/step" for i in ids], body, seconds)[0]
-                    for sid in ids + taken:
-                        client.delete_session(sid)
-                    taken.clear()
-        finally:
-            stop(front)
+        # "front"/"other": the direct data path (the default); "actor": the same node with every step a Ray actor
+        # call (OPTSERVE_RAY_DIRECT=false), what the direct path replaced
+        for runs, settings in ((("front", "other"), {}), (("actor",), {"OPTSERVE_RAY_DIRECT": "false"})):
+            front, url = ray_front(tempfile.mkdtemp(dir=data_dir), str(started["address"]), **settings)
+            try:
+                with Client(url, timeout=300) as client:
+                    taken: list[str] = []
+                    for run in runs:
+                        where = "other" if run == "other" else "front"
+                        for n in sizes:
+                            sid = placed(client, url, n, where, taken)
+                            step_s[run][n] = step_seconds(client, sid, n)
+                            client.delete_session(sid)
+                        ids = [placed(client, url, n_small, where, taken) for _ in range(16)]
+                        rate[run] = wrk(url, [f"/v1/sessions/{i}/step" for i in ids], body, seconds)[0]
+                        for sid in ids + taken:
+                            client.delete_session(sid)
+                        taken.clear()
+            finally:
+                stop(front)
     finally:
         cluster.communicate("stop\n", timeout=60)
     rows = []
     for n in sizes:
         single = step_s["single"][n]
-        rows.append([f"remote step, {n:.0e} params (ms)", f"{single * 1e3:.2f}",
-                     f"{step_s['front'][n] * 1e3:.2f}", f"{step_s['front'][n] / single:.2f}x",
-                     f"{step_s['other'][n] * 1e3:.2f}", f"{step_s['other'][n] / single:.2f}x"])  # fmt: skip
-    rows.append([f"small steps, {n_small} params, 16 connections (req/s)", f"{rate['single']:.0f}",
-                 f"{rate['front']:.0f}", f"{rate['front'] / rate['single']:.2f}x", f"{rate['other']:.0f}",
-                 f"{rate['other'] / rate['single']:.2f}x"])  # fmt: skip
+        row = [f"remote step, {n:.0e} params (ms)", f"{single * 1e3:.2f}"]
+        for run in ("front", "other", "actor"):
+            row += [f"{step_s[run][n] * 1e3:.2f}", f"{step_s[run][n] / single:.2f}x"]
+        rows.append(row)
+    row = [f"small steps, {n_small} params, 16 connections (req/s)", f"{rate['single']:.0f}"]
+    for run in ("front", "other", "actor"):
+        row += [f"{rate[run]:.0f}", f"{rate[run] / rate['single']:.2f}x"]
+    rows.append(row)
     table(
         "5. The Ray store: one front, the session on the front's node or on the other node (2-node cluster on this "
         "machine)",
-        ["measure", "single process", "Ray, same node", "ratio", "Ray, other node", "ratio"],
+        ["measure", "single process", "Ray, same node", "ratio", "Ray, other node", "ratio",
+         "same node, actor calls", "ratio"],  # fmt: skip
         rows,
-        ["Goals: same-node step at 1e7 <= 1.25x the single-process step; small-step rate >= 0.5x. Both nodes share "
-         "this machine's 2 cores and memory bus, so 'other node' adds Ray's object transfer between raylets but no "
-         "network.",
+        ["Goals: same-node step at 1e7 <= 1.25x the single-process step; small-step rate >= 0.5x. Steps take the "
+         "direct path (the host's own socket; shared memory for large ones on the front's node); 'actor calls' is "
+         "the same node with OPTSERVE_RAY_DIRECT=false, every step a Ray actor call. Both nodes share this "
+         "machine's 2 cores and memory bus, so 'other node' sends the bytes over loopback TCP, but no network.",
          _cluster_model(step_s["front"][sizes[-1]], sizes[-1], rate["front"])],
     )  # fmt: skip
 

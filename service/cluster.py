@@ -103,6 +103,7 @@ class HostConfig:
     fsync_every_step: bool
     lifetimes: Lifetimes
     namespace: str = "optserve"  # of the actors and the directory: one cluster may serve several deployments
+    direct_port: int = 0  # of the hosts' direct data path (0: any free port)
 
     @classmethod
     def of(cls, settings: Settings) -> HostConfig:
@@ -111,7 +112,7 @@ class HostConfig:
         lifetimes = Lifetimes(settings.session_ttl_seconds, settings.session_expire_seconds)
         return cls(str(Path(settings.data_dir).resolve()), limits, settings.snapshot_every_steps,
                    settings.snapshot_every_seconds, settings.fsync_every_step, lifetimes,
-                   settings.ray_namespace)  # fmt: skip
+                   settings.ray_namespace, settings.ray_direct_port)  # fmt: skip
 
 
 # --- the directory -------------------------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ class SessionHost:
         self._leading: dict[str, asyncio.Lock] = {}
         self._peers: dict[str, Any] = {}  # the other hosts, by name
         self._direct: DirectServer | None = None  # the direct data path (see optserve.service.direct)
-        self._address: tuple[str, int] | None = None
+        self._address: tuple[str, int] | None = None  # of the direct path
         self._maps = Mappings()
         self.direct_steps = self.shared_steps = 0  # steps that came over the direct path; in shared memory
         self._layouts: weakref.WeakKeyDictionary[FlatLayout, bytes] = weakref.WeakKeyDictionary()
@@ -235,7 +236,7 @@ class SessionHost:
         await self.store.start()
         secret = await to_thread.run_sync(direct_secret, self.config.namespace)
         self._direct = DirectServer(secret, self._direct_step, POOL.take)
-        self._address = await self._direct.start(ray.util.get_node_ip_address())
+        self._address = await self._direct.start(ray.util.get_node_ip_address(), self.config.direct_port)
         owned = [sid for sid, host in (await to_thread.run_sync(directory, self.config.namespace)).items()
                  if host == self.name]  # fmt: skip
         for session_id in owned:
@@ -321,8 +322,8 @@ class SessionHost:
                 "free_bytes": store.limits.memory_budget_bytes - s.state_bytes, "evictions": s.evictions,
                 "reloads": s.reloads, "expired": s.expired, "snapshot_failures": store.saver.failures if store.saver
                 else 0, "snapshots_failing": bool(store.saver and store.saver.failing),
-                "direct": {"address": ":".join(map(str, self._address or ())) or None, "steps": self.direct_steps,
-                           "shared_memory": self.shared_steps}}  # fmt: skip
+                "direct": {"address": ":".join(map(str, self._address or ())) or None,
+                           "steps": self.direct_steps, "shared_memory": self.shared_steps}}  # fmt: skip
 
     async def create(
         self, session_id: str, config: SessionConfig, params: Mapping[str, np.ndarray], token_digest: str | None
@@ -785,7 +786,7 @@ class RayStore:
         await to_thread.run_sync(self._connect)
         await self._coordinator.start.remote()
         if self.settings.ray_direct:
-            self._direct = DirectPool(await to_thread.run_sync(direct_secret, self.namespace))
+            self._direct = DirectPool(await to_thread.run_sync(direct_secret, self.namespace), POOL.take)
             node_id = ray.get_runtime_context().get_node_id()
             if node_id in await to_thread.run_sync(host_nodes) and Segments.available():
                 # this node has a host: large bodies and answers in shared memory it can read and write
@@ -1117,7 +1118,7 @@ class RayStore:
                     header["out"] = ref
                 else:
                     out = None
-        answer, layout_bytes, params = await self._direct.exchange(address, header, data, POOL.take)
+        answer, layout_bytes, params = await self._direct.exchange(address, header, data)
         if (answer.get("error") or {}).get("class") == "NoSharedMemory":  # nothing was done: send the bytes
             log.warning("session host %s cannot open this front's shared memory: sending bytes to it", name)
             self._no_shm.add(name)

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     ray_direct: bool = Field(
         default=True, description="Ray store: steps go to their host over its own socket (false: as Ray actor calls)"
     )
+    ray_direct_port: int = Field(
+        default=0, ge=0, le=65535, description="Ray store: the hosts' port for steps (0: any free port)"
+    )
     ray_recovery_seconds: float = Field(
         default=60.0, gt=0, description="how long a request waits for a session whose host is gone (then 503)"
     )
