@@ -496,6 +496,13 @@ class SessionHost:
                     f"the shards of session {session_id!r} were brought back to their common snapshot at step {step} "
                     "after a failure; retry (with the same Idempotency-Key, or resynchronise after a 412)"
                 )
+            if len({c.hyperparams for c in checks}) > 1:  # a change that reached only some shards (a host failed)
+                raise Conflict(
+                    f"the shards of session {session_id!r} hold different hyperparameters: a change (PATCH) reached "
+                    "only some of them when a host failed; send that change again, then the step (nothing was "
+                    "applied)",
+                    session_id=session_id,
+                )
             real = dataclasses.replace(request, sumsq=sumsq, skip=any(c.skipped for c in checks), out=None)
             results: list[StepResult] = await self._each(led, session_id, "step", lambda j: part(j, real))
             first = results[0]

@@ -28,6 +28,7 @@ Everything is validated before anything is written, so a refused request changes
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import re
 import threading
@@ -166,6 +167,7 @@ class StepResult:
     grad_norm: float | None = None
     awaiting: int = 0
     layout: FlatLayout | None = None  # of ``params``: the session's, set by the store for the answer
+    hyperparams: str = ""  # a dry run's: a digest of the hyperparameters the step starts from (shards must agree)
 
 
 @dataclass
@@ -412,7 +414,8 @@ class Session:
                 self.counters.steps_rejected += 1
                 raise
             if dry:
-                return StepResult("checked", self.step_count, None, skipped=norm is None or not safe)
+                return StepResult("checked", self.step_count, None, skipped=norm is None or not safe,
+                                  hyperparams=self._hyperparams_digest())  # fmt: skip
             safe = safe and not skip
             self._assign(planned, new_base)
             self.updated_at = time.time()
@@ -477,7 +480,12 @@ class Session:
         """What :meth:`_replay` would answer, without counting it (a dry run)."""
         if record.outcome != "accepted" and record.step != self.step_count:
             self._replay(key, record, False)  # raises StepConflict
-        return StepResult("checked", self.step_count, None, skipped=record.outcome == "skipped")
+        return StepResult("checked", self.step_count, None, skipped=record.outcome == "skipped",
+                          hyperparams=self._hyperparams_digest())  # fmt: skip
+
+    def _hyperparams_digest(self) -> str:
+        """What every shard of a session must hold alike: its groups' hyperparameters and the base ones."""
+        return hashlib.blake2b(repr(([g.hp for g in self.groups], self.base_hp)).encode(), digest_size=16).hexdigest()
 
     def _awaiting(self) -> int:
         return self.config.accumulate - (self.pending.count if self.pending else 0)
