@@ -15,7 +15,7 @@ and :func:`drive_async`). A third driver (another transport, a test's scripted r
 
 from __future__ import annotations
 
-import uuid
+import secrets
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -173,7 +173,7 @@ def step(
         session_id,
         grads,
         if_match=if_match,
-        idempotency_key=idempotency_key or uuid.uuid4().hex,
+        idempotency_key=idempotency_key or secrets.token_hex(16),
         minimal=minimal,
         partial=partial,
         changes=changes,

@@ -14,7 +14,7 @@ their parameters.
 
 from __future__ import annotations
 
-import uuid
+import secrets
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -57,7 +57,9 @@ def exchange(
     the server was found behind and the step is sent again at its step."""
 
     def send(at: int) -> StepResult:
-        return client.step(session_id, grads, if_match=at, idempotency_key=uuid.uuid4().hex, retry=retry, **options)
+        return client.step(
+            session_id, grads, if_match=at, idempotency_key=secrets.token_hex(16), retry=retry, **options
+        )
 
     try:
         result = send(if_match)

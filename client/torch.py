@@ -57,7 +57,12 @@ from typing import Any, TypedDict
 import numpy as np
 import torch
 from torch.optim import Optimizer
-from torch.optim.optimizer import _device_dtype_check_for_fused, _get_capturable_supported_devices
+from torch.optim.optimizer import (
+    _device_dtype_check_for_fused,
+    _get_capturable_supported_devices,
+    _global_optimizer_post_hooks,
+    _global_optimizer_pre_hooks,
+)
 from typing_extensions import Unpack
 
 from . import checkpoint, wire
@@ -103,6 +108,14 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
     return value
+
+
+def _plain_values(values: Iterable[Any]) -> bool:
+    """Only numbers, strings, None and tuples of those: values whose equality says they are unchanged."""
+    return all(
+        isinstance(v, (tuple, list)) and _plain_values(v) or v is None or type(v) in (bool, int, float, str)
+        for v in values
+    )
 
 
 class RemoteOptions(TypedDict, total=False):
@@ -175,6 +188,9 @@ class _RemoteOptimizer(Optimizer):
         self._flat_key: list[tuple[int, torch.Size]] | None = None  # the parameters the flat views were made of
         self._flat_targets: list[torch.Tensor] = []
         self._flat_sizes: list[int] = []
+        # the groups' raw hyperparameter values when they were last found unchanged, and the _sent they matched
+        self._unchanged: tuple[list[tuple[Any, ...]], list[dict[str, Any]]] | None = None
+        self._watched = (*self._server_hps, "decoupled_weight_decay")  # what _changes and _server_optimizer read
         self._version = 0
         self._handed: _Handed | None = None
         super().__init__(params, {**probe.defaults, **(extra_defaults or {})})
@@ -217,6 +233,30 @@ class _RemoteOptimizer(Optimizer):
         if session_id is not None:
             self._copy_in(*self.client.params(self.session_id))
 
+    @staticmethod
+    def profile_hook_step(func: Callable[..., Any]) -> Callable[..., Any]:
+        """torch's wrapper of ``step`` (the profiler's ``Optimizer.step#...`` range, the step pre- and post-hooks),
+        entered when something would see it: a profiler on, or any hook registered. Without them the step skips
+        its ``record_function``, which alone costs 8 us a step here (torch's optimizers pay it too)."""
+        hooked = Optimizer.profile_hook_step(func)
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            self = args[0]
+            if (
+                self._optimizer_step_pre_hooks
+                or self._optimizer_step_post_hooks
+                or _global_optimizer_pre_hooks
+                or _global_optimizer_post_hooks
+                or torch._C._autograd._profiler_enabled()
+            ):
+                return hooked(*args, **kwargs)
+            out = func(*args, **kwargs)
+            self._optimizer_step_code()
+            return out
+
+        return wrapper
+
     # --- helpers ----------------------------------------------------------------------------------------------
 
     def _hyperparams(self, group: Mapping[str, Any]) -> dict[str, Any]:
@@ -237,6 +277,11 @@ class _RemoteOptimizer(Optimizer):
     def _changes(self) -> tuple[list[dict[str, Any]], list[dict[str, Any] | None] | None]:
         """The groups' hyperparameters now, and those changed in ``param_groups`` since they were last sent (per
         group, None if none)."""
+        # The usual step changes nothing: the groups' raw values compared at once with those last found unchanged
+        # (plain numbers only: a tensor's value can change in place), instead of converted one by one.
+        raw = [tuple(group.get(k) for k in self._watched) for group in self.param_groups]
+        if self._unchanged is not None and self._unchanged[1] is self._sent and raw == self._unchanged[0]:
+            return self._sent, None
         if self._server_optimizer(self.param_groups) != self._optimizer:
             raise ValueError(
                 f"{type(self).__name__}: decoupled_weight_decay cannot change after creation (the session steps "
@@ -246,7 +291,10 @@ class _RemoteOptimizer(Optimizer):
         changes: list[dict[str, Any] | None] = [
             {k: v for k, v in values.items() if sent.get(k) != v} or None for values, sent in zip(now, self._sent)
         ]
-        return now, changes if any(changes) else None
+        if any(changes):
+            return now, changes
+        self._unchanged = (raw, self._sent) if all(map(_plain_values, raw)) else None
+        return self._sent, None  # equal to now: kept, so that the next step finds it unchanged at once
 
     def _copy_in(self, step: int, tensors: Mapping[str, np.ndarray]) -> None:
         """Write the session's parameters (the server's layout, float32 or the wire's dtype) into the model, in one
@@ -273,20 +321,24 @@ class _RemoteOptimizer(Optimizer):
             self._flat_entries = body.entries
         key = [(p.data_ptr(), p.shape) for p in self._params]
         if key != self._flat_key:  # the flat views of the parameters, made again if one was replaced (p.data = ...)
-            targets = [_real(p) for p in self._params]
+            # detached views: written without autograd (no no_grad() needed), and sharing the parameters' version
+            # counters, so the copy bumps their versions as an in-place update by torch does
+            targets = [_real(p.detach()) for p in self._params]
             if not all(t.dtype is torch.float32 and t.is_cpu and t.is_contiguous() for t in targets):
                 return False
-            with torch.no_grad():
-                self._flat_targets = [t.view(-1) for t in targets]
+            self._flat_targets = [t.view(-1) for t in targets]
             self._flat_sizes = [t.numel() for t in targets]
             self._flat_key = key
-        if not len(body.data):
+        data = body.data
+        if not len(data):
             return False
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # a read-only body (bytes): only read
-            flat = torch.frombuffer(body.data, dtype=torch.float32)
-        with torch.no_grad():
-            torch._foreach_copy_(self._flat_targets, flat.split_with_sizes(self._flat_sizes))
+        if data.readonly:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # a read-only body (bytes): only read
+                flat = torch.frombuffer(data, dtype=torch.float32)
+        else:
+            flat = torch.frombuffer(data, dtype=torch.float32)
+        torch._foreach_copy_(self._flat_targets, flat.split_with_sizes(self._flat_sizes))
         self._step_count = step
         return True
 
@@ -372,29 +424,36 @@ class _RemoteOptimizer(Optimizer):
         self._sent.append(self._hyperparams(group))
         self._version += 1
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Send the gradients, apply the step on the server, copy the updated parameters into the model; with
         ``overlap=True``, write the step in flight in and send this one in the background."""
+        # No torch.no_grad() around it (3 us a step): nothing here records autograd history; the answer is copied
+        # in through detached views of the parameters (_copy_in_flat) or under no_grad (_copy_in).
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._inflight.settle()
         names, grads = [], []
+        plain = True  # every gradient a CPU float32 tensor outside autograd: numpy views of them as they are
         for name, p in zip(self._names, self._params):
             if (g := p.grad) is not None:
                 if g.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 names.append(name)
                 grads.append(g)
+                plain = plain and g.dtype is torch.float32 and g.is_cpu and not g.requires_grad
         if not grads:
             return loss
         pipelined = self._inflight.pipelined()
         # in flight, the gradients are copied: the loop may zero or accumulate into p.grad in place meanwhile
-        arrays = self._copy_grads(names, grads) if pipelined else [_to_numpy(g) for g in grads]
-        # bfloat16 travels as bfloat16 (numpy has no such type: the arrays hold float32 copies, exact)
-        dtype = self._wire_dtype or ({n: "bfloat16" for n, g in zip(names, grads) if g.dtype == torch.bfloat16} or None)
+        if pipelined:
+            arrays = self._copy_grads(names, grads)
+        else:
+            arrays = [g.numpy() for g in grads] if plain else [_to_numpy(g) for g in grads]
+        dtype: str | dict[str, str] | None = self._wire_dtype
+        if dtype is None and not plain:  # bfloat16 travels as bfloat16 (the arrays hold float32 copies, exact)
+            dtype = {n: "bfloat16" for n, g in zip(names, grads) if g.dtype == torch.bfloat16} or None
         now, changes = self._changes()
         send = functools.partial(self._exchange, dict(zip(names, arrays)), dtype, changes, self._step_count)
         self._inflight.take(send, functools.partial(self._finish, now), pipelined)

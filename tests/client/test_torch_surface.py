@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from optserve.client import Client
 from optserve.client.errors import InvalidInput, NotFound
@@ -407,6 +408,58 @@ def test_step_and_state_dict_hooks_run_as_in_torch(url):
     assert sd["extra"] == 1
     opt.load_state_dict(sd)
     assert calls == ["step_pre", "step_post", "sd_pre", "load_pre", "load_post"]
+
+
+def test_global_hooks_and_the_profiler_see_the_step_as_in_torch(url):
+    """The step skips torch's wrapper only when nothing would see it: global hooks and a profiler do."""
+    model = make_model()
+    opt = RemoteAdamW(model.parameters(), lr=0.01, url=url)
+    calls: list[str] = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, args, kwargs: calls.append("pre")),
+        register_optimizer_step_post_hook(lambda o, args, kwargs: calls.append("post")),
+    ]
+    try:
+        train_step(model, opt, 0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    train_step(model, opt, 1)
+    assert calls == ["pre", "post"]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        train_step(model, opt, 2)
+    assert "Optimizer.step#RemoteAdamW.step" in {e.key for e in prof.key_averages()}
+
+
+def test_the_step_bumps_the_parameters_versions_as_torch_does(url):
+    model = make_model()
+    opt = RemoteAdamW(model.parameters(), lr=0.01, url=url)
+    before = [p._version for p in model.parameters()]
+    train_step(model, opt, 0)
+    assert all(p._version > v for p, v in zip(model.parameters(), before))
+    assert all(not p.grad.requires_grad and p.requires_grad for p in model.parameters())
+
+
+def test_hyperparameters_changed_after_unchanged_steps_travel(url):
+    """Unchanged groups are recognised at once from their plain values; a change after them travels, and so does
+    a tensor lr changed in place (never taken as unchanged because it is the same object)."""
+    local, remote = make_model(), make_model()
+    local_opt = torch.optim.AdamW(local.parameters(), lr=torch.tensor(0.01), betas=(0.9, 0.99))
+    remote_opt = RemoteAdamW(remote.parameters(), lr=torch.tensor(0.01), betas=(0.9, 0.99), url=url)
+    for i in range(9):
+        if i == 3:
+            for opt in (local_opt, remote_opt):
+                opt.param_groups[0]["lr"].fill_(0.03)
+        if i == 6:
+            for opt in (local_opt, remote_opt):
+                opt.param_groups[0]["lr"] = 0.002
+                opt.param_groups[0]["betas"] = (0.8, 0.99)
+        train_step(local, local_opt, i)
+        train_step(remote, remote_opt, i)
+    assert_same_params(local, remote)
+    remote_opt.param_groups[0]["decoupled_weight_decay"] = False
+    with pytest.raises(ValueError, match="decoupled_weight_decay cannot change"):
+        train_step(remote, remote_opt, 9)
 
 
 def test_step_with_a_closure_returns_its_loss(url):
