@@ -29,6 +29,7 @@ what a step's If-Match and Idempotency-Key resolve (the client retries with the 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -236,7 +237,10 @@ class SessionHost:
         await self.store.start()
         secret = await to_thread.run_sync(direct_secret, self.config.namespace)
         self._direct = DirectServer(secret, self._direct_step, POOL.take)
-        self._address = await self._direct.start(ray.util.get_node_ip_address(), self.config.direct_port)
+        try:
+            self._address = await self._direct.start(ray.util.get_node_ip_address(), self.config.direct_port)
+        except OSError as e:  # the port taken, say: steps come as actor calls, the host serves on
+            log.error("%s: no direct path for steps (%s); they come as Ray actor calls", self.name, e)
         owned = [sid for sid, host in (await to_thread.run_sync(directory, self.config.namespace)).items()
                  if host == self.name]  # fmt: skip
         for session_id in owned:
@@ -260,10 +264,9 @@ class SessionHost:
         await self._ready()
         return self.name
 
-    async def endpoint(self) -> tuple[str, int]:
-        """The address of this host's direct data path."""
+    async def endpoint(self) -> tuple[str, int] | None:
+        """The address of this host's direct data path (None: it has none)."""
         await self._ready()
-        assert self._address is not None
         return self._address
 
     async def _direct_step(
@@ -779,13 +782,15 @@ class RayStore:
         self._last_totals = 0.0
         # the direct data path of steps (see optserve.service.direct)
         self._direct: DirectPool | None = None
-        self._endpoints: dict[str, tuple[str, int]] = {}  # host name -> its direct address
+        self._endpoints: dict[str, tuple[str, int] | None] = {}  # host name -> its direct address (None: none)
         self._segments: Segments | None = None  # shared memory with the host of this front's node, if it has one
         self._local_host = ""
         self._no_shm: set[str] = set()  # hosts that cannot open this front's shared memory
         self._sizes: dict[str, int] = {}  # session id -> parameters in its last answer (the next answer's buffer)
         self._layouts: dict[bytes, FlatLayout] = {}
         self._pool_make: Any = None
+        # the shared buffers of exchanges given up while their host may still use them: kept from reuse a while
+        self._quarantine: collections.deque[tuple[Any, Any]] = collections.deque(maxlen=16)
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -1080,32 +1085,40 @@ class RayStore:
         self, access: Access, session_id: str, grads: Safetensors | Mapping[str, np.ndarray], request: StepRequest
     ) -> StepResult:
         if self._direct is not None and isinstance(grads, Safetensors) and grads.body is not None:
-            body = grads.body
+            safetensors = grads
 
             def via(name: str) -> Any:
-                return self._direct_step(name, access, session_id, body, request)
+                return self._direct_step(name, access, session_id, safetensors, request)
 
             result: StepResult = await self._call(access, session_id, "step", via=via)
         else:
             result = await self._call(access, session_id, "step", portable(grads), request)
         return result
 
-    async def _endpoint(self, name: str) -> tuple[str, int]:
-        address = self._endpoints.get(name)
-        if address is None:
-            try:
-                host, port = await self._handle(name).endpoint.remote()
-            except (*GONE, ValueError, RayTaskError) as e:
-                raise NotSent(f"{name}: {e}") from None
-            address = self._endpoints[name] = (str(host), int(port))
+    async def _endpoint(self, name: str) -> tuple[str, int] | None:
+        if name in self._endpoints:
+            return self._endpoints[name]
+        try:
+            where = await self._handle(name).endpoint.remote()
+        except (*GONE, ValueError, RayTaskError) as e:
+            raise NotSent(f"{name}: {e}") from None
+        address = self._endpoints[name] = (str(where[0]), int(where[1])) if where is not None else None
         return address
 
     async def _direct_step(
-        self, name: str, access: Access, session_id: str, body: memoryview, request: StepRequest
+        self, name: str, access: Access, session_id: str, grads: Safetensors, request: StepRequest
     ) -> StepResult:
-        """A step over the direct data path to host ``name`` (see :mod:`optserve.service.direct`)."""
-        assert self._direct is not None
+        """A step over the direct data path to host ``name`` (see :mod:`optserve.service.direct`); as an actor
+        call to a host that has none."""
+        assert self._direct is not None and grads.body is not None
         address = await self._endpoint(name)
+        if address is None:
+            try:
+                result: StepResult = await self._handle(name).step.remote(access, session_id, portable(grads), request)
+            except RayTaskError as e:
+                raise _cause(e) from None
+            return result
+        body = grads.body
         changes = request.changes
         header: dict[str, Any] = {"op": "step", "session": session_id, "access": [access.admin, access.digest],
                                   "request": {"if_match": sorted(request.if_match) if request.if_match is not None
@@ -1125,11 +1138,16 @@ class RayStore:
                     header["out"] = ref
                 else:
                     out = None
-        answer, layout_bytes, params = await self._direct.exchange(address, header, data)
+        try:
+            answer, layout_bytes, params = await self._direct.exchange(address, header, data)
+        except BaseException:
+            if "body" in header or "out" in header:  # the host may still be reading or writing them
+                self._quarantine.append((body, out))
+            raise
         if (answer.get("error") or {}).get("class") == "NoSharedMemory":  # nothing was done: send the bytes
             log.warning("session host %s cannot open this front's shared memory: sending bytes to it", name)
             self._no_shm.add(name)
-            return await self._direct_step(name, access, session_id, body, request)
+            return await self._direct_step(name, access, session_id, grads, request)
         direct.raise_error(answer)
         layout = None
         if layout_bytes:

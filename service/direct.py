@@ -33,6 +33,7 @@ import logging
 import mmap
 import os
 import re
+import secrets
 import socket
 import struct
 import threading
@@ -52,7 +53,8 @@ MAX_HEADER = 1 << 24  # of a frame's JSON header and layout together
 INLINE = 64 << 10  # data up to this size travels in the frame's one send; beyond, in a send of its own
 SHM_DIR = "/dev/shm"
 SHM_MIN = 1 << 20  # shared memory for buffers of at least this size (the buffer pool's own threshold)
-_NAME = re.compile(r"optserve-(\d+)-(\d+)")
+_NAME = re.compile(r"optserve-(\d+)-([0-9a-f]{16})-(\d+)")  # pid, a token of the front's, a count
+HELLO_MAX = 4096  # bytes of a connection's first frame (the secret), before which nothing larger is read
 
 Handler = Callable[[dict[str, Any], memoryview], Awaitable[tuple[dict[str, Any], bytes, Sequence[Any]]]]
 
@@ -88,6 +90,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def __init__(self, take: Callable[[int], Any], on_frame: Callable[[Frame], None] | None = None) -> None:
         self.take = take
         self.on_frame = on_frame
+        self.max_frame: int | None = None  # refuse larger frames (the host, until the secret was shown)
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray(64 << 10)
         self._view = memoryview(self._buf)
@@ -157,6 +160,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
             if h + n > MAX_HEADER:
                 raise ProtocolError(f"a frame header of {h + n} bytes")
             start = PREFIX.size + h + n
+            if self.max_frame is not None and start + d > self.max_frame:
+                raise ProtocolError(f"a frame of {start + d} bytes before the secret")
             small = d < INLINE
             need = start + d if small else start
             if self._end < need:
@@ -295,14 +300,17 @@ class DirectServer:
     def _protocol(self) -> FrameProtocol:
         state: dict[str, Any] = {"hello": False}
         protocol = FrameProtocol(self.take)
+        protocol.max_frame = HELLO_MAX
 
         def on_frame(frame: Frame) -> None:
             if not state["hello"]:
-                if not hmac.compare_digest(str(frame[0].get("secret", "")), self.secret):
+                shown = str(frame[0].get("secret", "")).encode("utf-8", "replace")
+                if not hmac.compare_digest(shown, self.secret.encode()):
                     log.warning("direct path: a connection without the deployment's secret was closed")
                     protocol.close()
                     return
                 state["hello"] = True
+                protocol.max_frame = None
                 return
             task = asyncio.ensure_future(self._answer(protocol, frame))
             self._tasks.add(task)
@@ -321,6 +329,9 @@ class DirectServer:
         except ProtocolError as e:
             protocol._fail(e)
         except (ConnectionError, OSError):
+            protocol.close()
+        except Exception:  # noqa: BLE001 - never leave the front waiting on an answer that will not come (503 there)
+            log.exception("direct path: the answer could not be sent")
             protocol.close()
 
     def stop(self) -> None:
@@ -380,6 +391,7 @@ class Segments:
 
     def __init__(self) -> None:
         self._by_address: dict[int, tuple[str, int]] = {}
+        self._token = secrets.token_hex(8)  # names never repeat, even for a restarted front with the same pid
         self._count = 0
         self._lock = threading.Lock()
 
@@ -393,7 +405,7 @@ class Segments:
             return np.empty(nbytes, dtype=np.uint8)
         with self._lock:
             self._count += 1
-            name = f"optserve-{os.getpid()}-{self._count}"
+            name = f"optserve-{os.getpid()}-{self._token}-{self._count}"
         path = os.path.join(SHM_DIR, name)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)

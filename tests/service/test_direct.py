@@ -148,13 +148,38 @@ def test_shared_memory_buffers_are_seen_by_another_process_and_removed_when_free
     assert not os.path.exists(path)  # freed: the file is gone
 
 
+def test_a_restarted_fronts_buffers_never_take_an_earlier_ones_name() -> None:
+    """The host keeps its maps by name: a name used again would make it read an earlier, freed buffer's bytes."""
+    first, again = Segments(), Segments()  # a front's store stopped and started again, in one process
+    a, b = first.make(direct.SHM_MIN), again.make(direct.SHM_MIN)
+    ref_a, ref_b = first.find(a), again.find(b)
+    assert ref_a is not None and ref_b is not None and ref_a["name"] != ref_b["name"]
+    maps = Mappings()
+    a[:] = 1
+    b[:] = 2
+    assert (maps.view(ref_a) == 1).all() and (maps.view(ref_b) == 2).all()
+
+
+def test_the_host_reads_nothing_large_before_the_secret() -> None:
+    protocol = FrameProtocol(lambda n: pytest.fail(f"{n} bytes taken before the secret"), on_frame=lambda f: None)
+    protocol.max_frame = direct.HELLO_MAX
+    closed: list[bool] = []
+    protocol.close = lambda: closed.append(True)  # type: ignore[method-assign]
+    announce = frame_bytes({"secret": "x"})[: PREFIX.size]
+    announce = PREFIX.pack(*PREFIX.unpack(announce)[:2], 1 << 40)  # a terabyte of data announced
+    buffer = protocol.get_buffer(-1)
+    buffer[: len(announce)] = announce
+    protocol.buffer_updated(len(announce))
+    assert closed == [True]
+
+
 def test_the_host_opens_only_optserves_buffers_and_says_when_it_cannot() -> None:
     maps = Mappings()
     for name in ("../etc/passwd", "optserve-1-2/../../x", "other"):
         with pytest.raises(ProtocolError):
             maps.view({"name": name, "offset": 0, "size": 1})
     with pytest.raises(NoSharedMemory):
-        maps.view({"name": "optserve-999999999-1", "offset": 0, "size": 1})
+        maps.view({"name": "optserve-999999999-0123456789abcdef-1", "offset": 0, "size": 1})
     segments = Segments()
     buffer = segments.make(direct.SHM_MIN)
     ref = segments.find(buffer)
@@ -166,8 +191,8 @@ def test_the_host_opens_only_optserves_buffers_and_says_when_it_cannot() -> None
 def test_a_dead_fronts_buffers_are_swept_and_a_live_ones_kept() -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(timeout=30)
-    leaked = os.path.join(direct.SHM_DIR, f"optserve-{dead.pid}-1")
-    mine = os.path.join(direct.SHM_DIR, f"optserve-{os.getpid()}-999999")
+    leaked = os.path.join(direct.SHM_DIR, f"optserve-{dead.pid}-0123456789abcdef-1")
+    mine = os.path.join(direct.SHM_DIR, f"optserve-{os.getpid()}-0123456789abcdef-999999")
     for path in (leaked, mine):
         with open(path, "wb") as f:
             f.write(b"x")
