@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -249,6 +250,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
 # --- errors across the socket ----------------------------------------------------------------------------------------
 
 
+@functools.cache
 def _error_classes() -> dict[str, type[errors.ServiceError]]:
     found: dict[str, type[errors.ServiceError]] = {}
     todo: list[type[errors.ServiceError]] = [errors.ServiceError]
@@ -298,18 +300,16 @@ class DirectServer:
         return host, port
 
     def _protocol(self) -> FrameProtocol:
-        state: dict[str, Any] = {"hello": False}
         protocol = FrameProtocol(self.take)
-        protocol.max_frame = HELLO_MAX
+        protocol.max_frame = HELLO_MAX  # until the secret was shown (the one state of the handshake)
 
         def on_frame(frame: Frame) -> None:
-            if not state["hello"]:
+            if protocol.max_frame is not None:
                 shown = str(frame[0].get("secret", "")).encode("utf-8", "replace")
                 if not hmac.compare_digest(shown, self.secret.encode()):
                     log.warning("direct path: a connection without the deployment's secret was closed")
                     protocol.close()
                     return
-                state["hello"] = True
                 protocol.max_frame = None
                 return
             task = asyncio.ensure_future(self._answer(protocol, frame))
