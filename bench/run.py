@@ -588,7 +588,9 @@ def training_table(sizes: list[int], data_dir: str, rounds: int) -> None:
     torch.set_num_threads(1)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [str(OPTSERVE), "serve", "--port", str(port), "--data-dir", data_dir, "--log-level", "warning"]
+    uds = os.path.join(data_dir, "optserve.sock")
+    urls = {"tcp": url, "unix": f"unix://{uds}"}
+    cmd = [str(OPTSERVE), "serve", "--port", str(port), "--uds", uds, "--data-dir", data_dir, "--log-level", "warning"]
     server = start(cmd, url, env={"OPTSERVE_KERNEL_THREADS": "1"})
     rows = []
     try:
@@ -602,10 +604,11 @@ def training_table(sizes: list[int], data_dir: str, rounds: int) -> None:
             def make(kind: str) -> Any:
                 if kind == "local":
                     return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-                extra = {"overlap": True} if kind == "overlap" else {}
+                how, transport = kind.split("/")
+                extra = {"overlap": True} if how == "overlap" else {}
                 try:
-                    return RemoteAdamW(model.parameters(), lr=1e-4, url=url, **extra)  # type: ignore[arg-type]
-                except TypeError:  # a client without overlap
+                    return RemoteAdamW(model.parameters(), lr=1e-4, url=urls[transport], **extra)  # type: ignore[arg-type]
+                except (TypeError, ValueError):  # a client without overlap or without Unix sockets
                     return None
 
             def iteration(opt: Any) -> None:
@@ -613,7 +616,8 @@ def training_table(sizes: list[int], data_dir: str, rounds: int) -> None:
                 torch.nn.functional.mse_loss(model(x), y).backward()
                 opt.step()
 
-            opts = {kind: make(kind) for kind in ("local", "remote", "overlap")}
+            kinds = ("local", "remote/tcp", "overlap/tcp", "remote/unix", "overlap/unix")
+            opts = {kind: make(kind) for kind in kinds}
             per_round = max(3, min(200, int(0.25 / max(1e-4, 6 * 256 * params / 3e10))))  # ~0.25 s of compute
             seconds: dict[str, list[float]] = {k: [] for k, o in opts.items() if o is not None}
             for opt in opts.values():
@@ -626,11 +630,11 @@ def training_table(sizes: list[int], data_dir: str, rounds: int) -> None:
                     t = time.perf_counter()
                     for _ in range(per_round):
                         iteration(opt)
-                    if kind == "overlap":
+                    if kind.startswith("overlap"):
                         opt.synchronize()  # the last step in flight counts too
                     seconds[kind].append((time.perf_counter() - t) / per_round)
             med = {k: statistics.median(v) for k, v in seconds.items()}
-            remote = opts["remote"]
+            remote = opts["remote/tcp"]
             # The adapter's own time: optimizer.step()'s wall time less the time spent inside the Client.step it
             # calls (timed around that call). Subtracting the median of a separate bare Client.step instead added
             # a term as large as what it measures: here a Client.step sent at once after another answered 0.1 ms
@@ -667,15 +671,12 @@ def training_table(sizes: list[int], data_dir: str, rounds: int) -> None:
                 del client.step
             client.delete_session(sid)
             over = statistics.median(adapter)
-            overlap = med.get("overlap")
-            rows.append([
-                f"{params:.1e}", f"{len(list(model.parameters()))}", f"{med['local'] * 1e3:.2f}",
-                f"{med['remote'] * 1e3:.2f}", f"{med['remote'] / med['local']:.3f}x",
-                "n/a" if overlap is None else f"{overlap * 1e3:.2f}",
-                "n/a" if overlap is None else f"{overlap / med['local']:.3f}x",
-                f"{statistics.median(bare) * 1e3:.3f}", f"{over * 1e3:.3f}",
-            ])  # fmt: skip
-            for kind in ("remote", "overlap"):
+            row = [f"{params:.1e}", f"{len(list(model.parameters()))}", f"{med['local'] * 1e3:.2f}"]
+            for kind in kinds[1:]:
+                got = med.get(kind)
+                row += ["n/a", "n/a"] if got is None else [f"{got * 1e3:.2f}", f"{got / med['local']:.3f}x"]
+            rows.append(row + [f"{statistics.median(bare) * 1e3:.3f}", f"{over * 1e3:.3f}"])
+            for kind in kinds[1:]:
                 if opts[kind] is not None:
                     opts[kind].close(delete=True)
     finally:
@@ -683,11 +684,14 @@ def training_table(sizes: list[int], data_dir: str, rounds: int) -> None:
     table(
         f"6. A torch training loop: seconds per iteration ({rounds} interleaved rounds, medians)",
         ["params", "tensors", "local fused AdamW ms", "RemoteAdamW ms", "remote/local", "overlap ms",
-         "overlap/local", "Client.step ms", "adapter over Client.step ms"],
+         "overlap/local", "unix: RemoteAdamW ms", "remote/local", "unix: overlap ms", "overlap/local",
+         "Client.step ms", "adapter over Client.step ms"],
         rows,
         ["A 5-layer Linear/Tanh MLP, batch 256, MSE loss; one iteration is zero_grad, forward, backward, step. The "
          "client's torch runs on 1 thread, the server in its own process with OPTSERVE_KERNEL_THREADS=1, so the "
-         "two cores are one for each (other load on the machine shows in every column alike). Goals: overlap/local "
+         "two cores are one for each (other load on the machine shows in every column alike). The first columns "
+         "reach the server over loopback TCP (http://127.0.0.1:port), the 'unix:' ones over the Unix socket the "
+         "same server listens on (optserve serve --uds, url=unix:///path). Goals: overlap/local "
          "<= 1.05x and remote/local <= 1.15x at 1e6 and 1e7; adapter over Client.step <= 0.15 ms at 1e4 in 10 "
          "tensors (RemoteAdamW.step()'s wall time less the time inside the Client.step it calls, median; Client.step "
          "ms: a bare Client.step of the same gradients as numpy arrays on a twin session, called in turn)."],

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from .http import split_url
 from .protocol import Credentials
 
 DELETE_TIMEOUT = 5.0
@@ -28,8 +29,11 @@ def _delete(url: str, credentials: Credentials, session_id: str, pid: int) -> No
     if os.getpid() != pid:  # a forked child: the session is its parent's
         return
     path = f"/v1/sessions/{session_id}"
+    base, uds = split_url(url)
+    transport = httpx.HTTPTransport(uds=uds) if uds is not None else None
     with contextlib.suppress(httpx.HTTPError, OSError):  # the server is gone: it expires idle sessions itself
-        httpx.delete(f"{url}{path}", headers=credentials.headers(path), timeout=DELETE_TIMEOUT)
+        with httpx.Client(transport=transport, timeout=DELETE_TIMEOUT) as client:
+            client.delete(f"{base}{path}", headers=credentials.headers(path))
 
 
 class Lease:

@@ -291,7 +291,7 @@ def _metadata(value: Any) -> dict[str, str]:
 
 # Parsed headers, by their bytes: a step sends the same header every time, so it is validated once. Bounded in count
 # and in bytes (headers of refused bodies are kept too, so an unbounded cache would hold whatever a client sends).
-_HEADERS: OrderedDict[bytes, tuple[tuple[TensorEntry, ...], dict[str, str]]] = OrderedDict()
+_HEADERS: OrderedDict[bytes | str, tuple[tuple[TensorEntry, ...], dict[str, str]]] = OrderedDict()
 _HEADERS_KEPT = 256
 _HEADER_CACHED_MAX = 64 << 10  # larger headers are parsed every time (their bodies are large: the parse is cheap)
 _HEADERS_BYTES_KEPT = 4 << 20
@@ -316,22 +316,44 @@ def parse(body: bytes | bytearray | memoryview, max_header_bytes: int = DEFAULT_
         raise WireError(f"safetensors header length {n} runs past the end of the {len(view)}-byte body")
     raw = bytes(view[8 : 8 + n])
     data = view[8 + n :]
+    split = _split_metadata(raw)
+    key: bytes | str = raw if split is None else split[1]
     with _HEADERS_LOCK:
-        known = _HEADERS.get(raw)
+        known = _HEADERS.get(key)
         if known is not None:
-            _HEADERS.move_to_end(raw)
+            _HEADERS.move_to_end(key)
     if known is None:
-        known = _parse_header(raw)
+        known = _parse_header(raw)  # validates all of it, the metadata too
         if len(raw) <= _HEADER_CACHED_MAX:
-            _remember(raw, known)
-    entries, metadata = known
+            _remember(key, known)
+    entries, metadata = known if split is None else (known[0], split[0])
     end = max((e.stop for e in entries), default=0)
     if end != len(data):
         raise WireError(f"tensors cover {end} bytes of data but the body carries {len(data)}")
     return Safetensors(entries, dict(metadata), data, view)
 
 
-def _remember(raw: bytes, parsed: tuple[tuple[TensorEntry, ...], dict[str, str]]) -> None:
+_META_FIRST = '{"__metadata__":'
+_META_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+
+
+def _split_metadata(raw: bytes) -> tuple[dict[str, str], str] | None:
+    """A header written as :func:`header` writes it, the metadata first: (the metadata, validated; the text after
+    it). The tensor entries are the same step after step while the metadata (the step number) changes, so the
+    cache is keyed by that text; None for any other header, or one whose metadata is not valid (the whole header
+    is then parsed, and refused, as usual). A duplicate ``__metadata__`` in the rest cannot hide: the rest was
+    cached only after a whole parse of a header holding it, which refuses duplicate keys."""
+    if not raw.startswith(b'{"__metadata__":'):
+        return None
+    try:
+        text = raw.decode("utf-8")
+        metadata, end = _META_DECODER.raw_decode(text, len(_META_FIRST))
+        return _metadata(metadata), text[end:]
+    except (UnicodeDecodeError, ValueError, WireError):
+        return None
+
+
+def _remember(raw: bytes | str, parsed: tuple[tuple[TensorEntry, ...], dict[str, str]]) -> None:
     global _headers_bytes
     with _HEADERS_LOCK:
         if raw in _HEADERS:

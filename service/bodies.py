@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
@@ -25,6 +26,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from optserve.client.buffers import BufferPool
+from optserve.client.transport import widen_buffers
 
 from .errors import BadRequest, PayloadTooLarge
 
@@ -156,6 +158,9 @@ try:
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family == socket.AF_UNIX:  # `optserve serve --uds`: see widen_buffers
+                widen_buffers(sock)
             self._in_head = True  # reading a request line and headers (or waiting for the next request's)
             self._head_begun = False  # the parser has seen the first byte of a request whose head is incomplete
             self._head_bytes = 0

@@ -1,6 +1,6 @@
 """The ``optserve`` command.
 
-    optserve serve [--host H] [--port P] [--data-dir D] [--log-level L]
+    optserve serve [--host H] [--port P] [--uds PATH] [--data-dir D] [--log-level L]
     optserve sessions list|info ID|delete ID            [--url URL] [--token T]
     optserve checkpoint export ID FILE | import ID FILE  [--url URL] [--token T]
     optserve loadtest [--clients N] [--params P] [--duration S | --steps K] [--csv F] [--plot F.png] [--url] [--token]
@@ -20,6 +20,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="start the HTTP server (settings also from OPTSERVE_* variables)")
     serve.add_argument("--host", help="address to bind (OPTSERVE_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (OPTSERVE_PORT, default 8000)")
+    serve.add_argument("--uds", help="also listen on this Unix socket (OPTSERVE_UDS; clients: unix:///PATH)")
     serve.add_argument("--data-dir", help="folder for snapshots (OPTSERVE_DATA_DIR, default ./data)")
     serve.add_argument("--log-level", help="log level (OPTSERVE_LOG_LEVEL, default info)")
 
@@ -105,7 +110,7 @@ def serve(args: argparse.Namespace) -> None:
     np.seterr(over="ignore", invalid="ignore")
     os.makedirs(settings.data_dir, exist_ok=True)
     # One process: sessions live in its memory, so several workers would each hold a different subset.
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -117,6 +122,40 @@ def serve(args: argparse.Namespace) -> None:
         # default leaves time within Docker's 10 s for the snapshots)
         timeout_graceful_shutdown=max(1, int(settings.graceful_shutdown_seconds)),
     )
+    server = uvicorn.Server(config)
+    if settings.uds is None:
+        server.run()
+    else:  # the TCP port and the Unix socket, served by the same app and loop
+        _serve_both(server, config, settings.uds)
+    if not server.started:
+        raise SystemExit(3)  # uvicorn's exit status for a server that could not start
+
+
+def _serve_both(server: uvicorn.Server, config: uvicorn.Config, path: str) -> None:
+    import contextlib
+    import logging
+
+    from . import unix
+
+    with contextlib.ExitStack() as stack:
+        try:
+            unix_socket = stack.enter_context(unix.listening(path))
+        except (unix.SocketInUse, OSError) as e:
+            raise SystemExit(f"optserve serve --uds {path}: {e}") from None
+        tcp_socket = config.bind_socket()  # logs where it listens (and exits when it cannot bind)
+        logging.getLogger("optserve").info("listening on unix://%s", path)
+        shutdown = server.shutdown
+
+        async def shutdown_then_remove(sockets: list | None = None) -> None:  # type: ignore[type-arg]
+            # uvicorn raises the SIGTERM it caught again once it has stopped, which ends the process before this
+            # block's exit: the socket file goes with the shutdown
+            try:
+                await shutdown(sockets)
+            finally:
+                stack.close()
+
+        server.shutdown = shutdown_then_remove  # type: ignore[method-assign]
+        server.run(sockets=[tcp_socket, unix_socket])
 
 
 def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    uds: str | None = Field(
+        default=None, description="also listen on this Unix socket (clients: unix:///path), owner-only"
+    )
     data_dir: Path = Path("data")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["text", "json"] = "text"
