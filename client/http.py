@@ -56,9 +56,9 @@ def split_url(url: str) -> tuple[str, str | None]:
 
     ``unix:///run/optserve.sock`` (``unix://`` and the path of the socket ``optserve serve --uds`` listens on)
     names a server on this machine; anything else is an ``http://`` or ``https://`` URL."""
-    if not url.startswith(UNIX_SCHEME):
+    if not url.startswith("unix:"):
         return url, None
-    path = url[len(UNIX_SCHEME) :]
+    path = url[len(UNIX_SCHEME) :] if url.startswith(UNIX_SCHEME) else ""
     if not path:
         raise ValueError(f"{url!r} names no socket: write unix:// and the socket's path, e.g. unix:///tmp/o.sock")
     return UNIX_BASE_URL, path
@@ -106,7 +106,8 @@ class _Base(core.Core):
 
     def __init__(self, url: str | None, retry: Retry | None, token: str | None) -> None:
         super().__init__(retry, token)
-        self.url = (url or default_url()).rstrip("/")
+        url = url or default_url()
+        self.url = url if url.startswith("unix:") else url.rstrip("/")
 
     def use_token(self, session_id: str, token: str) -> None:
         """Use ``token`` for everything on ``session_id`` (a session created elsewhere, when auth is on)."""
@@ -148,7 +149,7 @@ class _Direct:
         return request_head(call.method, self.prefix + call.path.encode("ascii"), fields)
 
     def send(self, call: Call, head: bytes) -> Reply:
-        parts = [memoryview(p).cast("B") for p in call.content or ()]
+        parts = [memoryview(p).cast("B") for p in call.content] if isinstance(call.content, list) else []
         status, reason, headers, body = self.transport.exchange(
             self.key, call.method, head, parts, False, self.timeout.connect, self.timeout.read
         )

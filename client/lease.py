@@ -31,9 +31,9 @@ def _delete(url: str, credentials: Credentials, session_id: str, pid: int) -> No
     path = f"/v1/sessions/{session_id}"
     base, uds = split_url(url)
     transport = httpx.HTTPTransport(uds=uds) if uds is not None else None
-    with contextlib.suppress(httpx.HTTPError, OSError):  # the server is gone: it expires idle sessions itself
-        with httpx.Client(transport=transport, timeout=DELETE_TIMEOUT) as client:
-            client.delete(f"{base}{path}", headers=credentials.headers(path))
+    # the server is gone: it expires idle sessions itself
+    with contextlib.suppress(httpx.HTTPError, OSError), httpx.Client(transport=transport, timeout=DELETE_TIMEOUT) as c:
+        c.delete(f"{base}{path}", headers=credentials.headers(path))
 
 
 class Lease:

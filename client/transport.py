@@ -13,8 +13,9 @@ serves a later answer of the same size (fresh memory costs a page fault per page
 receive on these VMs).
 
 Scope, on purpose: ``http://`` only (``https://`` goes through httpx's own transport), over TCP or a Unix socket
-(``uds``: a server on this machine, ``optserve serve --uds``), ``Content-Length`` or chunked bodies, keep-alive connections pooled per host and port (a connection that the server has closed while idle is
-detected before reuse and replaced), no proxies, no compression (``Accept-Encoding: identity`` is sent).
+(``uds``: a server on this machine, ``optserve serve --uds``), ``Content-Length`` or chunked bodies, keep-alive
+connections pooled per host and port (a connection that the server has closed while idle is detected before reuse
+and replaced), no proxies, no compression (``Accept-Encoding: identity`` is sent).
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ def request_head(method: str, target: bytes, headers: Iterable[tuple[bytes, byte
     ``headers`` without them)."""
     lines = b"".join(b"%s: %s\r\n" % (k, v) for k, v in headers)
     return b"%s %s HTTP/1.1\r\n%sAccept-Encoding: identity\r\nConnection: keep-alive\r\n\r\n" % (
-        method.encode(), target, lines
+        method.encode(),
+        target,
+        lines,
     )
 
 

@@ -339,16 +339,17 @@ _META_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)
 
 def _split_metadata(raw: bytes) -> tuple[dict[str, str], str] | None:
     """A header written as :func:`header` writes it, the metadata first: (the metadata, validated; the text after
-    it). The tensor entries are the same step after step while the metadata (the step number) changes, so the
-    cache is keyed by that text; None for any other header, or one whose metadata is not valid (the whole header
-    is then parsed, and refused, as usual). A duplicate ``__metadata__`` in the rest cannot hide: the rest was
-    cached only after a whole parse of a header holding it, which refuses duplicate keys."""
+    it, without trailing whitespace). The tensor entries are the same step after step while the metadata (the
+    step number) changes, so the cache is keyed by that text; None for any other header, or one whose metadata
+    is not valid (the whole header is then parsed, and refused, as usual). A duplicate ``__metadata__`` in the
+    rest cannot hide: the rest was cached only after a whole parse of a header holding it, which refuses duplicate
+    keys."""
     if not raw.startswith(b'{"__metadata__":'):
         return None
     try:
         text = raw.decode("utf-8")
         metadata, end = _META_DECODER.raw_decode(text, len(_META_FIRST))
-        return _metadata(metadata), text[end:]
+        return _metadata(metadata), text[end:].rstrip(" \t\n\r")  # JSON's whitespace: the padding, which varies
     except (UnicodeDecodeError, ValueError, WireError):
         return None
 

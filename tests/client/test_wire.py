@@ -950,3 +950,42 @@ def test_property_mutated_body_raises_only_wire_error(tensors, metadata, kind, d
     except WireError:
         return
     check_consistent(mutated)
+
+
+def test_headers_differing_only_in_metadata_share_their_parsed_entries() -> None:
+    """An answer's header changes every step (the step number is in its metadata) while its tensors stay: the
+    entries are validated once and each body still gets its own metadata and its own data."""
+    tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float32)}
+    bodies = [wire.encode(tensors, {"step": str(i), "grad_norm": repr(0.5 * i)}) for i in range(3)]
+    bodies.append(wire.encode({k: v + 1 for k, v in tensors.items()}, {"step": "9"}))
+    first = wire.parse(bodies[0])
+    for i, body in enumerate(bodies):
+        parsed = wire.parse(body)
+        assert parsed.entries is first.entries  # the cached tuple, not a new parse
+        expected_step = "9" if i == 3 else str(i)
+        assert parsed.metadata["step"] == expected_step
+        shift = 1 if i == 3 else 0
+        np.testing.assert_array_equal(parsed.array(parsed.entries[0]), tensors["a"] + shift)
+        assert parsed.tensors().keys() == tensors.keys()
+
+
+@pytest.mark.parametrize(
+    "metadata, match",
+    [
+        pytest.param(b'{"step":1}', "__metadata__ must be", id="int-value"),
+        pytest.param(b'{"step":"1","step":"2"}', "duplicate key 'step'", id="duplicate-key"),
+        pytest.param(b'{"step":"1"},"__metadata__":{"x":"y"}', "duplicate key '__metadata__'", id="second-metadata"),
+        pytest.param(b'{"step":"\\ud800"}', "lone surrogate", id="lone-surrogate"),
+    ],
+)
+def test_a_cached_tensor_part_does_not_admit_bad_metadata(metadata: bytes, match: str) -> None:
+    """Whatever metadata comes in front of entries parsed before is validated as in a whole parse."""
+    good = wire.encode({"a": np.zeros(2, np.float32)}, {"step": "0"})
+    wire.parse(good)  # the entries are cached now
+    (n,) = struct.unpack("<Q", good[:8])
+    header = good[8 : 8 + n].rstrip(b" ")
+    rest = header[header.index(b"}") + 1 :]  # ',"a":{...}}' after the metadata object
+    bad = b'{"__metadata__":' + metadata + rest
+    body = struct.pack("<Q", len(bad)) + bad + good[8 + n :]
+    with pytest.raises(WireError, match=match):
+        wire.parse(body)
