@@ -141,6 +141,7 @@ HEADER_TIMEOUT_SECONDS = 10.0
 MAX_DIRECT = 1 << 34  # never preallocate more than this on a client's word (a larger body takes the normal path)
 
 try:
+    import httptools
     import numpy as np
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
@@ -219,7 +220,7 @@ try:
             length = dict(self.headers).get(b"content-length", b"")
             limit = min(MAX_DIRECT, self.app_state.get("max_body_bytes", MAX_DIRECT))
             if length.isdigit() and DIRECT_MIN <= int(length) <= limit:  # above the limit, the app answers 413
-                _DirectBody.attach(self.cycle, int(length))
+                _DirectBody.attach(self, self.cycle, int(length))
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
@@ -237,10 +238,53 @@ try:
             elif direct.buffer is not _EMPTY and not self.cycle.response_complete:
                 direct.append(body)
 
+        def body_received(self) -> None:
+            """The last byte of a body the sink received: the parser, which saw only the body's first pieces, is
+            replaced by a fresh one for the connection's next request, and the message ends as the parser would
+            end it."""
+            self.parser = httptools.HttpRequestParser(self)
+            self.on_message_complete()
+
+    class _BodySink(asyncio.BufferedProtocol):
+        """The connection's protocol while the rest of a large body arrives: the transport receives it straight
+        into the body's buffer (``recv_into``: one copy, no ``bytes`` per piece, no parser), never past its end,
+        then hands the connection back to ``protocol``. Here 4 MB arrived 0.2-0.3 ms sooner than through
+        ``data_received`` and the parser."""
+
+        def __init__(self, protocol: OptserveProtocol, body: _DirectBody) -> None:
+            self.protocol = protocol
+            self.body = body
+
+        def get_buffer(self, sizehint: int) -> memoryview:
+            body = self.body
+            assert body.buffer is not None
+            return memoryview(body.buffer)[body.pos : body.size]  # type: ignore[arg-type]
+
+        def buffer_updated(self, nbytes: int) -> None:
+            body = self.body
+            body.pos += nbytes
+            if body.pos >= body.size:
+                protocol = self.protocol
+                protocol.transport.set_protocol(protocol)
+                protocol.body_received()
+
+        def eof_received(self) -> bool | None:
+            return self.protocol.eof_received()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.protocol.connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            self.protocol.pause_writing()
+
+        def resume_writing(self) -> None:
+            self.protocol.resume_writing()
+
     _EMPTY = np.empty(0, dtype=np.uint8)
 
     class _DirectBody:
-        def __init__(self, cycle: RequestResponseCycle, size: int) -> None:
+        def __init__(self, protocol: OptserveProtocol, cycle: RequestResponseCycle, size: int) -> None:
+            self.protocol = protocol
             self.cycle = cycle
             self.size = size
             # Allocated when the application first asks for the body, that is once it has checked auth and limits:
@@ -250,18 +294,21 @@ try:
             self.delivered = False
 
         def _start(self) -> None:
-            """Take the buffer, move over what uvicorn has buffered so far, and let the socket flow again."""
+            """Take the buffer, move over what uvicorn has buffered so far, and let the socket flow again: from
+            here on straight into the buffer (see :class:`_BodySink`)."""
             cycle = self.cycle
             self.buffer = POOL.take(self.size)
             early = bytes(cycle.body)
             cycle.body = bytearray()
             self.buffer[: len(early)] = np.frombuffer(early, dtype=np.uint8)
             self.pos = len(early)
+            if self.pos < self.size and not cycle.transport.is_closing():
+                cycle.transport.set_protocol(_BodySink(self.protocol, self))
             cycle.flow.resume_reading()
 
         @classmethod
-        def attach(cls, cycle: RequestResponseCycle, size: int) -> None:
-            direct = cls(cycle, size)
+        def attach(cls, protocol: OptserveProtocol, cycle: RequestResponseCycle, size: int) -> None:
+            direct = cls(protocol, cycle, size)
             cycle.direct_body = direct  # type: ignore[attr-defined]
             cycle.receive = direct.receive  # type: ignore[method-assign,assignment]  # its ASGI task has not started
 

@@ -147,9 +147,9 @@ def direct_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sizes: list[int] = []
     original = bodies._DirectBody.__dict__["attach"].__func__
 
-    def attach(cls: type, cycle: Any, size: int) -> None:
+    def attach(cls: type, protocol: Any, cycle: Any, size: int) -> None:
         sizes.append(size)
-        original(cls, cycle, size)
+        original(cls, protocol, cycle, size)
 
     monkeypatch.setattr(bodies._DirectBody, "attach", classmethod(attach))
     return sizes
@@ -192,6 +192,33 @@ def test_raw_httpx_large_steps_match_reference(http: httpx.Client, direct_sizes:
     assert direct_sizes.count(len(wire.encode(make_grads(params, 2, 1)))) == STEPS
     r = http.get(f"/v1/sessions/{sid}/params", headers={"Accept": ST})
     assert_equal_tensors(wire.decode(r.content)[0], ref.params, "GET params")
+
+
+def test_the_rest_of_a_large_body_is_received_straight_into_its_buffer(
+    http: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the route reads a large body, the connection's protocol is the sink (recv_into the body's buffer) until
+    the body's last byte, then the HTTP parser again: steps on one keep-alive connection, each body mostly taken by
+    the sink, all answered as the reference computes them, and a small request after them parsed as usual."""
+    received: list[int] = []
+    original = bodies._BodySink.buffer_updated
+
+    def counted(self: Any, nbytes: int) -> None:
+        received.append(nbytes)
+        original(self, nbytes)
+
+    monkeypatch.setattr(bodies._BodySink, "buffer_updated", counted)
+    params = make_params(4)
+    ref = Reference(params)
+    sid = create_st(http, params)
+    for k in range(1, 6):
+        grads = make_grads(params, 4, k)
+        before = sum(received)
+        r = step_http(http, sid, grads)
+        assert r.status_code == 200, r.text
+        assert_equal_tensors(wire.decode(r.content)[0], ref.step(grads), f"step {k}")
+        assert sum(received) - before > len(wire.encode(grads)) // 2  # most of it went through the sink
+    assert http.get(f"/v1/sessions/{sid}").json()["step"] == 5
 
 
 def test_large_json_create_body(http: httpx.Client, direct_sizes: list[int]) -> None:
