@@ -268,8 +268,8 @@ try:
                 protocol.transport.set_protocol(protocol)
                 protocol.body_received()
 
-        def eof_received(self) -> bool | None:
-            return self.protocol.eof_received()
+        def eof_received(self) -> None:  # the body cut short: as the protocol would take it (it keeps nothing)
+            self.protocol.eof_received()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self.protocol.connection_lost(exc)
