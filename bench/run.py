@@ -18,8 +18,9 @@
    then what N nodes would serve, computed from those figures (a model, not a measurement).
 6. A torch training loop (a 5-layer Linear/Tanh MLP at about 1e4 to 1e7 parameters, batch 256; client torch on one
    thread, the server in its own process on one kernel thread): seconds per iteration with local
-   ``torch.optim.AdamW(fused=True)``, ``RemoteAdamW`` and ``RemoteAdamW(overlap=True)``, and the torch adapter's own
-   time per step over the bare ``Client.step`` of the same gradients.
+   ``torch.optim.AdamW(fused=True)``, ``RemoteAdamW`` and ``RemoteAdamW(overlap=True)``, over loopback TCP and over
+   the server's Unix socket, and the torch adapter's own time per step over the bare ``Client.step`` of the same
+   gradients.
 
 Servers run as their own processes on free loopback ports and are stopped by process id.
 """
