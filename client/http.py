@@ -176,11 +176,11 @@ class Client(_Base):
     ) -> None:
         super().__init__(url, retry, token)
         base, uds = split_url(self.url)
-        ours = transport is None and base.startswith("http://")
-        if ours:
-            transport = SocketTransport(timeout=timeout if isinstance(timeout, (int, float)) else None, uds=uds)
-        self._http = httpx.Client(transport=transport, **_http_kwargs(self.url, timeout, headers))
-        self._direct = _Direct(transport, self._http) if isinstance(transport, SocketTransport) and ours else None
+        own = None  # a transport given is httpx's seam: every request goes through it, steps too
+        if transport is None and base.startswith("http://"):
+            own = SocketTransport(timeout=timeout if isinstance(timeout, (int, float)) else None, uds=uds)
+        self._http = httpx.Client(transport=own or transport, **_http_kwargs(self.url, timeout, headers))
+        self._direct = _Direct(own, self._http) if own is not None else None
         self._worker = Worker()
 
     def __enter__(self) -> Client:

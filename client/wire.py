@@ -333,7 +333,7 @@ def parse(body: bytes | bytearray | memoryview, max_header_bytes: int = DEFAULT_
     return Safetensors(entries, dict(metadata), data, view)
 
 
-_META_FIRST = '{"__metadata__":'
+_META_FIRST = b'{"__metadata__":'  # how header() begins a header that has metadata
 _META_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)
 
 
@@ -344,7 +344,7 @@ def _split_metadata(raw: bytes) -> tuple[dict[str, str], str] | None:
     is not valid (the whole header is then parsed, and refused, as usual). A duplicate ``__metadata__`` in the
     rest cannot hide: the rest was cached only after a whole parse of a header holding it, which refuses duplicate
     keys."""
-    if not raw.startswith(b'{"__metadata__":'):
+    if not raw.startswith(_META_FIRST):
         return None
     try:
         text = raw.decode("utf-8")

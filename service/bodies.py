@@ -6,7 +6,7 @@ the socket and one that takes several times that.
 - :class:`BufferResponse` sends the safetensors header and the flat parameter buffer as they are (a ``Response``
   needs one joined ``bytes``).
 - :class:`OptserveProtocol` is uvicorn's httptools protocol receiving a large body straight into one buffer (taken
-  when the application first reads the body, after its auth and limit checks): one copy per piece off the socket,
+  when the application first reads the body, after its auth and limit checks): the socket reads into it directly,
   no 64 KiB pause/resume rounds, no joining (uvicorn's own path copies every piece three times: into its bytearray,
   into a ``bytes`` per message, and Starlette's join). It also bounds what uvicorn leaves open: the size of a
   request's head and the time it may take to arrive.
@@ -151,10 +151,11 @@ try:
         - The request line and headers may take ``max_request_head_bytes`` (431 beyond, before the parser sees
           more) and ``header_timeout_seconds`` from their first byte, or from the connection's start (408 after):
           a slow or endless head holds neither memory nor a connection for long (uvicorn bounds neither).
-        - For a request with a ``Content-Length`` of 1 MiB or more, each piece the parser hands over is copied once
-          into a buffer of that size (allocated without zeroing, when the application first reads the body, after
-          its checks), the socket is never paused, and the application receives the whole body as one
-          ``http.request`` message holding a memoryview of that buffer. Smaller bodies take uvicorn's own path.
+        - For a request with a ``Content-Length`` of 1 MiB or more, the body goes into a buffer of that size
+          (allocated without zeroing, when the application first reads the body, after its checks): what uvicorn
+          buffered so far is copied over, the rest is received straight into it (:class:`_BodySink`), and the
+          application receives the whole body as one ``http.request`` message holding a memoryview of that
+          buffer. Smaller bodies take uvicorn's own path.
         """
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -233,10 +234,10 @@ try:
 
         def on_body(self, body: bytes) -> None:
             direct = getattr(self.cycle, "direct_body", None)
-            if direct is None or direct.buffer is None:  # not asked for yet: uvicorn's own path (paused at 64 KiB)
+            # Not asked for yet: uvicorn's own path (paused at 64 KiB). Once taken, the rest arrives through the
+            # sink (_BodySink), never here.
+            if direct is None or direct.buffer is None:
                 super().on_body(body)
-            elif direct.buffer is not _EMPTY and not self.cycle.response_complete:
-                direct.append(body)
 
         def body_received(self) -> None:
             """The last byte of a body the sink received: the parser, which saw only the body's first pieces, is
@@ -311,12 +312,6 @@ try:
             direct = cls(protocol, cycle, size)
             cycle.direct_body = direct  # type: ignore[attr-defined]
             cycle.receive = direct.receive  # type: ignore[method-assign,assignment]  # its ASGI task has not started
-
-        def append(self, body: bytes) -> None:
-            end = self.pos + len(body)
-            assert self.buffer is not None
-            self.buffer[self.pos : end] = np.frombuffer(body, dtype=np.uint8)  # framing is enforced by httptools
-            self.pos = end
 
         async def _wait(self) -> None:
             cycle = self.cycle

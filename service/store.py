@@ -669,29 +669,24 @@ class MemoryStore:
     ) -> StepResult:
         self._steps_running += 1
         try:
-            return await self._step_with_lookups(access, session_id, grads, request)
+            for _ in range(LOOKUPS):
+                session = await self._open(access, session_id)
+                try:
+                    result = await self._step(session, grads, request)
+                except SessionMoved:
+                    await asyncio.sleep(0)
+                    continue
+                except (PreconditionFailed, StepConflict):
+                    await self._durable(session)  # the refusal tells the session's step: only a step on disk
+                    raise
+                if result.status == "checked":
+                    return result
+                await self._after_step(session, result)
+                result.layout = session.layout
+                return result
+            raise StorageUnavailable(f"session {session_id!r} keeps moving; try again")
         finally:
             self._steps_running -= 1
-
-    async def _step_with_lookups(
-        self, access: Access, session_id: str, grads: Safetensors | Mapping[str, np.ndarray], request: StepRequest
-    ) -> StepResult:
-        for _ in range(LOOKUPS):
-            session = await self._open(access, session_id)
-            try:
-                result = await self._step(session, grads, request)
-            except SessionMoved:
-                await asyncio.sleep(0)
-                continue
-            except (PreconditionFailed, StepConflict):
-                await self._durable(session)  # the refusal tells the session's step: only a step on disk
-                raise
-            if result.status == "checked":
-                return result
-            await self._after_step(session, result)
-            result.layout = session.layout
-            return result
-        raise StorageUnavailable(f"session {session_id!r} keeps moving; try again")
 
     async def _step(
         self, session: Session, grads: Safetensors | Mapping[str, np.ndarray], request: StepRequest
