@@ -108,6 +108,12 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # --- 1. core step ------------------------------------------------------------------------------------------------
 
 
@@ -326,52 +332,72 @@ def wrk(url: str, paths: list[str], body: bytes, seconds: int) -> tuple[float, f
     return rate, ms("50%"), ms("99%"), int(errors.group(1)) if errors else 0
 
 
-def small_table(data_dir: str, seconds: int) -> None:
+def small_table(data_dir: str, seconds: int, rounds: int) -> None:
+    """Small steps under wrk against the bare endpoint, in interleaved rounds (bare, 16 sessions, one session):
+    each rate is compared with the bare endpoint's in the same round, so that a change in the machine's load
+    between runs (here the bare endpoint alone ranged 4100-6400 requests/s from one 8 s run to the next) hits both
+    sides of a ratio alike; medians over the rounds."""
     if shutil.which("wrk") is None:
         print("\n## 3. Small steps\n\nskipped: wrk is not installed (Debian: apt-get install wrk)")
         return
     n = 1000
     grads = {"w": np.random.default_rng(2).standard_normal(n, dtype=np.float32)}
     body = wire.encode(grads)
-    rows = []
     port = free_port()
     bare = start([sys.executable, str(HERE / "bare_app.py"), str(port), str(len(body) + 16)])
-    wait_healthy_bare(f"http://127.0.0.1:{port}/bare")
+    bare_url = f"http://127.0.0.1:{port}"
+    runs: dict[str, list[tuple[float, float, float, int, float]]] = {"bare": [], "16": [], "one": []}
     try:
-        bare_rate, bare_p50, bare_p99, bare_err = wrk(f"http://127.0.0.1:{port}", ["/bare"], body, seconds)
+        wait_healthy_bare(f"{bare_url}/bare")
+        server, url = optserve_server(data_dir)
+        try:
+            with Client(url) as client:
+                ids = [client.create_session({"w": np.zeros(n, np.float32)}, "adamw")["id"] for _ in range(16)]
+                # one busy session: all 16 connections step the same session (its lock serializes them)
+                busy = client.create_session({"w": np.zeros(n, np.float32)}, "adamw")["id"]
+                targets = {"bare": (bare.pid, bare_url, ["/bare"]),
+                           "16": (server.pid, url, [f"/v1/sessions/{i}/step" for i in ids]),
+                           "one": (server.pid, url, [f"/v1/sessions/{busy}/step"])}  # fmt: skip
+                for _ in range(rounds):
+                    for kind, (pid, base, paths) in targets.items():
+                        cpu = cpu_seconds(pid)
+                        rate, p50, p99, errors = wrk(base, paths, body, seconds)
+                        cpu = cpu_seconds(pid) - cpu  # the server's CPU time per request, in microseconds
+                        runs[kind].append((rate, p50, p99, errors, cpu / (rate * seconds) * 1e6))
+                steps = sum(client.session(i)["step"] for i in ids)
+                busy_steps = client.session(busy)["step"]
+        finally:
+            stop(server)
     finally:
         stop(bare)
-    server, url = optserve_server(data_dir)
-    try:
-        with Client(url) as client:
-            ids = [client.create_session({"w": np.zeros(n, np.float32)}, "adamw")["id"] for _ in range(16)]
-            rate, p50, p99, err = wrk(url, [f"/v1/sessions/{i}/step" for i in ids], body, seconds)
-            steps = sum(client.session(i)["step"] for i in ids)
-            # one busy session: all 16 connections step the same session (its lock serializes them)
-            busy = client.create_session({"w": np.zeros(n, np.float32)}, "adamw")["id"]
-            busy_rate, busy_p50, busy_p99, busy_err = wrk(url, [f"/v1/sessions/{busy}/step"], body, seconds)
-            busy_steps = client.session(busy)["step"]
-    finally:
-        stop(server)
-    rows.append(
-        ["bare FastAPI endpoint", f"{bare_rate:.0f}", f"{bare_p50:.2f}", f"{bare_p99:.2f}", str(bare_err), "1.00"]
-    )
-    rows.append(
-        ["optserve step (AdamW), 16 sessions", f"{rate:.0f}", f"{p50:.2f}", f"{p99:.2f}", str(err),
-         f"{rate / bare_rate:.2f}"]
-    )  # fmt: skip
-    rows.append(
-        ["optserve step (AdamW), ONE session", f"{busy_rate:.0f}", f"{busy_p50:.2f}", f"{busy_p99:.2f}",
-         str(busy_err), f"{busy_rate / bare_rate:.2f}"]
-    )  # fmt: skip
-    steps_note = f"{steps} over the 16 sessions, {busy_steps} in the one session"
+
+    def ratios(kind: str) -> list[float]:
+        return [run[0] / bare_run[0] for run, bare_run in zip(runs[kind], runs["bare"])]
+
+    rows, spread = [], []
+    labels = {"bare": "bare FastAPI endpoint", "16": "optserve step (AdamW), 16 sessions",
+              "one": "optserve step (AdamW), ONE session"}  # fmt: skip
+    for kind, label in labels.items():
+        rate, p50, p99 = (statistics.median(run[j] for run in runs[kind]) for j in range(3))
+        errors = sum(run[3] for run in runs[kind])
+        cpu_us = statistics.median(run[4] for run in runs[kind])
+        rows.append([label, f"{rate:.0f}", f"{p50:.2f}", f"{p99:.2f}", str(errors), f"{cpu_us:.0f}",
+                     f"{statistics.median(ratios(kind)):.2f}"])  # fmt: skip
+        if kind != "bare":
+            spread.append(f"{label.split(', ')[1]} {min(ratios(kind)):.2f}-{max(ratios(kind)):.2f}")
+    bare_rates = [run[0] for run in runs["bare"]]
     table(
-        f"3. Small steps: {n} params, 16 connections, {seconds} s each (wrk -t2 -c16)",
-        ["endpoint", "requests/s", "p50 ms", "p99 ms", "errors", "rate vs bare"],
+        f"3. Small steps: {n} params, 16 connections (wrk -t2 -c16), {rounds} interleaved rounds of {seconds} s each",
+        ["endpoint", "requests/s", "p50 ms", "p99 ms", "errors", "server CPU us/request", "rate vs bare"],
         rows,
         [f"The bare endpoint reads the same {len(body)}-byte body and answers as many bytes; both run under the same "
-         f"uvicorn setup (httptools protocol, log level warning). Steps applied by the server: {steps_note} (each "
-         "equals the 2xx answers wrk counted). Goal: >= 0.70, also when all 16 connections step one session."],
+         f"uvicorn setup (httptools protocol, log level warning). Each round runs the bare endpoint, then 16 "
+         f"sessions, then one session; rate vs bare is the median over the rounds of each run's rate over the bare "
+         f"endpoint's in its round (the other columns: medians of the runs; server CPU: the server process's user and "
+         f"system time over the requests it answered, all its threads). Per-round ratios: "
+         f"{', '.join(spread)}; the bare endpoint's rate ranged {min(bare_rates):.0f}-{max(bare_rates):.0f}. Steps "
+         f"applied by the server: {steps} over the 16 sessions, {busy_steps} in the one session (each equals the "
+         "2xx answers wrk counted). Goal: >= 0.70, also when all 16 connections step one session."],
     )  # fmt: skip
 
 
@@ -754,7 +780,7 @@ def main() -> None:
         if "remote" in only:
             remote_table(sizes, core, data_dir)
         if "small" in only:
-            small_table(data_dir, 5 if args.quick else 10)
+            small_table(data_dir, 2 if args.quick else 3, 3 if args.quick else 7)
         if "memory" in only:
             memory_table(data_dir, 4 * 10**6 if args.quick else 4 * 10**7, 1000)
         if "ray" in only:
