@@ -40,7 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -332,6 +332,16 @@ def wrk(url: str, paths: list[str], body: bytes, seconds: int) -> tuple[float, f
     return rate, ms("50%"), ms("99%"), int(errors.group(1)) if errors else 0
 
 
+class WrkRun(NamedTuple):
+    """One wrk run of table 3: its rate, latencies and errors, and the server's CPU time per request."""
+
+    rate: float
+    p50: float
+    p99: float
+    errors: int
+    cpu_us: float
+
+
 def small_table(data_dir: str, seconds: int, rounds: int) -> None:
     """Small steps under wrk against the bare endpoint, in interleaved rounds (bare, 16 sessions, one session):
     each rate is compared with the bare endpoint's in the same round, so that a change in the machine's load
@@ -346,7 +356,7 @@ def small_table(data_dir: str, seconds: int, rounds: int) -> None:
     port = free_port()
     bare = start([sys.executable, str(HERE / "bare_app.py"), str(port), str(len(body) + 16)])
     bare_url = f"http://127.0.0.1:{port}"
-    runs: dict[str, list[tuple[float, float, float, int, float]]] = {"bare": [], "16": [], "one": []}
+    runs: dict[str, list[WrkRun]] = {"bare": [], "16": [], "one": []}
     try:
         wait_healthy_bare(f"{bare_url}/bare")
         server, url = optserve_server(data_dir)
@@ -360,10 +370,10 @@ def small_table(data_dir: str, seconds: int, rounds: int) -> None:
                            "one": (server.pid, url, [f"/v1/sessions/{busy}/step"])}  # fmt: skip
                 for _ in range(rounds):
                     for kind, (pid, base, paths) in targets.items():
-                        cpu = cpu_seconds(pid)
+                        before = cpu_seconds(pid)
                         rate, p50, p99, errors = wrk(base, paths, body, seconds)
-                        cpu = cpu_seconds(pid) - cpu  # the server's CPU time per request, in microseconds
-                        runs[kind].append((rate, p50, p99, errors, cpu / (rate * seconds) * 1e6))
+                        cpu_us = (cpu_seconds(pid) - before) / (rate * seconds) * 1e6  # per request answered
+                        runs[kind].append(WrkRun(rate, p50, p99, errors, cpu_us))
                 steps = sum(client.session(i)["step"] for i in ids)
                 busy_steps = client.session(busy)["step"]
         finally:
@@ -371,21 +381,19 @@ def small_table(data_dir: str, seconds: int, rounds: int) -> None:
     finally:
         stop(bare)
 
-    def ratios(kind: str) -> list[float]:
-        return [run[0] / bare_run[0] for run, bare_run in zip(runs[kind], runs["bare"])]
-
     rows, spread = [], []
-    labels = {"bare": "bare FastAPI endpoint", "16": "optserve step (AdamW), 16 sessions",
-              "one": "optserve step (AdamW), ONE session"}  # fmt: skip
-    for kind, label in labels.items():
-        rate, p50, p99 = (statistics.median(run[j] for run in runs[kind]) for j in range(3))
-        errors = sum(run[3] for run in runs[kind])
-        cpu_us = statistics.median(run[4] for run in runs[kind])
+    labels = {"bare": ("bare FastAPI endpoint", ""), "16": ("optserve step (AdamW), 16 sessions", "16 sessions"),
+              "one": ("optserve step (AdamW), ONE session", "ONE session")}  # fmt: skip
+    for kind, (label, short) in labels.items():
+        ratios = [run.rate / bare_run.rate for run, bare_run in zip(runs[kind], runs["bare"])]
+        rate, p50, p99, cpu_us = (statistics.median(getattr(run, field) for run in runs[kind])
+                                  for field in ("rate", "p50", "p99", "cpu_us"))  # fmt: skip
+        errors = sum(run.errors for run in runs[kind])
         rows.append([label, f"{rate:.0f}", f"{p50:.2f}", f"{p99:.2f}", str(errors), f"{cpu_us:.0f}",
-                     f"{statistics.median(ratios(kind)):.2f}"])  # fmt: skip
-        if kind != "bare":
-            spread.append(f"{label.split(', ')[1]} {min(ratios(kind)):.2f}-{max(ratios(kind)):.2f}")
-    bare_rates = [run[0] for run in runs["bare"]]
+                     f"{statistics.median(ratios):.2f}"])  # fmt: skip
+        if short:
+            spread.append(f"{short} {min(ratios):.2f}-{max(ratios):.2f}")
+    bare_rates = [run.rate for run in runs["bare"]]
     table(
         f"3. Small steps: {n} params, 16 connections (wrk -t2 -c16), {rounds} interleaved rounds of {seconds} s each",
         ["endpoint", "requests/s", "p50 ms", "p99 ms", "errors", "server CPU us/request", "rate vs bare"],
