@@ -815,8 +815,8 @@ class RayStore:
             options: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
             if address:
                 ray.init(address=address, **options)
-            else:  # a local single-node Ray of this front's own
-                ray.init(include_dashboard=False, **options)
+            else:  # a local single-node Ray of this front's own, on loopback only: Ray's ports take no credentials
+                ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **options)
                 self._started_ray = True
         self._coordinator = (
             ray.remote(Coordinator)

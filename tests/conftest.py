@@ -17,16 +17,19 @@ from procs import Server, ServerProcess, start_server_process, stop_server_proce
 
 from optserve.service.embedded import EmbeddedServer, serve_in_thread
 
+# Before any test module imports Ray (one does at collection): else Ray binds the machine's address, not 127.0.0.1
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A local single-node Ray cluster for this test process (the driver): every Ray process on 127.0.0.1, its
     files under a short temporary folder (socket paths are length-limited), stopped at the end."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported: else it binds the machine's IP
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="r", dir="/tmp"))
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _node_ip_address="127.0.0.1")  # fmt: skip
     try:
         yield
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import time
@@ -80,3 +81,26 @@ def poll(condition: Callable[[], bool], timeout: float, interval: float = 0.02) 
             return True
         time.sleep(interval)
     return condition()
+
+
+LOOPBACK = re.compile(r"^(127\.0\.0\.1|\[::ffff:127\.0\.0\.1\]):\d+$")
+
+
+def listening(pids: set[int]) -> list[str]:
+    """The listening TCP sockets of ``pids`` (lines of ``ss -ltnpH``)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if any(f"pid={pid}," in line for pid in pids)]
+
+
+def with_environment(marker: str) -> set[int]:
+    """The processes whose environment holds ``marker`` (``NAME=value``): a Ray's processes, by its RAY_TMPDIR."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker.encode() in f.read().split(b"\0"):
+                        pids.add(int(entry))
+            except OSError:
+                continue
+    return pids

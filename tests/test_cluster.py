@@ -11,7 +11,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from procs import Server
+from procs import LOOPBACK, Server, listening
 
 from optserve.client import Client, RemoteOptimizer, Retry, ServerError, checkpoint, wire
 
@@ -116,12 +115,10 @@ def grads_for(t: int, p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def test_ray_listens_on_loopback_only(cluster: RayCluster) -> None:
     pids = {pid for node in cluster.nodes for pid in node["pids"]}
-    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
-    ours = [line for line in out.splitlines() if any(f"pid={pid}," in line for pid in pids)]
+    ours = listening(pids)
     assert ours, "no listening socket of the cluster's processes found"
     for line in ours:
-        local = line.split()[3]
-        assert re.match(r"^(127\.0\.0\.1|\[::ffff:127\.0\.0\.1\]):\d+$", local), line
+        assert LOOPBACK.match(line.split()[3]), line
 
 
 def test_two_fronts_serve_every_session(cluster: RayCluster, tmp_path: Path, launch: Callable[..., Server]) -> None:
