@@ -32,8 +32,11 @@ install-test: $(BIN)/python
 serve: install
 	$(BIN)/optserve serve
 
+# The suite on TEST_WORKERS processes (pytest-xdist): the tests on the test process's Ray run on one of them, the
+# multi-node cluster's on one, any other file's tests on one (tests/conftest.py); TEST_WORKERS=0 runs it in one.
+TEST_WORKERS ?= 2
 test: install-test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 # The benchmark needs the server, torch (its comparison points), Ray (table 5) and Debian's wrk (tables 3 and 5:
 # installed here as root when missing).

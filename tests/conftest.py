@@ -21,10 +21,71 @@ from optserve.service.embedded import EmbeddedServer, serve_in_thread
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
+def _xdist_group(item: pytest.Item) -> str:
+    """The worker a test runs on, when `make test` spreads the suite over workers (pytest-xdist, ``--dist
+    loadgroup``): every test on the test process's Ray together (one Ray per run, not one per worker), the multi-node
+    cluster's tests together (its module fixture starts the cluster once, and they run in their order), and any other
+    test with the rest of its file (module fixtures once, the file's order kept)."""
+    callspec = getattr(item, "callspec", None)
+    uses_ray = "ray_cluster" in getattr(item, "fixturenames", ())
+    if uses_ray or (callspec is not None and callspec.params.get("store_kind") == "ray"):
+        return "ray"
+    return item.nodeid.split("::", 1)[0]
+
+
+def _spread(config: pytest.Config) -> bool:
+    return bool(getattr(config.option, "loadgroup", False))  # what xdist's workers read for --dist loadgroup
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # the controller, before any worker starts: a worker's refusal (below) reaches the terminal only as xdist's
+    # internal error, without its message
+    if getattr(config.option, "dist", "no") == "loadgroup" and not hasattr(config, "workerinput"):
+        import xdist  # noqa: PLC0415 - only where the suite is spread
+
+        if pytest.version_tuple[:2] >= (9, 2) and tuple(int(n) for n in xdist.__version__.split(".")[:2]) <= (3, 8):
+            raise pytest.UsageError(_UNGROUPED)
+
+
+_UNGROUPED = (
+    "pytest-xdist does not group the tests under pytest 9.2 (pytest-dev/pytest-xdist#1386), so the tests on Ray"
+    " would run on every worker: install pytest<9.2, as the test extra asks, or run with TEST_WORKERS=0"
+)
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    # here, before xdist's own pytest_collection_modifyitems reads the marks
+    if _spread(item.config):
+        item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))
+
+
+# The heavy groups first (run with --no-loadscope-reorder): the two longest units start at once instead of one of
+# them ending the run alone
+_FIRST = {"tests/test_cluster.py": 0, "ray": 1}
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture parameters
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not _spread(config):
+        return
+    ungrouped = [item.nodeid for item in items if not item.nodeid.endswith(f"@{_xdist_group(item)}")]
+    if ungrouped:  # xdist's hook (it ran before this one) names the group in the node id the scheduler reads
+        raise pytest.UsageError(f"{ungrouped[0]} and {len(ungrouped) - 1} more are in no group. {_UNGROUPED}")
+    items.sort(key=lambda item: _FIRST.get(_xdist_group(item), len(_FIRST)))  # stable: the order in a group kept
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def ray_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A local single-node Ray cluster for this test process (the driver): every Ray process on 127.0.0.1, its
     files under a short temporary folder (socket paths are length-limited), stopped at the end."""
+    first = getattr(request, "_pyfuncitem", None)  # the test that needs it first
+    if _spread(request.config) and first is not None and _xdist_group(first) != "ray":
+        pytest.fail(
+            f"{first.nodeid} uses the test process's Ray but runs outside the workers' 'ray' group, so a second Ray"
+            " would start: request the ray_cluster fixture (e.g. pytestmark = pytest.mark.usefixtures('ray_cluster'))"
+            " or parametrize over store_kind",
+            pytrace=False,
+        )
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="r", dir="/tmp"))
     import ray
 

@@ -82,6 +82,15 @@ def cluster() -> Iterator[RayCluster]:
                 proc.wait(timeout=10)
 
 
+@pytest.fixture(autouse=True)
+def no_deployment_left(cluster: RayCluster) -> Iterator[None]:
+    """After each test (and after its fronts have stopped: an autouse fixture is set up first, so torn down last),
+    its deployments' actors are killed, so that no test pays for the idle supervision of the ones before it."""
+    yield
+    answer = cluster.command("drop")
+    assert "dropped" in answer, answer
+
+
 def front_env(cluster: RayCluster, namespace: str, **settings: str) -> dict[str, str]:
     return {"OPTSERVE_STORE": "ray", "OPTSERVE_RAY_ADDRESS": cluster.address, "OPTSERVE_RAY_NAMESPACE": namespace,
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **settings}  # fmt: skip

@@ -17,6 +17,8 @@ from optserve.service.auth import ADMIN
 from optserve.service.cluster import directory_get
 from optserve.service.embedded import serve_in_thread
 
+pytestmark = pytest.mark.usefixtures("ray_cluster")  # with the other tests on this process's Ray (tests/conftest.py)
+
 
 def test_shards_with_different_hyperparameters_refuse_the_step_until_the_change_is_sent_again(
     request: pytest.FixtureRequest, tmp_path: Path
