@@ -38,6 +38,9 @@ ST = wire.SAFETENSORS
 PROBLEM = "application/problem+json"
 ADMIN = "admin-" + secrets.token_urlsafe(24)
 TIMEOUT = 5.0  # every answer must come within this: a refused body is never waited for
+# except a creation, which is a test's setup: on the Ray store the first one of a deployment waits for its new host
+# process, and that took over 5 s under a parallel test run (two such tests failed on it with three workers)
+SETUP_TIMEOUT = 60.0
 
 
 # --- servers -------------------------------------------------------------------------------------------------------
@@ -162,7 +165,7 @@ def assert_problem(r: httpx.Response, status: int, slug: str | None = None) -> d
 
 def create(http: httpx.Client, token: str | None = ADMIN, **kwargs: Any) -> tuple[str, str | None]:
     """(session id, its token) of a new session."""
-    r = http.post("/v1/sessions", json=create_body(**kwargs), headers=bearer(token))
+    r = http.post("/v1/sessions", json=create_body(**kwargs), headers=bearer(token), timeout=SETUP_TIMEOUT)
     assert r.status_code == 201, r.text
     return r.json()["id"], r.json().get("token")
 
