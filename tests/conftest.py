@@ -70,10 +70,11 @@ _FIRST = {"tests/test_cluster.py": 0, "ray": 1}
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not _spread(config):
         return
-    ungrouped = [item.nodeid for item in items if not item.nodeid.endswith(f"@{_xdist_group(item)}")]
+    groups = {item: item.get_closest_marker("xdist_group").args[0] for item in items}  # type: ignore[union-attr]
+    ungrouped = [item.nodeid for item, group in groups.items() if not item.nodeid.endswith(f"@{group}")]
     if ungrouped:  # xdist's hook (it ran before this one) names the group in the node id the scheduler reads
         raise pytest.UsageError(f"{ungrouped[0]} and {len(ungrouped) - 1} more are in no group. {_UNGROUPED}")
-    items.sort(key=lambda item: _FIRST.get(_xdist_group(item), len(_FIRST)))  # stable: the order in a group kept
+    items.sort(key=lambda item: _FIRST.get(groups[item], len(_FIRST)))  # stable: the order in a group kept
 
 
 @pytest.fixture(scope="session")
