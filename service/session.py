@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import math
 import re
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -45,7 +46,6 @@ from optserve.client.wire import Safetensors
 
 from . import finite as finite_math
 from . import fused
-from .bodies import POOL
 from .errors import (
     InvalidInput,
     NonFiniteGradient,
@@ -300,6 +300,7 @@ class Session:
         with np.errstate(over="ignore"):  # beyond float32's range becomes infinity, refused just below
             self.params = self.layout.flatten(params)
         _check_finite(self.layout, self.params)
+        self._owned_refs = sys.getrefcount(self.params)  # see _own_params
         state_names: dict[str, None] = {}
         for g in self.groups:
             state_names.update(dict.fromkeys(g.hp.state_names()))
@@ -313,6 +314,7 @@ class Session:
         # SGD: whether each tensor's momentum buffer holds a value. torch creates it at the tensor's first step with
         # momentum != 0 (from the gradient), which is not its first step when momentum is switched on mid-run.
         self.momentum_started = np.zeros(len(self.layout.slots), dtype=bool)
+        self.lent_copies = 0  # steps that found the parameters still lent to an answer and wrote into a copy
         self.step_count = 0
         self.pending: Pending | None = None
         self.last_grad_norm: float | None = None
@@ -617,6 +619,7 @@ class Session:
         fresh: np.ndarray | None,
     ) -> None:
         """Step every run of present tensors sharing a group and step number: one fused call each."""
+        self._own_params()
         for start, stop, t, hp in runs:
             fused.step_run(
                 self.optimizer, self.params, grads, self.state, self.layout, self.state_layouts, start, stop, t, hp,
@@ -649,12 +652,32 @@ class Session:
             self.keys.popitem(last=False)
 
     def _params_copy(self, wanted: bool, out: np.ndarray | None = None) -> np.ndarray | None:
+        """The parameters an answer carries: copied into ``out`` when it is given and of their size (a Ray front's
+        shared memory), else lent (:meth:`_lend`)."""
         if not wanted:
             return None
-        if out is None or out.nbytes != self.params.nbytes:
-            out = POOL.take(self.params.nbytes).view(np.float32)  # reused memory: no page faults on every step
-        out[:] = self.params
-        return out
+        if out is not None and out.nbytes == self.params.nbytes:
+            out[:] = self.params
+            return out
+        return self._lend()
+
+    def _lend(self) -> np.ndarray:
+        """A read-only view of the parameters as they are now, without a copy: an answer is sent from the session's
+        own buffer. While anything still references it (a transport still sending it, a caller keeping a step's
+        result), the next step writes into a copy of its own instead (:meth:`_own_params`), so the view keeps
+        showing the step it was lent at."""
+        view = self.params.view()
+        view.flags.writeable = False
+        return view
+
+    def _own_params(self) -> None:
+        """Copy on write, before the parameters are changed in place: when a lent view of them is still referenced
+        (every numpy view and memoryview of ``self.params`` holds a reference to it), the session moves to a copy
+        and leaves the old buffer to the view's holders. The usual step finds nothing lent (its answer has left
+        before the next request arrives) and steps in place."""
+        if sys.getrefcount(self.params) > self._owned_refs:
+            self.params = self.params.copy()
+            self.lent_copies += 1
 
     # --- reading and configuring ----------------------------------------------------------------------------------
 
