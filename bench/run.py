@@ -589,8 +589,8 @@ def memory_table(data_dir: str, total_params: int, steps: int) -> None:
         ["server", "sessions (fp32)", "RSS MiB", "bytes/param"],
         rows,
         ["The AdamW state itself is 12 bytes/param (params, exp_avg, exp_avg_sq in float32); goal <= 12.5 and a flat "
-         "RSS over the steps. With the I/O pool on, the server also keeps for reuse one request-body buffer and one "
-         "answer buffer per session size in use (4 bytes/param each, at most OPTSERVE_IO_POOL_BYTES in all): the "
+         "RSS over the steps. With the I/O pool on, the server also keeps for reuse one request-body buffer per "
+         "session size in use (4 bytes/param, at most OPTSERVE_IO_POOL_BYTES in all): the "
          "price of not paying fresh-memory page faults on every large step. The last rows hold one 2-D tensor per "
          "session, AdamW next to Adafactor, whose second moment is factored: its state is the tensor's rows plus "
          "its columns (the session's state_bytes), so its session is the parameters and little more."],

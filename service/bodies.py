@@ -30,7 +30,7 @@ from optserve.client.transport import widen_buffers
 
 from .errors import BadRequest, PayloadTooLarge
 
-# Request bodies and answer copies: reused by exact size once nothing references them (see BufferPool).
+# Request bodies (and a Ray front's answers): reused by exact size once nothing references them (see BufferPool).
 POOL: BufferPool[np.ndarray] = BufferPool(
     lambda n: np.empty(n, dtype=np.uint8), int(os.environ.get("OPTSERVE_IO_POOL_BYTES", 512 << 20))
 )

@@ -445,7 +445,7 @@ class Session:
             if key is not None:
                 self._remember(key, record)
             status: Literal["applied", "skipped"] = "applied" if applied else "skipped"
-            return StepResult(status, self.step_count, self._params_copy(want_params, out), not applied, norm)
+            return StepResult(status, self.step_count, self._answer_params(want_params, out), not applied, norm)
 
     @property
     def closed(self) -> bool:
@@ -473,7 +473,7 @@ class Session:
         return StepResult(
             "replayed",
             self.step_count,
-            self._params_copy(want_params, out),
+            self._answer_params(want_params, out),
             record.outcome == "skipped",
             record.grad_norm,
         )
@@ -651,7 +651,7 @@ class Session:
         while len(self.keys) > MAX_IDEMPOTENCY_KEYS:
             self.keys.popitem(last=False)
 
-    def _params_copy(self, wanted: bool, out: np.ndarray | None = None) -> np.ndarray | None:
+    def _answer_params(self, wanted: bool, out: np.ndarray | None = None) -> np.ndarray | None:
         """The parameters an answer carries: copied into ``out`` when it is given and of their size (a Ray front's
         shared memory), else lent (:meth:`_lend`)."""
         if not wanted:

@@ -35,6 +35,8 @@ from optserve.service import bodies, reference
 from optserve.service.bodies import POOL, BufferResponse
 from optserve.service.embedded import EmbeddedServer
 from optserve.service.hyperparams import make_hyperparams
+from optserve.service.session import Session, SessionConfig
+from optserve.service.store import MemoryStore
 
 ST = wire.SAFETENSORS
 N = 600_000  # 2.4 MB of float32: the large-body path (>= 1 MiB) without slowing the tests down
@@ -429,7 +431,8 @@ def test_answer_still_being_sent_to_a_slow_reader_is_not_overwritten(
     server: EmbeddedServer, http: httpx.Client
 ) -> None:
     """An answer larger than the kernel's socket buffers is still partly queued in the server after the app has
-    sent it. Its pooled buffer must not serve another step's answer of the same size until it has gone out."""
+    sent it. Steps of another session of the same size meanwhile must not reach it (their request bodies come from
+    the same pool; on a Ray front, so do the answers)."""
     n = 2_000_000  # 8 MB: more than a loopback socket takes at once (tcp_wmem max is 4 MiB by default)
     pa, pb = make_params(17, n), make_params(18, n)
     a, b = create_st(http, pa), create_st(http, pb)
@@ -452,11 +455,98 @@ def test_answer_still_being_sent_to_a_slow_reader_is_not_overwritten(
     assert_equal_tensors(wire.decode(answer)[0], Reference(pa).step(grads_a), "slow reader's answer")
 
 
+def test_an_answer_still_being_sent_keeps_its_step_while_its_session_steps(
+    server: EmbeddedServer, http: httpx.Client
+) -> None:
+    """An answer is sent from the session's own parameters (no copy). A reader that stops halfway through its 8 MB
+    answer while two more steps of the same session land still receives its own step, bit for bit: those steps
+    wrote into a copy (copy on write)."""
+    n = 2_000_000
+    params = make_params(20, n)
+    ref = Reference(params)
+    sid = create_st(http, params)
+    grads = [make_grads(params, 20, k) for k in range(1, 4)]
+    want = ref.step(grads[0])
+    body = wire.encode(grads[0])
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        sock.settimeout(20)
+        sock.connect(host_port(server))
+        sock.sendall(step_head(sid, len(body)) + body)
+        first = sock.recv(1 << 16)  # the answer has started: the rest waits in the server's transport
+        for g in grads[1:]:
+            r = step_http(http, sid, g)
+            assert r.status_code == 200, r.text
+        assert session_step(http, sid) == 3
+        status, headers, answer = read_response(Prefixed(first, sock))  # type: ignore[arg-type]
+    assert status == 200 and headers["etag"] == '"1"'
+    assert_equal_tensors(wire.decode(answer)[0], want, "slow reader's answer")
+    if isinstance(server.store, MemoryStore):  # (a Ray host copies a same-node answer into the front's memory)
+        assert server.store.get(sid).lent_copies >= 1
+
+
+class Prefixed:
+    """A socket whose first ``recv`` returns bytes already read from it."""
+
+    def __init__(self, first: bytes, sock: socket.socket) -> None:
+        self.first: bytes | None = first
+        self.sock = sock
+
+    def settimeout(self, timeout: float) -> None:
+        self.sock.settimeout(timeout)
+
+    def recv(self, n: int) -> bytes:
+        if self.first is None:
+            return self.sock.recv(n)
+        data, self.first = self.first, None
+        return data
+
+
+def test_http_steps_are_taken_in_place(server: EmbeddedServer, http: httpx.Client) -> None:
+    """Stepped answer after answer, a session never copies its parameters: each answer has left before the next
+    step arrives, so nothing holds it any more."""
+    if not isinstance(server.store, MemoryStore):
+        pytest.skip("the session lives in a Ray host's process")
+    params = make_params(21)
+    sid = create_st(http, params)
+    session = server.store.get(sid)
+    address = session.params.ctypes.data
+    for k in range(1, 6):
+        r = step_http(http, sid, make_grads(params, 21, k))
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(np.concatenate([t.ravel() for t in wire.decode(r.content)[0].values()]),
+                                      session.params)  # fmt: skip
+    assert session.lent_copies == 0 and session.params.ctypes.data == address
+
+
+def test_a_held_result_keeps_its_step() -> None:
+    """A caller that keeps a step's result sees that step's parameters after later steps, which write into a
+    copy; the result is read-only; once nothing holds an answer, steps are taken in place again."""
+    rng = np.random.default_rng(1)
+    session = Session("s", SessionConfig(optimizer="adamw"), {"w": rng.standard_normal(1000).astype(np.float32)})
+    first = session.step({"w": rng.standard_normal(1000).astype(np.float32)})
+    assert first.params is not None
+    kept = first.params.copy()
+    with pytest.raises(ValueError):
+        first.params[0] = 0.0
+    second = session.step({"w": rng.standard_normal(1000).astype(np.float32)})
+    assert session.lent_copies == 1
+    np.testing.assert_array_equal(first.params, kept)
+    assert second.params is not None and not np.array_equal(second.params, kept)
+    np.testing.assert_array_equal(second.params, session.params)
+    del first, second
+    address = session.params.ctypes.data
+    for _ in range(3):
+        session.step({"w": rng.standard_normal(1000).astype(np.float32)}).params = None
+    assert session.lent_copies == 1 and session.params.ctypes.data == address
+
+
 def test_steady_steps_reuse_pooled_buffers(
     http: httpx.Client, direct_sizes: list[int], monkeypatch: pytest.MonkeyPatch, no_gc: None
 ) -> None:
-    """Once a session has stepped, further steps of the same size take their request body and answer copy from the
-    buffers the previous steps left (no fresh memory), without waiting for the garbage collector."""
+    """Once a session has stepped, further steps of the same size take their request body from the buffers the
+    previous steps left (no fresh memory), without waiting for the garbage collector; answers are sent from the
+    session's own parameters."""
     params = make_params(19)
     ref = Reference(params)
     sid = create_st(http, params)
