@@ -83,6 +83,15 @@ class BufferPool(Generic[B]):
             if not buffers:
                 del self._free[size]
 
+    def discard(self, buffer: B) -> None:
+        """Never lend ``buffer`` again (another process may still write into it: a step abandoned in flight)."""
+        with self._lock:
+            for i, lent in enumerate(self._lent):
+                if lent is buffer:
+                    del self._lent[i]
+                    self._bytes -= len(buffer)  # type: ignore[arg-type]
+                    return
+
     @property
     def kept_bytes(self) -> int:
         """Bytes of buffers lent out or waiting for reuse."""

@@ -19,13 +19,16 @@ from concurrent.futures import Future
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import httpx
+import numpy as np
 
 from . import core
+from .buffers import BufferPool
 from .core import Operation
 from .errors import TransportError
 from .inflight import Worker
 from .protocol import Call, Reply, Retry, StepResult
-from .transport import SocketTransport, request_head
+from .shm import SHM_MIN, Segments
+from .transport import REUSE_MAX_BYTES, SocketTransport, request_head
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -125,7 +128,7 @@ class _Direct:
     the answer's took about 0.5 ms a step here, as much as a small step's whole round trip on the server). The
     request is the one httpx would send: the client's default headers, then the call's, the same Host."""
 
-    def __init__(self, transport: SocketTransport, http: httpx.Client) -> None:
+    def __init__(self, transport: SocketTransport, http: httpx.Client, shared_memory: bool = True) -> None:
         self.transport = transport
         base = http.base_url
         self.key = (base.host, base.port or 80)
@@ -134,6 +137,7 @@ class _Direct:
         self.defaults = {k.lower(): v for k, v in http.headers.items() if k.lower() not in skip}  # User-Agent...
         self.host = base.netloc
         self.timeout = http.timeout
+        self.shared = _Shared() if transport.uds is not None and shared_memory and Segments.available() else None
 
     def head(self, call: Call) -> bytes | None:
         """The request's line and headers; None when the path or a header needs httpx's encoding."""
@@ -150,10 +154,100 @@ class _Direct:
 
     def send(self, call: Call, head: bytes) -> Reply:
         parts = [memoryview(p).cast("B") for p in call.content] if isinstance(call.content, list) else []
+        shared = self.shared
+        if shared is not None and shared.offered and sum(len(p) for p in parts) >= SHM_MIN:
+            reply = shared.send(self, call, parts)
+            if reply is not None:
+                return reply
         status, reason, headers, body = self.transport.exchange(
             self.key, call.method, head, parts, False, self.timeout.connect, self.timeout.read
         )
-        return Reply(status, httpx.Headers(headers), body, reason)
+        reply = Reply(status, httpx.Headers(headers), body, reason)
+        if shared is not None:
+            shared.learn(call, reply)
+        return reply
+
+
+SHARED_BODY, SHARED_ANSWER, SHARED_OFFER = "optserve-shm-body", "optserve-shm-answer", "optserve-shm"
+
+
+class _Shared:
+    """Steps over the server's Unix socket with their bodies and answers in shared memory
+    (:mod:`optserve.client.shm`): the client puts the step's body into a buffer of its own and names it
+    (``Optserve-Shm-Body``, with no body on the socket), the server reads the gradients where they lie and writes
+    the parameters into a second buffer the client named (``Optserve-Shm-Answer``); the socket carries the heads and
+    the answer's safetensors header. Two copies of the model's size (the gradients in, the parameters out of the
+    buffers) in place of four through the socket.
+
+    Used for bodies of at least ``SHM_MIN`` bytes once the server has offered it (``Optserve-Shm: available`` on a
+    step's answer: its Unix socket, the single-process store), with an answer buffer of the size the session's last
+    answer had. A refusal (``shared-memory-unavailable``: the server cannot open the buffer, as when it runs in
+    another container with a ``/dev/shm`` of its own) turns it off for this client, and the step is sent again as
+    bytes (nothing was applied). Buffers of an exchange that failed are never used again: the server may still be
+    writing the answer of that attempt.
+    """
+
+    def __init__(self) -> None:
+        self.segments = Segments()
+        self.pool: BufferPool[np.ndarray] = BufferPool(self.segments.make, REUSE_MAX_BYTES, SHM_MIN)
+        self.offered = False
+        self.answers: dict[str, int] = {}  # a session's step path: the data bytes of its last answer
+
+    def learn(self, call: Call, reply: Reply) -> None:
+        """What an answer over the socket tells: that the server takes shared memory, and its answers' size."""
+        if reply.headers.get(SHARED_OFFER) != "available":
+            return
+        self.offered = True
+        if reply.status == 200 and len(reply.body) >= 8:
+            header = int.from_bytes(bytes(reply.body[:8]), "little")
+            self.answers[call.path.partition("?")[0]] = len(reply.body) - 8 - header
+
+    def send(self, direct: _Direct, call: Call, parts: list[memoryview]) -> Reply | None:
+        """The step through shared memory; None when it cannot go that way (sent as bytes then)."""
+        body = self.pool.take(sum(len(p) for p in parts))
+        body_ref = self.segments.find(body)
+        if body_ref is None:  # no room in /dev/shm: ordinary memory
+            self.offered = False
+            return None
+        at = 0
+        for part in parts:
+            body[at : at + len(part)] = np.frombuffer(part, np.uint8)
+            at += len(part)
+        headers = {**call.headers, "content-length": "0", SHARED_BODY: _ref(body_ref)}
+        answer = None
+        if size := self.answers.get(call.path.partition("?")[0]):
+            answer = self.pool.take(size)
+            if (answer_ref := self.segments.find(answer)) is not None:
+                headers[SHARED_ANSWER] = _ref(answer_ref)
+        head = direct.head(Call(call.method, call.path, headers))
+        assert head is not None  # the call's own head was plain, and these headers are
+        try:
+            status, reason, fields, received = direct.transport.exchange(
+                direct.key, call.method, head, [], False, direct.timeout.connect, direct.timeout.read
+            )
+        except BaseException:
+            for buffer in (body, answer):
+                if buffer is not None:
+                    self.pool.discard(buffer)
+            raise
+        reply = Reply(status, httpx.Headers(fields), received, reason)
+        if status == 400 and b"shared-memory-unavailable" in bytes(received[:4096]):
+            self.offered = False
+            return None
+        written = reply.headers.get(SHARED_ANSWER)
+        if written is not None:
+            if answer is None or not written.isdigit() or int(written) != len(answer):
+                raise TransportError(
+                    f"{call.path}: the server wrote {written!r} bytes into an answer buffer it was not given"
+                )
+            reply.data = answer.data
+        else:
+            self.learn(call, reply)
+        return reply
+
+
+def _ref(ref: dict[str, Any]) -> str:
+    return f"{ref['name']} {ref['offset']} {ref['size']}"
 
 
 class Client(_Base):
@@ -161,7 +255,9 @@ class Client(_Base):
 
     ``transport`` is httpx's seam (a fault-injecting transport in tests, for example). ``token`` is sent as a bearer
     token (the admin key, or a session's token); the token a create answer carries is used for that session from
-    then on. Use it as a context manager or call :meth:`close` to release its connections.
+    then on. With a ``unix://`` URL, steps of 1 MiB and more go through shared memory once the server offers it
+    (see :class:`_Shared`); ``shared_memory=False`` sends their bytes over the socket. Use it as a context manager
+    or call :meth:`close` to release its connections.
     """
 
     def __init__(
@@ -173,6 +269,7 @@ class Client(_Base):
         headers: Mapping[str, str] | None = None,
         transport: httpx.BaseTransport | None = None,
         token: str | None = None,
+        shared_memory: bool = True,
     ) -> None:
         super().__init__(url, retry, token)
         base, uds = split_url(self.url)
@@ -180,7 +277,7 @@ class Client(_Base):
         if transport is None and base.startswith("http://"):
             own = SocketTransport(timeout=timeout if isinstance(timeout, (int, float)) else None, uds=uds)
         self._http = httpx.Client(transport=own or transport, **_http_kwargs(self.url, timeout, headers))
-        self._direct = _Direct(own, self._http) if own is not None else None
+        self._direct = _Direct(own, self._http, shared_memory) if own is not None else None
         self._worker = Worker()
 
     def __enter__(self) -> Client:

@@ -65,6 +65,7 @@ class Reply:
     headers: httpx.Headers
     body: bytes | bytearray | memoryview
     reason: str = ""
+    data: memoryview | None = None  # a step answer's data section, when the server wrote it into shared memory
 
     def json(self) -> Any:
         return json.loads(bytes(self.body))
@@ -212,7 +213,7 @@ def read_step(reply: Reply) -> StepResult:
     check(reply)
     step_count = step_number(reply)
     norm = reply.headers.get("optserve-grad-norm")
-    body = None if reply.status in (202, 204) else wire.parse(reply.body)
+    body = None if reply.status in (202, 204) else wire.parse(reply.body, data=reply.data)
     params = None if body is None else body.tensors()
     return StepResult(
         step=step_count,

@@ -299,8 +299,13 @@ _headers_bytes = 0
 _HEADERS_LOCK = threading.Lock()
 
 
-def parse(body: bytes | bytearray | memoryview, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> Safetensors:
-    """Validate a safetensors body and return a zero-copy view of it.
+def parse(
+    body: bytes | bytearray | memoryview,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    data: bytes | bytearray | memoryview | None = None,
+) -> Safetensors:
+    """Validate a safetensors body and return a zero-copy view of it; with ``data``, ``body`` is the header alone
+    and ``data`` the data section, held apart (an answer's parameters written into shared memory).
 
     Checks what the format requires: the header length fits the body and the limit, the header is a JSON object,
     every dtype is known, shapes are lists of non-negative integers, each tensor's byte range matches its shape and
@@ -315,7 +320,12 @@ def parse(body: bytes | bytearray | memoryview, max_header_bytes: int = DEFAULT_
     if 8 + n > len(view):
         raise WireError(f"safetensors header length {n} runs past the end of the {len(view)}-byte body")
     raw = bytes(view[8 : 8 + n])
-    data = view[8 + n :]
+    if data is None:
+        section = view[8 + n :]
+    elif 8 + n != len(view):
+        raise WireError(f"a header of {8 + n} bytes followed by {len(view) - 8 - n} more, where none belong")
+    else:
+        section = memoryview(data).cast("B")
     split = _split_metadata(raw)
     key: bytes | str = raw if split is None else split[1]
     with _HEADERS_LOCK:
@@ -328,9 +338,9 @@ def parse(body: bytes | bytearray | memoryview, max_header_bytes: int = DEFAULT_
             _remember(key, known)
     entries, metadata = known if split is None else (known[0], split[0])
     end = max((e.stop for e in entries), default=0)
-    if end != len(data):
-        raise WireError(f"tensors cover {end} bytes of data but the body carries {len(data)}")
-    return Safetensors(entries, dict(metadata), data, view)
+    if end != len(section):
+        raise WireError(f"tensors cover {end} bytes of data but the body carries {len(section)}")
+    return Safetensors(entries, dict(metadata), section, view if data is None else None)
 
 
 _META_FIRST = b'{"__metadata__":'  # how header() begins a header that has metadata

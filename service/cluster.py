@@ -53,6 +53,7 @@ from ray.experimental import internal_kv  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from optserve.client import wire  # noqa: E402
+from optserve.client.shm import SHM_MIN, Segments  # noqa: E402
 from optserve.client.wire import Safetensors, WireError  # noqa: E402
 
 from . import (  # noqa: E402
@@ -64,7 +65,7 @@ from . import (  # noqa: E402
 from .algorithms import get as algorithm  # noqa: E402
 from .auth import ADMIN, Access  # noqa: E402
 from .bodies import POOL  # noqa: E402
-from .direct import DirectPool, DirectServer, Mappings, NotSent, ProtocolError, Segments  # noqa: E402
+from .direct import DirectPool, DirectServer, Mappings, NotSent, ProtocolError  # noqa: E402
 from .errors import BadRequest, Conflict, ServiceError, SessionNotFound, StorageUnavailable  # noqa: E402
 from .layout import FlatLayout  # noqa: E402
 from .persistence import Saver, Snapshots  # noqa: E402
@@ -1131,7 +1132,7 @@ class RayStore:
             if ref is not None:  # the host reads the body where it lies
                 header["body"], data = ref, []
             size = self._sizes.get(session_id, 0)
-            if request.want_params and 4 * size >= direct.SHM_MIN:  # and writes the parameters into our buffer
+            if request.want_params and 4 * size >= SHM_MIN:  # and writes the parameters into our buffer
                 out = POOL.take(4 * size)
                 ref = self._segments.find(out)
                 if ref is not None:

@@ -26,24 +26,19 @@ step may or may not have been applied, which the client's retry with its Idempot
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hmac
 import json
 import logging
-import mmap
-import os
-import re
-import secrets
 import socket
 import struct
-import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from optserve.client.shm import SegmentError, open_segment, segment_exists
 
 from . import errors
 
@@ -52,9 +47,6 @@ log = logging.getLogger("optserve.direct")
 PREFIX = struct.Struct("<IIQ")  # header bytes, layout bytes, data bytes
 MAX_HEADER = 1 << 24  # of a frame's JSON header and layout together
 INLINE = 64 << 10  # data up to this size travels in the frame's one send; beyond, in a send of its own
-SHM_DIR = "/dev/shm"
-SHM_MIN = 1 << 20  # shared memory for buffers of at least this size (the buffer pool's own threshold)
-_NAME = re.compile(r"optserve-(\d+)-([0-9a-f]{16})-(\d+)")  # pid, a token of the front's, a count
 HELLO_MAX = 4096  # bytes of a connection's first frame (the secret), before which nothing larger is read
 
 Handler = Callable[[dict[str, Any], memoryview], Awaitable[tuple[dict[str, Any], bytes, Sequence[Any]]]]
@@ -357,20 +349,17 @@ class Mappings:
             name, offset, size = str(ref["name"]), int(ref["offset"]), int(ref["size"])
         except (KeyError, TypeError, ValueError):
             raise ProtocolError("a shared-memory reference without name, offset and size") from None
-        if not _NAME.fullmatch(name):
-            raise ProtocolError(f"not a shared-memory buffer of optserve: {name!r}")
         whole = self._maps.get(name)
         if whole is not None:
             self._maps.move_to_end(name)
         else:
             try:
-                fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
-            except OSError as e:
-                raise NoSharedMemory(f"shared memory {name} cannot be opened here: {e}") from None
-            try:
-                whole = np.frombuffer(mmap.mmap(fd, os.fstat(fd).st_size), dtype=np.uint8)
-            finally:
-                os.close(fd)
+                whole = open_segment(name)
+            except ValueError as e:
+                raise ProtocolError(str(e)) from None
+            except SegmentError as e:
+                raise NoSharedMemory(str(e)) from None
+            self._forget_removed()
             if len(whole) <= self.keep_bytes:
                 self._maps[name] = whole
                 self._bytes += len(whole)
@@ -381,99 +370,13 @@ class Mappings:
             raise ProtocolError(f"shared memory {name}: bytes {offset}..{offset + size} of {len(whole)}")
         return whole[offset : offset + size]
 
+    def _forget_removed(self) -> None:
+        """Drop the maps of buffers whose files are gone (their maker freed them): a map held here keeps the memory."""
+        for name in [n for n in self._maps if not segment_exists(n)]:
+            self._bytes -= len(self._maps.pop(name))
+
 
 # --- the front's side ----------------------------------------------------------------------------------------------
-
-
-class Segments:
-    """Buffers in shared memory for the front's pool: each one a file ``optserve-<pid>-<k>`` in ``/dev/shm``,
-    removed when the buffer is freed (and, for a front that died, by the next front started on the machine)."""
-
-    def __init__(self) -> None:
-        self._by_address: dict[int, tuple[str, int]] = {}
-        self._token = secrets.token_hex(8)  # names never repeat, even for a restarted front with the same pid
-        self._count = 0
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def available() -> bool:
-        return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
-
-    def make(self, nbytes: int) -> np.ndarray:
-        """A buffer of ``nbytes``: in shared memory when it is large and there is room, else ordinary memory."""
-        if nbytes < SHM_MIN:
-            return np.empty(nbytes, dtype=np.uint8)
-        with self._lock:
-            self._count += 1
-            name = f"optserve-{os.getpid()}-{self._token}-{self._count}"
-        path = os.path.join(SHM_DIR, name)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError:
-            return np.empty(nbytes, dtype=np.uint8)
-        try:
-            os.posix_fallocate(fd, 0, nbytes)  # the room taken now: a full /dev/shm refuses here, not with SIGBUS
-            array = np.frombuffer(mmap.mmap(fd, nbytes), dtype=np.uint8)
-        except OSError:
-            os.unlink(path)
-            return np.empty(nbytes, dtype=np.uint8)
-        finally:
-            os.close(fd)
-        address = array.ctypes.data
-        with self._lock:
-            self._by_address[address] = (name, nbytes)
-        weakref.finalize(array, self._free, address, path)
-        return array
-
-    def _free(self, address: int, path: str) -> None:
-        with self._lock:
-            self._by_address.pop(address, None)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
-    def find(self, buffer: Any) -> dict[str, Any] | None:
-        """The shared-memory reference of ``buffer`` when it lies in one of these buffers, else None."""
-        view = memoryview(buffer).cast("B")
-        if view.nbytes < SHM_MIN:
-            return None
-        address = np.frombuffer(view, dtype=np.uint8).ctypes.data
-        with self._lock:
-            for start, (name, size) in self._by_address.items():
-                if start <= address and address + view.nbytes <= start + size:
-                    return {"name": name, "offset": address - start, "size": view.nbytes}
-        return None
-
-    def close(self) -> None:
-        with self._lock:
-            names = [name for name, _ in self._by_address.values()]
-            self._by_address.clear()
-        for name in names:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(SHM_DIR, name))
-
-    @staticmethod
-    def sweep() -> int:
-        """Remove the buffers of fronts that are no longer running on this machine; how many."""
-        removed = 0
-        with contextlib.suppress(OSError):
-            for name in os.listdir(SHM_DIR):
-                m = _NAME.fullmatch(name)
-                if m is None or _alive(int(m.group(1))):
-                    continue
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(SHM_DIR, name))
-                    removed += 1
-        return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class DirectPool:

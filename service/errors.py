@@ -110,6 +110,13 @@ class BadRequest(ServiceError):
     status, slug, title = 400, "malformed-request", "Malformed request"
 
 
+class SharedMemoryUnavailable(BadRequest):
+    """A step body named in shared memory that this server cannot take that way (not its Unix socket, a store that
+    does not answer into it, a buffer it cannot open): nothing was done, and the client sends the bytes instead."""
+
+    slug, title = "shared-memory-unavailable", "Shared memory not available"
+
+
 class Unauthorized(ServiceError):
     status, slug, title = 401, "unauthorized", "Authentication required"
 

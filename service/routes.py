@@ -210,17 +210,21 @@ def tensor_parts(
     """The parameters in the negotiated encoding, as the parts of the answer's body. As safetensors, the header
     followed by the flat buffer itself: the layout keeps the tensors contiguous and in order, so no per-tensor copy
     or join is needed. ``dtype`` float16 or bfloat16 rounds the float32 parameters for the answer (half the bytes)."""
-    meta = {"step": str(step), **(metadata or {})}
     if encoding != wire.SAFETENSORS:
-        return [wire.encode_json(layout.views(flat), meta, dtype=dtype)]
+        return [wire.encode_json(layout.views(flat), {"step": str(step), **(metadata or {})}, dtype=dtype)]
     specs = layout.specs
     if dtype != "float32":
         code, flat = wire.as_wire_array(flat, dtype)
         specs = tuple((name, code, shape) for name, _, shape in specs)
-    header = wire.header(specs, meta)
+    header = answer_header(specs, step, metadata)
     if flat.nbytes < SMALL_ANSWER:  # one send of one bytes: fewer trips through the ASGI stack
         return [b"".join((header, memoryview(flat).cast("B")))]  # type: ignore[arg-type]  # one copy
     return [header, memoryview(flat).cast("B")]  # type: ignore[arg-type]
+
+
+def answer_header(specs: Any, step: int, metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors header of an answer at ``step`` (its metadata: the step, then ``metadata``)."""
+    return wire.header(specs, {"step": str(step), **(metadata or {})})
 
 
 def tensor_response(layout: FlatLayout, flat: np.ndarray, step: int, encoding: str, dtype: str) -> Response:

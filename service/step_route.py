@@ -15,6 +15,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qsl
 
+import numpy as np
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
@@ -22,13 +23,25 @@ from starlette.types import Receive, Scope, Send
 from optserve.client import wire
 
 from .bodies import receive_body
-from .errors import BadRequest, ErrorAnswer, InvalidInput, error_answer, forget_frames, internal_error, problem_json
+from .direct import Mappings, NoSharedMemory, ProtocolError
+from .errors import (
+    BadRequest,
+    ErrorAnswer,
+    InvalidInput,
+    PayloadTooLarge,
+    SharedMemoryUnavailable,
+    error_answer,
+    forget_frames,
+    internal_error,
+    problem_json,
+)
 from .headers import RawHeaders
 from .observability import Metrics
 from .routes import (
     SMALL_ANSWER,
     Service,
     answer_dtype,
+    answer_header,
     decode_json_body,
     etag,
     idempotency_key,
@@ -39,12 +52,14 @@ from .routes import (
     tensor_media_type,
     tensor_parts,
 )
-from .store import StepRequest
+from .store import MemoryStore, StepRequest
 
 log = logging.getLogger("optserve")
 
 PREFIX, SUFFIX = "/v1/sessions/", "/step"
 Answer = tuple[int, list[tuple[bytes, bytes]], list[Any]]  # status, headers, body parts
+SHARED_BODY, SHARED_ANSWER = "optserve-shm-body", "optserve-shm-answer"
+SHARED_OFFER = (b"optserve-shm", b"available")  # on answers over the Unix socket of a server that takes them
 
 
 def step_session_id(scope: Scope) -> str | None:
@@ -62,6 +77,7 @@ class StepRoute:
     def __init__(self, svc: Service, metrics: Metrics) -> None:
         self.svc = svc
         self.metrics = metrics
+        self.maps = Mappings()  # clients' shared-memory buffers (Optserve-Shm-Body), kept mapped
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -115,19 +131,29 @@ class StepRoute:
         encoding = negotiate(headers, default=ctype)
         key, if_match, minimal = idempotency_key(headers), parse_if_match(headers), prefers_minimal(headers)
         started = time.perf_counter()
-        body = await receive_body(receive, headers.get("content-length"), svc.body_limit(ctype))
+        shared = self.takes_shared_memory(scope)
+        into = None
+        body: bytes | bytearray | memoryview
+        if (ref := headers.get(SHARED_BODY)) is not None:
+            body, into = self.shared_body(shared, headers, ref, ctype)
+        else:
+            body = await receive_body(receive, headers.get("content-length"), svc.body_limit(ctype))
         received = time.perf_counter()
         if ctype == wire.SAFETENSORS:
             grads: Any = parse_safetensors(body, svc.settings.max_header_bytes)
             metadata = grads.metadata
         else:
             grads, metadata = await decode_json_body(svc, body, wire.decode_json)
-        request = StepRequest(if_match, key, not minimal, missing == "skip", hyperparam_changes(metadata))
+        if into is not None and not (encoding == wire.SAFETENSORS and dtype == "float32"):
+            into = None  # an answer in another encoding or dtype is made from the parameters, then sent as bytes
+        request = StepRequest(if_match, key, not minimal, missing == "skip", hyperparam_changes(metadata), out=into)
         result = await svc.store.step(who, session_id, grads, request)
         stepped = time.perf_counter()
         self.metrics.hot.step(result.status, stepped - received)
         timing = b"recv;dur=%.3f, step;dur=%.3f" % ((received - started) * 1e3, (stepped - received) * 1e3)
         out = [(b"etag", etag(result.step).encode()), (b"server-timing", timing)]
+        if shared:
+            out.append(SHARED_OFFER)
         if result.status == "replayed":
             out.append((b"idempotent-replayed", b"true"))
         if result.status == "accepted":
@@ -144,12 +170,60 @@ class StepRoute:
         if result.params is None:
             return 204, out, []
         assert result.layout is not None
+        if into is not None and result.params is into:  # written into the client's buffer: only the header is sent
+            out.append((SHARED_ANSWER.encode(), b"%d" % into.nbytes))
+            header = answer_header(result.layout.specs, result.step, meta)
+            return 200, content(encoding, len(header), out), [header]
         args = (result.layout, result.params, result.step, encoding, meta, dtype)
         # float32 safetensors: a header and the buffer, nothing to offload; JSON, or a conversion of a large answer
         # to float16/bfloat16, takes time: off the event loop
         inline = encoding == wire.SAFETENSORS and (dtype == "float32" or result.params.nbytes < SMALL_ANSWER)
         parts = tensor_parts(*args) if inline else await run_in_threadpool(tensor_parts, *args)
         return 200, content(encoding, sum(len(p) for p in parts), out), parts
+
+    def takes_shared_memory(self, scope: Scope) -> bool:
+        """Bodies in shared memory are taken over the server's Unix socket (owner-only: a client of this machine
+        and this user), by the single-process store, which writes the answer straight into the client's buffer.
+        uvicorn gives a Unix socket's requests the server address (path, None), a TCP socket's (host, port)."""
+        server = scope.get("server")
+        return server is not None and server[1] is None and isinstance(self.svc.store, MemoryStore)
+
+    def shared_body(
+        self, shared: bool, headers: RawHeaders, ref: str, ctype: str
+    ) -> tuple[memoryview, np.ndarray | None]:
+        """The body a client left in shared memory (``Optserve-Shm-Body: <name> <offset> <size>``, a buffer of
+        :mod:`optserve.client.shm`), read where it lies, and the client's buffer for the answer's parameters
+        (``Optserve-Shm-Answer``, same form), as float32."""
+        if not shared:
+            raise SharedMemoryUnavailable(
+                "this server takes step bodies in shared memory over its Unix socket only, with the single-process "
+                "store; send the bytes"
+            )
+        if headers.get("content-length") not in (None, "0") or headers.get("transfer-encoding") is not None:
+            raise BadRequest(f"a step whose body is in shared memory ({SHARED_BODY}) carries no body of its own")
+        if ctype != wire.SAFETENSORS:
+            raise BadRequest("a step body in shared memory is safetensors")
+        body = self.shared_view(SHARED_BODY, ref)
+        limit = self.svc.body_limit(ctype)
+        if body.nbytes > limit:
+            raise PayloadTooLarge(f"the body of {body.nbytes} bytes exceeds the limit of {limit}", limit=limit)
+        into = None
+        if (answer := headers.get(SHARED_ANSWER)) is not None:
+            buffer = self.shared_view(SHARED_ANSWER, answer)
+            if buffer.ctypes.data % 4 == 0 and buffer.nbytes % 4 == 0:
+                into = buffer.view(np.float32)
+        return memoryview(body.data), into
+
+    def shared_view(self, header: str, ref: str) -> np.ndarray:
+        fields = ref.split(" ")
+        if len(fields) != 3 or not all(f.isascii() and f.isdigit() for f in fields[1:]):
+            raise BadRequest(f"{header} must be '<name> <offset> <size>', got {ref[:200]!r}")
+        try:
+            return self.maps.view({"name": fields[0], "offset": int(fields[1]), "size": int(fields[2])})
+        except ProtocolError as e:
+            raise BadRequest(f"{header}: {e}") from None
+        except NoSharedMemory as e:
+            raise SharedMemoryUnavailable(f"{header}: {e}; send the bytes") from None
 
 
 def content(media_type: str, length: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from optserve.client import shm
+from optserve.client.shm import Segments
 from optserve.service import direct
 from optserve.service.direct import (
     PREFIX,
@@ -23,7 +25,6 @@ from optserve.service.direct import (
     Mappings,
     NoSharedMemory,
     ProtocolError,
-    Segments,
 )
 from optserve.service.errors import PreconditionFailed
 
@@ -33,7 +34,7 @@ def frame_bytes(header: dict[str, Any], layout: bytes = b"", data: bytes = b"") 
     return PREFIX.pack(len(head), len(layout), len(data)) + head + layout + data
 
 
-@pytest.mark.parametrize("size", [0, 7, direct.INLINE - 1, direct.INLINE, direct.SHM_MIN + 3])
+@pytest.mark.parametrize("size", [0, 7, direct.INLINE - 1, direct.INLINE, shm.SHM_MIN + 3])
 def test_frames_arrive_whole_however_the_bytes_are_cut(size: int) -> None:
     rng = random.Random(size)
     data = bytes(rng.getrandbits(8) for _ in range(min(size, 4096))) * (size // 4096 + 1)
@@ -131,11 +132,11 @@ def test_shared_memory_buffers_are_seen_by_another_process_and_removed_when_free
     segments = Segments()
     small = segments.make(1000)
     assert segments.find(small) is None  # small buffers are ordinary memory
-    buffer = segments.make(direct.SHM_MIN + 100)
+    buffer = segments.make(shm.SHM_MIN + 100)
     buffer[:] = 7
-    ref = segments.find(memoryview(buffer)[50 : direct.SHM_MIN + 60])
-    assert ref is not None and ref["offset"] == 50 and ref["size"] == direct.SHM_MIN + 10
-    path = os.path.join(direct.SHM_DIR, ref["name"])
+    ref = segments.find(memoryview(buffer)[50 : shm.SHM_MIN + 60])
+    assert ref is not None and ref["offset"] == 50 and ref["size"] == shm.SHM_MIN + 10
+    path = os.path.join(shm.SHM_DIR, ref["name"])
     assert os.path.exists(path)
     code = (
         "import sys, json; from optserve.service.direct import Mappings; "
@@ -143,7 +144,7 @@ def test_shared_memory_buffers_are_seen_by_another_process_and_removed_when_free
     )
     subprocess.run([sys.executable, "-c", code, json.dumps(ref)], check=True, timeout=60)
     assert list(buffer[50:55]) == [1, 2, 3, 4, 7]  # written by the other process where this one reads
-    assert segments.find(np.empty(direct.SHM_MIN, np.uint8)) is None  # not one of ours
+    assert segments.find(np.empty(shm.SHM_MIN, np.uint8)) is None  # not one of ours
     del buffer, ref
     assert not os.path.exists(path)  # freed: the file is gone
 
@@ -151,7 +152,7 @@ def test_shared_memory_buffers_are_seen_by_another_process_and_removed_when_free
 def test_a_restarted_fronts_buffers_never_take_an_earlier_ones_name() -> None:
     """The host keeps its maps by name: a name used again would make it read an earlier, freed buffer's bytes."""
     first, again = Segments(), Segments()  # a front's store stopped and started again, in one process
-    a, b = first.make(direct.SHM_MIN), again.make(direct.SHM_MIN)
+    a, b = first.make(shm.SHM_MIN), again.make(shm.SHM_MIN)
     ref_a, ref_b = first.find(a), again.find(b)
     assert ref_a is not None and ref_b is not None and ref_a["name"] != ref_b["name"]
     maps = Mappings()
@@ -181,18 +182,18 @@ def test_the_host_opens_only_optserves_buffers_and_says_when_it_cannot() -> None
     with pytest.raises(NoSharedMemory):
         maps.view({"name": "optserve-999999999-0123456789abcdef-1", "offset": 0, "size": 1})
     segments = Segments()
-    buffer = segments.make(direct.SHM_MIN)
+    buffer = segments.make(shm.SHM_MIN)
     ref = segments.find(buffer)
     assert ref is not None
     with pytest.raises(ProtocolError):  # past its end
-        maps.view({**ref, "size": direct.SHM_MIN + 1})
+        maps.view({**ref, "size": shm.SHM_MIN + 1})
 
 
 def test_a_dead_fronts_buffers_are_swept_and_a_live_ones_kept() -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(timeout=30)
-    leaked = os.path.join(direct.SHM_DIR, f"optserve-{dead.pid}-0123456789abcdef-1")
-    mine = os.path.join(direct.SHM_DIR, f"optserve-{os.getpid()}-0123456789abcdef-999999")
+    leaked = os.path.join(shm.SHM_DIR, f"optserve-{dead.pid}-0123456789abcdef-1")
+    mine = os.path.join(shm.SHM_DIR, f"optserve-{os.getpid()}-0123456789abcdef-999999")
     for path in (leaked, mine):
         with open(path, "wb") as f:
             f.write(b"x")
