@@ -191,23 +191,25 @@ class _Shared:
         self.segments = Segments()
         self.pool: BufferPool[np.ndarray] = BufferPool(self.segments.make, REUSE_MAX_BYTES, SHM_MIN)
         self.offered = False
-        self.answers: dict[str, int] = {}  # a session's step path: the data bytes of its last answer
+        self.refused = False  # by the server, once: bytes from then on
+        self.answers: dict[str, int] = {}  # a session's step path: the data bytes of its last float32 answer
 
     def learn(self, call: Call, reply: Reply) -> None:
         """What an answer over the socket tells: that the server takes shared memory, and its answers' size."""
-        if reply.headers.get(SHARED_OFFER) != "available":
+        if reply.headers.get(SHARED_OFFER) != "available" or self.refused:
             return
         self.offered = True
-        if reply.status == 200 and len(reply.body) >= 8:
-            header = int.from_bytes(bytes(reply.body[:8]), "little")
-            self.answers[call.path.partition("?")[0]] = len(reply.body) - 8 - header
+        path, _, query = call.path.partition("?")
+        if reply.status == 200 and len(reply.body) >= 8 and "dtype=" not in query:  # float32: the size it is written
+            header = int.from_bytes(bytes(reply.body[:8]), "little")  # into shared memory with
+            self.answers[path] = len(reply.body) - 8 - header
 
     def send(self, direct: _Direct, call: Call, parts: list[memoryview]) -> Reply | None:
         """The step through shared memory; None when it cannot go that way (sent as bytes then)."""
         body = self.pool.take(sum(len(p) for p in parts))
         body_ref = self.segments.find(body)
         if body_ref is None:  # no room in /dev/shm: ordinary memory
-            self.offered = False
+            self.offered, self.refused = False, True
             return None
         at = 0
         for part in parts:
@@ -215,7 +217,8 @@ class _Shared:
             at += len(part)
         headers = {**call.headers, "content-length": "0", SHARED_BODY: _ref(body_ref)}
         answer = None
-        if size := self.answers.get(call.path.partition("?")[0]):
+        path, _, query = call.path.partition("?")
+        if "dtype=" not in query and (size := self.answers.get(path)):  # a float16/bfloat16 answer comes as bytes
             answer = self.pool.take(size)
             if (answer_ref := self.segments.find(answer)) is not None:
                 headers[SHARED_ANSWER] = _ref(answer_ref)
@@ -232,7 +235,7 @@ class _Shared:
             raise
         reply = Reply(status, httpx.Headers(fields), received, reason)
         if status == 400 and b"shared-memory-unavailable" in bytes(received[:4096]):
-            self.offered = False
+            self.offered, self.refused = False, True
             return None
         written = reply.headers.get(SHARED_ANSWER)
         if written is not None:
@@ -289,6 +292,8 @@ class Client(_Base):
     def close(self) -> None:
         self._worker.close()
         self._http.close()
+        if self._direct is not None and self._direct.shared is not None:
+            self._direct.shared.segments.close()  # the buffers' files (results still held keep their memory)
 
     def _send_once(self, call: Call) -> Reply:
         """One request sent as it is (the core set its token and decides on retries)."""

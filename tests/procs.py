@@ -31,12 +31,24 @@ def start_server_process(
     log_level: str = "warning",
     port: int | None = None,
     timeout: float = 60.0,
+    prefix: list[str] | None = None,
 ) -> ServerProcess:
     """``optserve serve`` as its own process (the console script of this environment) on ``port`` (a free one by
-    default); its output goes to ``log`` when given (and is shown if the server does not come up)."""
+    default); its output goes to ``log`` when given (and is shown if the server does not come up). ``prefix`` is a
+    command that runs it (and execs it, so that the process id is the server's)."""
     port = port or free_port()
     exe = Path(sys.executable).with_name("optserve")
-    cmd = [str(exe), "serve", "--port", str(port), "--data-dir", str(data_dir), "--log-level", log_level]
+    cmd = [
+        *(prefix or []),
+        str(exe),
+        "serve",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--log-level",
+        log_level,
+    ]
     with open(log, "wb") if log is not None else contextlib.nullcontext() as out:
         proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"

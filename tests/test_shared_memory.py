@@ -1,0 +1,230 @@
+"""Steps through shared memory over the server's Unix socket (``optserve.client.shm``), against real server
+processes: the same answers as the bytes over the socket, what the server refuses to map (and that a refusal
+changes nothing), and the client's fallback to bytes when the server cannot open its buffers (a server with a
+``/dev/shm`` of its own, as in another container)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from procs import ServerProcess, start_server_process, stop_server_process
+
+from optserve.client import Client, wire
+from optserve.client.shm import SHM_DIR, SHM_MIN, Segments
+
+pytestmark = pytest.mark.server
+BIG = {"w": (1 << 18, 2), "b": (1 << 17,), "c": (7,)}  # 2.5 MB of float32: above SHM_MIN
+
+
+def arrays(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
+    """A server process with a Unix socket next to its TCP port (in a short folder: Linux's 107-byte limit)."""
+    with tempfile.TemporaryDirectory(prefix="os-shm-", dir="/tmp") as d:
+        path = Path(d) / "o.sock"
+        sp = start_server_process(
+            tmp_path / "data", env={"OPTSERVE_UDS": str(path), "OPTSERVE_MAX_BODY_BYTES": "8000000"}
+        )
+        try:
+            yield sp, path
+        finally:
+            stop_server_process(sp.proc)
+
+
+def test_large_steps_go_through_shared_memory_and_answer_what_the_socket_answers(
+    server: tuple[ServerProcess, Path],
+) -> None:
+    """Twin sessions, one stepped through shared memory, one with its bytes over the same socket: bit-equal
+    parameters at every step (plain, partial, with a bfloat16 answer, a replayed retry); the answers of the shared
+    client after the first lie in its own shared memory, and no buffer file outlives the client."""
+    _, path = server
+    params = arrays(BIG, 0)
+    url = f"unix://{path}"
+    before = set(os.listdir(SHM_DIR))
+    with Client(url) as shared, Client(url, shared_memory=False) as plain:
+        a = shared.create_session(params, "adamw", hyperparams={"lr": 1e-2, "weight_decay": 0.1})["id"]
+        b = plain.create_session(params, "adamw", hyperparams={"lr": 1e-2, "weight_decay": 0.1})["id"]
+        assert shared._direct is not None and shared._direct.shared is not None
+        segments = shared._direct.shared.segments
+        steps: list[dict[str, Any]] = [
+            {},
+            {},
+            {"partial": True, "only": ["w", "c"]},
+            {"answer_dtype": "bfloat16"},
+            {"replay": True},
+            {},
+        ]
+        step = 0
+        for i, options in enumerate(steps):
+            grads = arrays(BIG, 10 + i)
+            if "only" in options:
+                grads = {k: grads[k] for k in options["only"]}
+            kwargs = {k: v for k, v in options.items() if k in ("partial", "answer_dtype")}
+            replay = bool(options.get("replay"))
+            key = f"key-{i - 1 if replay else i}"
+            at = step - replay
+            ra = shared.step(a, grads, idempotency_key=key, if_match=at, **kwargs)
+            rb = plain.step(b, grads, idempotency_key=key, if_match=at, **kwargs)
+            assert ra.step == rb.step and ra.replayed == rb.replayed == bool(options.get("replay"))
+            assert ra.params is not None and rb.params is not None
+            for name in params:
+                np.testing.assert_array_equal(ra.params[name], rb.params[name])
+            assert ra.body is not None
+            in_shared = segments.find(ra.body.data) is not None
+            # the first step teaches the client that the server takes shared memory, and the answer's size; a
+            # bfloat16 answer is converted from the parameters and comes as bytes
+            assert in_shared == (i > 0 and "answer_dtype" not in options), (i, options)
+            step = ra.step
+            ra.release()
+            rb.release()
+        assert shared.session(a)["step"] == plain.session(b)["step"] == 5
+        small = {"s": np.ones(8, np.float32)}
+        c = shared.create_session(small, "sgd", hyperparams={"lr": 0.5})["id"]
+        for _ in range(2):
+            r = shared.step(c, small)
+            assert r.body is not None and segments.find(r.body.data) is None  # below 1 MiB: bytes
+        np.testing.assert_array_equal(r.params["s"], np.zeros(8, np.float32))  # type: ignore[index]
+    assert set(os.listdir(SHM_DIR)) <= before  # the client's buffers are removed with it
+
+
+def raw_step(client: httpx.Client, session_id: str, headers: dict[str, str], content: bytes = b"") -> httpx.Response:
+    base = {"content-type": wire.SAFETENSORS, "accept": wire.SAFETENSORS, "if-match": '"0"'}
+    return client.post(f"/v1/sessions/{session_id}/step", headers={**base, **headers}, content=content)
+
+
+def ref(segments: Segments, buffer: np.ndarray, size: int | None = None) -> str:
+    found = segments.find(buffer)
+    assert found is not None
+    return f"{found['name']} {found['offset']} {size if size is not None else found['size']}"
+
+
+def test_what_the_server_will_not_map_is_refused_and_changes_nothing(server: tuple[ServerProcess, Path]) -> None:
+    """Over TCP, shared memory is refused (and never offered); over the socket: names not of optserve's form,
+    missing files, links, files of another user, ranges past the buffer, a body sent as well, JSON, a body above
+    the limit, a malformed or non-finite body. Each refusal is problem+json with its status, and the session stays
+    at step 0 with its parameters. Then the same request, well formed, is applied once, its parameters written
+    into the answer buffer and only the header sent."""
+    sp, path = server
+    params = arrays(BIG, 1)
+    grads = arrays(BIG, 2)
+    body = wire.encode(grads)
+    segments = Segments()
+
+    kept: list[np.ndarray] = []  # a buffer's file is removed when the buffer is freed
+
+    def shared(data: bytes) -> np.ndarray:
+        buffer = segments.make(len(data))
+        buffer[:] = np.frombuffer(data, np.uint8)
+        kept.append(buffer)
+        return buffer
+
+    buffer = shared(body)
+    answer = segments.make(4 * sum(v.size for v in params.values()))
+    good = ref(segments, buffer)
+    name = good.split(" ")[0]
+    made: list[str] = []
+
+    def alias(kind: str) -> str:
+        """Another file of optserve's name form in /dev/shm: a link to the buffer, or a copy owned by nobody."""
+        other = f"optserve-{os.getpid()}-{'f' * 16}-{len(made) + 1}"
+        target = os.path.join(SHM_DIR, other)
+        if kind == "link":
+            os.symlink(os.path.join(SHM_DIR, name), target)
+        else:
+            shutil.copyfile(os.path.join(SHM_DIR, name), target)
+            os.chown(target, 65534, 65534)
+        made.append(target)
+        return f"{other} 0 {len(body)}"
+
+    nan = wire.encode({**grads, "c": np.full(7, np.nan, np.float32)})
+    cases: list[tuple[dict[str, str], bytes, int, str]] = [
+        ({"optserve-shm-body": f"passwd 0 {len(body)}"}, b"", 400, "malformed-request"),
+        ({"optserve-shm-body": "three fields only"}, b"", 400, "malformed-request"),
+        ({"optserve-shm-body": f"optserve-1-{'0' * 16}-1 0 8"}, b"", 400, "shared-memory-unavailable"),
+        ({"optserve-shm-body": alias("link")}, b"", 400, "shared-memory-unavailable"),
+        ({"optserve-shm-body": ref(segments, buffer, len(body) + 1)}, b"", 400, "malformed-request"),
+        ({"optserve-shm-body": good}, b"xy", 400, "malformed-request"),
+        ({"optserve-shm-body": good, "content-type": wire.JSON}, b"", 400, "malformed-request"),
+        ({"optserve-shm-body": ref(segments, shared(b"\x00" * 8_000_001))}, b"", 413, "payload-too-large"),
+        ({"optserve-shm-body": ref(segments, shared(b"\xff" * SHM_MIN))}, b"", 400, "malformed-body"),
+        ({"optserve-shm-body": ref(segments, shared(nan))}, b"", 422, "non-finite-gradient"),
+    ]
+    if os.geteuid() == 0:  # only root can give a file away
+        cases.append(({"optserve-shm-body": alias("owner")}, b"", 400, "shared-memory-unavailable"))
+    tcp = httpx.Client(base_url=sp.url)
+    uds = httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), base_url="http://localhost")
+    try:
+        with Client(sp.url) as client, tcp, uds:
+            sid = client.create_session(params, "adamw")["id"]
+            twin = client.create_session(params, "adamw")["id"]
+            refused = raw_step(tcp, sid, {"optserve-shm-body": good, "optserve-shm-answer": ref(segments, answer)})
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["type"].endswith(":shared-memory-unavailable")
+            plain = raw_step(tcp, twin, {}, body)
+            assert plain.status_code == 200 and "optserve-shm" not in plain.headers  # not offered over TCP
+            for headers, content, status, slug in cases:
+                answer[:] = 0
+                got = raw_step(uds, sid, {**headers, "optserve-shm-answer": ref(segments, answer)}, content)
+                assert got.status_code == status, (headers, got.text)
+                assert got.headers["content-type"] == "application/problem+json"
+                assert got.json()["type"].endswith(":" + slug), (headers, got.text)
+                assert not answer.any()
+            step, now = client.params(sid)
+            assert step == 0
+            for k in params:
+                np.testing.assert_array_equal(now[k], params[k])
+            done = raw_step(uds, sid, {"optserve-shm-body": good, "optserve-shm-answer": ref(segments, answer)})
+            assert done.status_code == 200 and done.headers["etag"] == '"1"', done.text
+            assert done.headers["optserve-shm"] == "available"
+            assert done.headers["optserve-shm-answer"] == str(len(answer))
+            parsed = wire.parse(done.content, data=answer.data)  # the body is the header alone
+            expected = wire.parse(plain.content).tensors()
+            for k, v in parsed.tensors().items():
+                np.testing.assert_array_equal(v, expected[k])
+            assert client.session(sid)["step"] == 1
+    finally:
+        for target in made:
+            os.unlink(target)
+        segments.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1)")
+def test_a_client_sends_bytes_when_the_server_cannot_open_its_shared_memory(tmp_path: Path) -> None:
+    """The server in a mount namespace with a /dev/shm of its own (as in another container that shares only the
+    socket's folder): it offers shared memory, cannot open the client's buffers, and refuses; the client sends
+    the bytes from then on, and its steps equal a twin's over TCP."""
+    with tempfile.TemporaryDirectory(prefix="os-shm-", dir="/tmp") as d:
+        path = Path(d) / "o.sock"
+        own_shm = ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "sh"]
+        sp = start_server_process(tmp_path / "data", env={"OPTSERVE_UDS": str(path)}, prefix=own_shm)
+        try:
+            params = arrays(BIG, 4)
+            with Client(f"unix://{path}") as near, Client(sp.url) as tcp:
+                a = near.create_session(params, "adamw")["id"]
+                b = tcp.create_session(params, "adamw")["id"]
+                assert near._direct is not None and near._direct.shared is not None
+                offered = []
+                for i in range(4):
+                    grads = arrays(BIG, 20 + i)
+                    ra, rb = near.step(a, grads, if_match=i), tcp.step(b, grads, if_match=i)
+                    offered.append(near._direct.shared.offered)
+                    assert ra.step == rb.step == i + 1 and ra.params is not None and rb.params is not None
+                    for k in params:
+                        np.testing.assert_array_equal(ra.params[k], rb.params[k])
+                # offered by the first answer, refused at the second step (sent again as bytes), then off
+                assert offered == [True, False, False, False]
+                assert near.session(a)["step"] == 4
+        finally:
+            stop_server_process(sp.proc)
