@@ -27,7 +27,7 @@ from .core import Operation
 from .errors import TransportError
 from .inflight import Worker
 from .protocol import Call, Reply, Retry, StepResult
-from .shm import SHM_MIN, Segments
+from .shm import SHARED_ANSWER, SHARED_BODY, SHARED_OFFER, SHM_MIN, Segments
 from .transport import REUSE_MAX_BYTES, SocketTransport, request_head
 
 P = ParamSpec("P")
@@ -168,9 +168,6 @@ class _Direct:
         return reply
 
 
-SHARED_BODY, SHARED_ANSWER, SHARED_OFFER = "optserve-shm-body", "optserve-shm-answer", "optserve-shm"
-
-
 class _Shared:
     """Steps over the server's Unix socket with their bodies and answers in shared memory
     (:mod:`optserve.client.shm`): the client puts the step's body into a buffer of its own and names it
@@ -189,7 +186,9 @@ class _Shared:
 
     def __init__(self) -> None:
         self.segments = Segments()
-        self.pool: BufferPool[np.ndarray] = BufferPool(self.segments.make, REUSE_MAX_BYTES, SHM_MIN)
+        # a step's body and its answer, each kept for reuse up to the transport's own limit
+        self.pool: BufferPool[np.ndarray] = BufferPool(self.segments.make, 2 * REUSE_MAX_BYTES, SHM_MIN)
+        self.pid = os.getpid()  # a forked child shares these buffers with its parent: it sends bytes
         self.offered = False
         self.refused = False  # by the server, once: bytes from then on
         self.answers: dict[str, int] = {}  # a session's step path: the data bytes of its last float32 answer
@@ -206,6 +205,9 @@ class _Shared:
 
     def send(self, direct: _Direct, call: Call, parts: list[memoryview]) -> Reply | None:
         """The step through shared memory; None when it cannot go that way (sent as bytes then)."""
+        if os.getpid() != self.pid:
+            self.offered, self.refused = False, True
+            return None
         body = self.pool.take(sum(len(p) for p in parts))
         body_ref = self.segments.find(body)
         if body_ref is None:  # no room in /dev/shm: ordinary memory
@@ -223,7 +225,8 @@ class _Shared:
             if (answer_ref := self.segments.find(answer)) is not None:
                 headers[SHARED_ANSWER] = _ref(answer_ref)
         head = direct.head(Call(call.method, call.path, headers))
-        assert head is not None  # the call's own head was plain, and these headers are
+        if head is None:  # not reached: the call's own head was plain, and so are these headers
+            return None
         try:
             status, reason, fields, received = direct.transport.exchange(
                 direct.key, call.method, head, [], False, direct.timeout.connect, direct.timeout.read

@@ -5,13 +5,15 @@ offset, size) instead of sending its bytes, and the receiver maps that file and 
 answer's parameters are written straight into a second buffer the sender named.
 
 - A client on the server's machine, over the server's Unix socket (``unix://``): a step's body and its answer
-  (:class:`~optserve.client.transport.SocketTransport`, ``Optserve-Shm-Body`` and ``Optserve-Shm-Answer``).
+  (``Optserve-Shm-Body`` and ``Optserve-Shm-Answer``, see ``optserve.client.http._Shared``). The server takes only
+  buffers of the process at the other end of the socket (their names carry its pid; the kernel tells the server
+  the peer's pid and user), of the server's own user.
 - A Ray front and the session host of its node (:mod:`optserve.service.direct`).
 
-A buffer is a file ``optserve-<pid>-<token>-<count>`` (the token is 16 random hex digits, so a name cannot be
-guessed), created with mode 0600 and removed when the buffer is freed; the files of a process that died are removed
-by :meth:`Segments.sweep`. A receiver opens only names of that form, without following links, and only regular
-files of its own user (:func:`open_segment`).
+A buffer is a file ``optserve-<pid>-<token>-<count>`` (the token is 16 random hex digits, so names never repeat;
+they are not secret: anyone may list ``/dev/shm``), created with mode 0600 and removed when the buffer is freed; the
+files of a process that died are removed by :meth:`Segments.sweep`. A receiver opens only names of that form,
+without following links, and only regular files of its own user (:func:`open_segment`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ import numpy as np
 SHM_DIR = "/dev/shm"
 SHM_MIN = 1 << 20  # shared memory for buffers of at least this size (the buffer pool's own threshold)
 NAME = re.compile(r"optserve-(\d+)-([0-9a-f]{16})-(\d+)")  # pid, a token of the maker's, a count
+# the headers of a step through shared memory (both ends): the body's buffer, the answer's, the server's offer
+SHARED_BODY, SHARED_ANSWER, SHARED_OFFER = "optserve-shm-body", "optserve-shm-answer", "optserve-shm"
+
+
+def maker_pid(name: str) -> int | None:
+    """The process id a buffer's name carries (None for a name not of optserve's form)."""
+    m = NAME.fullmatch(name)
+    return int(m.group(1)) if m else None
 
 
 class SegmentError(Exception):
@@ -128,7 +138,7 @@ class Segments:
 
     @staticmethod
     def sweep() -> int:
-        """Remove the buffers of fronts that are no longer running on this machine; how many."""
+        """Remove the buffers of processes (fronts, clients) no longer running on this machine; how many."""
         removed = 0
         with contextlib.suppress(OSError):
             for name in os.listdir(SHM_DIR):

@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import socket
+import struct
 from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
@@ -136,6 +137,19 @@ class BufferResponse(Response):
 
 
 DIRECT_MIN = 1 << 20  # bodies from this size on are received straight into one buffer
+PEER_EXTENSION = "optserve.peer"  # a Unix socket request's scope["extensions"]: the peer's {"pid", "uid"}
+
+
+def peer_credentials(sock: socket.socket) -> dict[str, int] | None:
+    """The process and user at the other end of a Unix socket, as the kernel saw them when it connected
+    (``SO_PEERCRED``); None where the kernel does not tell."""
+    try:
+        pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except (OSError, AttributeError):
+        return None
+    return {"pid": pid, "uid": uid}
+
+
 MAX_REQUEST_HEAD_BYTES = 64 << 10  # defaults of the settings of the same names (read from the app's state)
 HEADER_TIMEOUT_SECONDS = 10.0
 MAX_DIRECT = 1 << 34  # never preallocate more than this on a client's word (a larger body takes the normal path)
@@ -161,8 +175,10 @@ try:
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             sock = transport.get_extra_info("socket")
+            self._peer: dict[str, int] | None = None
             if sock is not None and sock.family == socket.AF_UNIX:  # `optserve serve --uds`: see widen_buffers
                 widen_buffers(sock)
+                self._peer = peer_credentials(sock)
             self._in_head = True  # reading a request line and headers (or waiting for the next request's)
             self._head_begun = False  # the parser has seen the first byte of a request whose head is incomplete
             self._head_bytes = 0
@@ -210,6 +226,8 @@ try:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            if self._peer is not None:  # who is at the other end of the Unix socket (shared-memory steps)
+                self.scope["extensions"] = {PEER_EXTENSION: self._peer}  # type: ignore[dict-item]
             self._head_begun = True
             self._arm_head_timer()
 

@@ -364,7 +364,8 @@ class Session:
         (see :class:`ShardOf`) is stepped with the whole gradient's ``sumsq`` (its norm decides clipping), first
         ``dry`` (every check made, nothing written: "checked", ``skipped`` if the step would be skipped), then for
         real, with ``skip`` when any shard would skip it. The parameters answered are copied into ``out`` when it
-        is given and of their size (a Ray front's shared memory), else into a pool buffer.
+        is given and of their size (shared memory: a Ray front's, or a client's on the server's Unix socket), else
+        lent (a read-only view of the session's own buffer, see :meth:`_lend`).
         """
         if not self.lock.acquire(blocking):
             raise SessionBusy(self.id)
@@ -652,8 +653,8 @@ class Session:
             self.keys.popitem(last=False)
 
     def _answer_params(self, wanted: bool, out: np.ndarray | None = None) -> np.ndarray | None:
-        """The parameters an answer carries: copied into ``out`` when it is given and of their size (a Ray front's
-        shared memory), else lent (:meth:`_lend`)."""
+        """The parameters an answer carries: copied into ``out`` when it is given and of their size (shared memory
+        of a Ray front or of a Unix socket client), else lent (:meth:`_lend`)."""
         if not wanted:
             return None
         if out is not None and out.nbytes == self.params.nbytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 from urllib.parse import parse_qsl
@@ -21,8 +22,9 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from optserve.client import wire
+from optserve.client.shm import SHARED_ANSWER, SHARED_BODY, SHARED_OFFER, maker_pid
 
-from .bodies import receive_body
+from .bodies import PEER_EXTENSION, receive_body
 from .direct import Mappings, NoSharedMemory, ProtocolError
 from .errors import (
     BadRequest,
@@ -58,8 +60,7 @@ log = logging.getLogger("optserve")
 
 PREFIX, SUFFIX = "/v1/sessions/", "/step"
 Answer = tuple[int, list[tuple[bytes, bytes]], list[Any]]  # status, headers, body parts
-SHARED_BODY, SHARED_ANSWER = "optserve-shm-body", "optserve-shm-answer"
-SHARED_OFFER = (b"optserve-shm", b"available")  # on answers over the Unix socket of a server that takes them
+OFFER = (SHARED_OFFER.encode(), b"available")  # on step answers over the Unix socket, to a peer that may use it
 
 
 def step_session_id(scope: Scope) -> str | None:
@@ -131,11 +132,13 @@ class StepRoute:
         encoding = negotiate(headers, default=ctype)
         key, if_match, minimal = idempotency_key(headers), parse_if_match(headers), prefers_minimal(headers)
         started = time.perf_counter()
-        shared = self.takes_shared_memory(scope)
+        peer = self.shared_memory_peer(scope)
         into = None
         body: bytes | bytearray | memoryview
         if (ref := headers.get(SHARED_BODY)) is not None:
-            body, into = self.shared_body(shared, headers, ref, ctype)
+            body, into = self.shared_body(peer, headers, ref, ctype)
+        elif headers.get(SHARED_ANSWER) is not None:
+            raise BadRequest(f"{SHARED_ANSWER} comes with {SHARED_BODY}")
         else:
             body = await receive_body(receive, headers.get("content-length"), svc.body_limit(ctype))
         received = time.perf_counter()
@@ -152,8 +155,8 @@ class StepRoute:
         self.metrics.hot.step(result.status, stepped - received)
         timing = b"recv;dur=%.3f, step;dur=%.3f" % ((received - started) * 1e3, (stepped - received) * 1e3)
         out = [(b"etag", etag(result.step).encode()), (b"server-timing", timing)]
-        if shared:
-            out.append(SHARED_OFFER)
+        if peer is not None:
+            out.append(OFFER)
         if result.status == "replayed":
             out.append((b"idempotent-replayed", b"true"))
         if result.status == "accepted":
@@ -181,43 +184,51 @@ class StepRoute:
         parts = tensor_parts(*args) if inline else await run_in_threadpool(tensor_parts, *args)
         return 200, content(encoding, sum(len(p) for p in parts), out), parts
 
-    def takes_shared_memory(self, scope: Scope) -> bool:
-        """Bodies in shared memory are taken over the server's Unix socket (owner-only: a client of this machine
-        and this user), by the single-process store, which writes the answer straight into the client's buffer.
-        uvicorn gives a Unix socket's requests the server address (path, None), a TCP socket's (host, port)."""
-        server = scope.get("server")
-        return server is not None and server[1] is None and isinstance(self.svc.store, MemoryStore)
+    def shared_memory_peer(self, scope: Scope) -> int | None:
+        """The process whose buffers in shared memory this request may name: the one at the other end of the
+        server's Unix socket when it runs as the server's user (``SO_PEERCRED``, read by
+        :class:`~optserve.service.bodies.OptserveProtocol`), with the single-process store, which writes answers
+        straight into the client's buffer; None otherwise (TCP, another user, the Ray store)."""
+        peer = scope.get("extensions", {}).get(PEER_EXTENSION)
+        if peer is None or peer["uid"] != os.geteuid() or not isinstance(self.svc.store, MemoryStore):
+            return None
+        return int(peer["pid"])
 
     def shared_body(
-        self, shared: bool, headers: RawHeaders, ref: str, ctype: str
+        self, peer: int | None, headers: RawHeaders, ref: str, ctype: str
     ) -> tuple[memoryview, np.ndarray | None]:
         """The body a client left in shared memory (``Optserve-Shm-Body: <name> <offset> <size>``, a buffer of
         :mod:`optserve.client.shm`), read where it lies, and the client's buffer for the answer's parameters
-        (``Optserve-Shm-Answer``, same form), as float32."""
-        if not shared:
+        (``Optserve-Shm-Answer``, same form), as float32. Both must be buffers of the peer process."""
+        if peer is None:
             raise SharedMemoryUnavailable(
-                "this server takes step bodies in shared memory over its Unix socket only, with the single-process "
-                "store; send the bytes"
+                "this server takes step bodies in shared memory over its Unix socket only, from a process of its "
+                "own user, with the single-process store; send the bytes"
             )
         if headers.get("content-length") not in (None, "0") or headers.get("transfer-encoding") is not None:
             raise BadRequest(f"a step whose body is in shared memory ({SHARED_BODY}) carries no body of its own")
         if ctype != wire.SAFETENSORS:
             raise BadRequest("a step body in shared memory is safetensors")
-        body = self.shared_view(SHARED_BODY, ref)
+        body = self.shared_view(SHARED_BODY, ref, peer)
         limit = self.svc.body_limit(ctype)
         if body.nbytes > limit:
             raise PayloadTooLarge(f"the body of {body.nbytes} bytes exceeds the limit of {limit}", limit=limit)
         into = None
         if (answer := headers.get(SHARED_ANSWER)) is not None:
-            buffer = self.shared_view(SHARED_ANSWER, answer)
+            buffer = self.shared_view(SHARED_ANSWER, answer, peer)
+            if np.shares_memory(buffer, body):
+                raise BadRequest(f"{SHARED_ANSWER} overlaps {SHARED_BODY}")
             if buffer.ctypes.data % 4 == 0 and buffer.nbytes % 4 == 0:
                 into = buffer.view(np.float32)
         return memoryview(body.data), into
 
-    def shared_view(self, header: str, ref: str) -> np.ndarray:
+    def shared_view(self, header: str, ref: str, peer: int) -> np.ndarray:
         fields = ref.split(" ")
         if len(fields) != 3 or not all(f.isascii() and f.isdigit() for f in fields[1:]):
             raise BadRequest(f"{header} must be '<name> <offset> <size>', got {ref[:200]!r}")
+        pid = maker_pid(fields[0])
+        if pid is not None and pid != peer:
+            raise SharedMemoryUnavailable(f"{header}: {fields[0]} is not a buffer of the process that sent it")
         try:
             return self.maps.view({"name": fields[0], "offset": int(fields[1]), "size": int(fields[2])})
         except ProtocolError as e:

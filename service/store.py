@@ -119,7 +119,7 @@ class StepRequest:
     sumsq: float | None = None
     dry: bool = False
     skip: bool = False
-    # where the answer's parameters go when it fits them (the Ray store's direct path: a front's shared memory)
+    # where the answer's parameters go when it fits them (shared memory: a Ray front's, a Unix socket client's)
     out: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,15 +138,17 @@ def test_what_the_server_will_not_map_is_refused_and_changes_nothing(server: tup
     name = good.split(" ")[0]
     made: list[str] = []
 
-    def alias(kind: str) -> str:
-        """Another file of optserve's name form in /dev/shm: a link to the buffer, or a copy owned by nobody."""
-        other = f"optserve-{os.getpid()}-{'f' * 16}-{len(made) + 1}"
+    def alias(kind: str, pid: int | None = None) -> str:
+        """Another file of optserve's name form in /dev/shm: a link to the buffer, a copy, a copy owned by nobody
+        (named for this process, unless ``pid``)."""
+        other = f"optserve-{pid or os.getpid()}-{'f' * 16}-{len(made) + 1}"
         target = os.path.join(SHM_DIR, other)
         if kind == "link":
             os.symlink(os.path.join(SHM_DIR, name), target)
         else:
             shutil.copyfile(os.path.join(SHM_DIR, name), target)
-            os.chown(target, 65534, 65534)
+            if kind == "owner":
+                os.chown(target, 65534, 65534)
         made.append(target)
         return f"{other} 0 {len(body)}"
 
@@ -152,8 +156,10 @@ def test_what_the_server_will_not_map_is_refused_and_changes_nothing(server: tup
     cases: list[tuple[dict[str, str], bytes, int, str]] = [
         ({"optserve-shm-body": f"passwd 0 {len(body)}"}, b"", 400, "malformed-request"),
         ({"optserve-shm-body": "three fields only"}, b"", 400, "malformed-request"),
-        ({"optserve-shm-body": f"optserve-1-{'0' * 16}-1 0 8"}, b"", 400, "shared-memory-unavailable"),
+        ({"optserve-shm-body": f"optserve-{os.getpid()}-{'0' * 16}-1 0 8"}, b"", 400, "shared-memory-unavailable"),
         ({"optserve-shm-body": alias("link")}, b"", 400, "shared-memory-unavailable"),
+        ({"optserve-shm-body": alias("copy", pid=1)}, b"", 400, "shared-memory-unavailable"),  # not the sender's
+        ({"optserve-shm-body": good, "optserve-shm-answer": good}, b"", 400, "malformed-request"),  # overlapping
         ({"optserve-shm-body": ref(segments, buffer, len(body) + 1)}, b"", 400, "malformed-request"),
         ({"optserve-shm-body": good}, b"xy", 400, "malformed-request"),
         ({"optserve-shm-body": good, "content-type": wire.JSON}, b"", 400, "malformed-request"),
@@ -174,9 +180,11 @@ def test_what_the_server_will_not_map_is_refused_and_changes_nothing(server: tup
             assert refused.json()["type"].endswith(":shared-memory-unavailable")
             plain = raw_step(tcp, twin, {}, body)
             assert plain.status_code == 200 and "optserve-shm" not in plain.headers  # not offered over TCP
+            lone = raw_step(uds, sid, {"optserve-shm-answer": ref(segments, answer)}, body)
+            assert lone.status_code == 400 and lone.json()["type"].endswith(":malformed-request")
             for headers, content, status, slug in cases:
                 answer[:] = 0
-                got = raw_step(uds, sid, {**headers, "optserve-shm-answer": ref(segments, answer)}, content)
+                got = raw_step(uds, sid, {"optserve-shm-answer": ref(segments, answer), **headers}, content)
                 assert got.status_code == status, (headers, got.text)
                 assert got.headers["content-type"] == "application/problem+json"
                 assert got.json()["type"].endswith(":" + slug), (headers, got.text)
@@ -228,3 +236,41 @@ def test_a_client_sends_bytes_when_the_server_cannot_open_its_shared_memory(tmp_
                 assert near.session(a)["step"] == 4
         finally:
             stop_server_process(sp.proc)
+
+
+def test_a_process_cannot_name_the_buffers_of_another(server: tuple[ServerProcess, Path]) -> None:
+    """Another process of the same user, on the same socket, names this client's buffers (body and answer) for a
+    session of its own: refused as not its buffers (the kernel tells the server who is at the other end), and the
+    result this client holds, which lies in its answer buffer, is untouched."""
+    _, path = server
+    params = arrays(BIG, 5)
+    with Client(f"unix://{path}") as client:
+        victim = client.create_session(params, "sgd", hyperparams={"lr": 0.1})["id"]
+        other = client.create_session(params, "sgd", hyperparams={"lr": 0.1})["id"]
+        client.step(victim, arrays(BIG, 6)).release()  # teaches the client the answer's size
+        held = client.step(victim, arrays(BIG, 7))
+        assert client._direct is not None and client._direct.shared is not None and held.body is not None
+        segments = client._direct.shared.segments
+        answer = segments.find(held.body.data)
+        assert answer is not None
+        before = {k: v.copy() for k, v in held.params.items()}  # type: ignore[union-attr]
+        body = segments.make(len(wire.encode(params)))
+        body[:] = np.frombuffer(wire.encode(arrays(BIG, 8)), np.uint8)
+        refs = [ref(segments, body), f"{answer['name']} {answer['offset']} {answer['size']}"]
+        script = (
+            "import sys, httpx\n"
+            "c = httpx.Client(transport=httpx.HTTPTransport(uds=sys.argv[1]), base_url='http://localhost')\n"
+            "r = c.post(f'/v1/sessions/{sys.argv[2]}/step', headers={'content-type': sys.argv[5], "
+            "'optserve-shm-body': sys.argv[3], 'optserve-shm-answer': sys.argv[4]})\n"
+            "print(r.status_code, r.json()['type'])\n"
+        )
+        run = subprocess.run(
+            [sys.executable, "-c", script, str(path), other, *refs, wire.SAFETENSORS],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.stdout.split() == ["400", "urn:optserve:problem:shared-memory-unavailable"], run.stderr
+        for k, v in before.items():
+            np.testing.assert_array_equal(held.params[k], v)  # type: ignore[index]
+        assert client.session(other)["step"] == 0
