@@ -925,3 +925,27 @@ def test_buffer_response_part_is_not_reused_while_the_transport_holds_it() -> No
     del others
     again = [pool.take(8 * U) for _ in range(3)]
     assert any(o is buf_ref() for o in again) and len(made) == 3
+
+
+def test_shared_memory_is_offered_to_a_unix_socket_peer_of_the_servers_user_by_the_memory_store_only(
+    server: EmbeddedServer, http: httpx.Client, store_kind: str
+) -> None:
+    """No step answer over TCP offers shared memory, on either store, and a step naming a buffer there is refused
+    with nothing applied. Of a Unix socket's peer (``optserve.peer`` in the scope's extensions, as OptserveProtocol
+    reads it from the kernel), the memory store takes buffers when it runs as the server's user; a Ray front never
+    (its answers come from the session hosts, as bytes)."""
+    sid = create_st(http, {"w": np.zeros(8, np.float32)})
+    body = wire.encode({"w": np.ones(8, np.float32)})
+    r = http.post(f"/v1/sessions/{sid}/step", content=body, headers={"Content-Type": ST})
+    assert r.status_code == 200 and "optserve-shm" not in r.headers
+    name = f"optserve-{os.getpid()}-{'0' * 16}-1 0 {len(body)}"
+    refused = http.post(f"/v1/sessions/{sid}/step", headers={"Content-Type": ST, "Optserve-Shm-Body": name})
+    assert refused.status_code == 400 and refused.json()["type"].endswith(":shared-memory-unavailable")
+    assert session_step(http, sid) == 1
+    route = server.app.state.step_route
+    peer = {"pid": os.getpid(), "uid": os.geteuid()}
+    assert route.shared_memory_peer({"extensions": {"optserve.peer": peer}}) == (
+        os.getpid() if store_kind == "memory" else None
+    )
+    assert route.shared_memory_peer({"extensions": {"optserve.peer": {**peer, "uid": os.geteuid() + 1}}}) is None
+    assert route.shared_memory_peer({"server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000)}) is None
