@@ -3,7 +3,7 @@
     .venv/bin/python bench/run.py            # every table (a few minutes on 2 cores)
     .venv/bin/python bench/run.py --only training --only small   # tables 6 and 3
     .venv/bin/python bench/run.py --quick    # smaller sizes, shorter runs
-    .venv/bin/python bench/run.py --only ray # one table (core, remote, small, memory, ray, training)
+    .venv/bin/python bench/run.py --only ray # one table (core, remote, small, memory, ray, training, shm)
 
 1. Core step throughput of the fused kernels (AdamW, Adam+amsgrad, SGD momentum, RMSprop) against a same-traffic
    floor kernel (reads p, g, m, v and writes p, m, v with trivial arithmetic), torch 2.13's AdamW (fused and
@@ -21,6 +21,8 @@
    ``torch.optim.AdamW(fused=True)``, ``RemoteAdamW`` and ``RemoteAdamW(overlap=True)``, over loopback TCP and over
    the server's Unix socket, and the torch adapter's own time per step over the bare ``Client.step`` of the same
    gradients.
+7. One step over the server's Unix socket through shared memory against the same step with its bytes over the
+   socket.
 
 Servers run as their own processes on free loopback ports and are stopped by process id.
 """
@@ -742,6 +744,48 @@ def training_table(sizes: list[int], data_dir: str, rounds: int) -> None:
     )  # fmt: skip
 
 
+def shared_memory_table(sizes: list[int], data_dir: str, rounds: int) -> None:
+    """One step over the server's Unix socket through shared memory, against the same step with its bytes over the
+    socket: two clients of one server, a session each, stepped in turn (medians)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    uds = os.path.join(data_dir, "shm.sock")
+    cmd = [str(OPTSERVE), "serve", "--port", str(port), "--uds", uds, "--data-dir", data_dir, "--log-level", "warning"]
+    server = start(cmd, url, env={"OPTSERVE_KERNEL_THREADS": "1"})
+    rows = []
+    try:
+        with Client(f"unix://{uds}") as shared, Client(f"unix://{uds}", shared_memory=False) as plain:
+            for n in sizes:
+                rng = np.random.default_rng(0)
+                params = {str(i): np.zeros(n // 10, np.float32) for i in range(10)}
+                grads = {k: rng.standard_normal(n // 10).astype(np.float32) for k in params}
+                ids = {c: c.create_session(params, "adamw")["id"] for c in (shared, plain)}
+                times: dict[Client, list[float]] = {shared: [], plain: []}
+                reps = max(rounds, min(400, int(2.0 / max(1e-4, n * 3e-9))))
+                for r in range(reps + 2):
+                    for c in (shared, plain) if r % 2 else (plain, shared):
+                        t = time.perf_counter()
+                        c.step(ids[c], grads).release()
+                        if r >= 2:  # the first step teaches the client the server's offer and the answer's size
+                            times[c].append(time.perf_counter() - t)
+                for c, sid in ids.items():
+                    c.delete_session(sid)
+                a, b = statistics.median(times[shared]), statistics.median(times[plain])
+                rows.append([f"{n:.0e}", f"{4 * n / 1e6:.0f}" if n >= 10**6 else f"{4 * n / 1e6:.2f}",
+                             f"{a * 1e3:.3f}", f"{b * 1e3:.3f}", f"{b / a:.2f}x"])  # fmt: skip
+    finally:
+        stop(server)
+    table(
+        "7. One step over the Unix socket: shared memory against bytes (Client.step, AdamW, 10 tensors)",
+        ["params", "body MB", "shared memory ms", "bytes over the socket ms", "bytes / shared"],
+        rows,
+        ["Two clients of one server (OPTSERVE_KERNEL_THREADS=1) over its Unix socket, a session each, stepped "
+         "alternately with the same gradients; medians. Through shared memory the client copies the body into a "
+         "buffer of its own in /dev/shm and the server writes the parameters into another (the socket carries the "
+         "heads); with shared_memory=False the bytes cross the socket both ways. Below 1 MiB both send bytes."],
+    )  # fmt: skip
+
+
 def factored_rows(data_dir: str, total_params: int) -> list[list[str]]:
     """AdamW and Adafactor sessions of one 2-D tensor each, after one step each (I/O pool off): RSS per parameter,
     and the state the session reports."""
@@ -776,11 +820,13 @@ def factored_rows(data_dir: str, total_params: int) -> list[list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes and shorter runs")
-    parser.add_argument("--only", choices=["core", "remote", "small", "memory", "ray", "training"], action="append")
+    parser.add_argument(
+        "--only", choices=["core", "remote", "small", "memory", "ray", "training", "shm"], action="append"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of table 6")
     args = parser.parse_args()
     sizes = [10**4, 10**5, 10**6, 10**7] if args.quick else [10**4, 10**5, 10**6, 10**7, 5 * 10**7]
-    only = set(args.only or ["core", "remote", "small", "memory", "ray", "training"])
+    only = set(args.only or ["core", "remote", "small", "memory", "ray", "training", "shm"])
     print(f"optserve benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, numpy {np.__version__}, "
           f"kernel backend: {'numba' if kernels.AVAILABLE else 'numpy'}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="optserve-bench-") as data_dir:
@@ -795,6 +841,8 @@ def main() -> None:
             ray_table(data_dir, [10**4, 10**6, 10**7], 5 if args.quick else 10)
         if "training" in only:
             training_table([10**4, 10**5, 10**6, 10**7], data_dir, 3 if args.quick else args.rounds)
+        if "shm" in only:
+            shared_memory_table([10**5, 10**6, 10**7], data_dir, 20)
 
 
 if __name__ == "__main__":
