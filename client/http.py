@@ -184,7 +184,12 @@ class _Shared:
     writing the answer of that attempt.
     """
 
+    swept = False  # this process removed the buffers that processes which died left in /dev/shm (once)
+
     def __init__(self) -> None:
+        if not _Shared.swept:
+            _Shared.swept = True
+            Segments.sweep()
         self.segments = Segments()
         # a step's body and its answer, each kept for reuse up to the transport's own limit
         self.pool: BufferPool[np.ndarray] = BufferPool(self.segments.make, 2 * REUSE_MAX_BYTES, SHM_MIN)

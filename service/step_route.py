@@ -78,7 +78,9 @@ class StepRoute:
     def __init__(self, svc: Service, metrics: Metrics) -> None:
         self.svc = svc
         self.metrics = metrics
-        self.maps = Mappings()  # clients' shared-memory buffers (Optserve-Shm-Body), kept mapped
+        # clients' shared-memory buffers (Optserve-Shm-Body), kept mapped while their files exist (a map costs only
+        # address space then: the client holds the memory), dropped within a second once a client removed them
+        self.maps = Mappings(keep_bytes=1 << 40)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

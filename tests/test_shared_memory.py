@@ -20,6 +20,7 @@ import pytest
 from procs import ServerProcess, start_server_process, stop_server_process
 
 from optserve.client import Client, wire
+from optserve.client.http import _Shared
 from optserve.client.shm import SHM_DIR, SHM_MIN, Segments
 
 pytestmark = pytest.mark.server
@@ -50,15 +51,23 @@ def test_large_steps_go_through_shared_memory_and_answer_what_the_socket_answers
 ) -> None:
     """Twin sessions, one stepped through shared memory, one with its bytes over the same socket: bit-equal
     parameters at every step (plain, partial, with a bfloat16 answer, a replayed retry); the answers of the shared
-    client after the first lie in its own shared memory, and no buffer file outlives the client."""
+    client after the first lie in its own shared memory, and no buffer file outlives the client. A buffer left by
+    a client that died is removed when this process first takes shared memory."""
     _, path = server
     params = arrays(BIG, 0)
     url = f"unix://{path}"
-    before = set(os.listdir(SHM_DIR))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    leaked = os.path.join(SHM_DIR, f"optserve-{dead.pid}-{'0' * 16}-1")  # a buffer of a client that died
+    with open(leaked, "wb") as f:
+        f.write(b"x")
+    _Shared.swept = False  # this test process may have swept already
+    before = set(os.listdir(SHM_DIR)) - {os.path.basename(leaked)}
     with Client(url) as shared, Client(url, shared_memory=False) as plain:
         a = shared.create_session(params, "adamw", hyperparams={"lr": 1e-2, "weight_decay": 0.1})["id"]
         b = plain.create_session(params, "adamw", hyperparams={"lr": 1e-2, "weight_decay": 0.1})["id"]
         assert shared._direct is not None and shared._direct.shared is not None
+        assert not os.path.exists(leaked)  # swept when the first client of this process took shared memory
         segments = shared._direct.shared.segments
         steps: list[dict[str, Any]] = [
             {},
