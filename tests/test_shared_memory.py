@@ -283,3 +283,37 @@ def test_a_process_cannot_name_the_buffers_of_another(server: tuple[ServerProces
         for k, v in before.items():
             np.testing.assert_array_equal(held.params[k], v)  # type: ignore[index]
         assert client.session(other)["step"] == 0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_torch_drop_in_trains_through_shared_memory_as_torch_does(
+    server: tuple[ServerProcess, Path], overlap: bool
+) -> None:
+    """RemoteAdamW over unix:// on a 2.4 MB model, against torch.optim.AdamW stepping the same gradients: its steps
+    go through shared memory (after the first) and end at torch's parameters, exact steps and overlapped ones (the
+    gradients are then computed at parameters one step old; torch steps with those same gradients)."""
+    torch = pytest.importorskip("torch")
+    from optserve.client.torch import RemoteAdamW
+
+    _, path = server
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(700, 800), torch.nn.Tanh(), torch.nn.Linear(800, 40))
+    twin = [p.detach().clone() for p in model.parameters()]
+    remote = RemoteAdamW(model.parameters(), lr=1e-3, weight_decay=0.1, url=f"unix://{path}", overlap=overlap)
+    local = torch.optim.AdamW(twin, lr=1e-3, weight_decay=0.1)
+    x, y = torch.randn(64, 700), torch.randn(64, 40)
+    try:
+        for _ in range(6):
+            remote.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            for p, q in zip(model.parameters(), twin):
+                q.grad = p.grad.clone()
+            remote.step()
+            local.step()
+        remote.synchronize()
+        for p, q in zip(model.parameters(), twin):
+            torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)
+        shared = remote.client._direct.shared
+        assert shared is not None and shared.offered and not shared.refused and shared.answers
+    finally:
+        remote.close(delete=True)
