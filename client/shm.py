@@ -32,7 +32,7 @@ import numpy as np
 
 SHM_DIR = "/dev/shm"
 SHM_MIN = 1 << 20  # shared memory for buffers of at least this size (the buffer pool's own threshold)
-NAME = re.compile(r"optserve-(\d+)-([0-9a-f]{16})-(\d+)")  # pid, a token of the maker's, a count
+NAME = re.compile(r"optserve-(\d{1,10})-([0-9a-f]{16})-(\d{1,19})", re.ASCII)  # pid, a token of the maker's, a count
 # the headers of a step through shared memory (both ends): the body's buffer, the answer's, the server's offer
 SHARED_BODY, SHARED_ANSWER, SHARED_OFFER = "optserve-shm-body", "optserve-shm-answer", "optserve-shm"
 
@@ -77,6 +77,7 @@ class Segments:
     def __init__(self) -> None:
         self._by_address: dict[int, tuple[str, int]] = {}
         self._token = secrets.token_hex(8)  # names never repeat, even for a restarted front with the same pid
+        self._pid = os.getpid()  # a forked child inherits these buffers but never removes its parent's files
         self._count = 0
         self._lock = threading.Lock()
 
@@ -111,6 +112,8 @@ class Segments:
         return array
 
     def _free(self, address: int, path: str) -> None:
+        if os.getpid() != self._pid:
+            return
         with self._lock:
             self._by_address.pop(address, None)
         with contextlib.suppress(OSError):
@@ -129,6 +132,8 @@ class Segments:
         return None
 
     def close(self) -> None:
+        if os.getpid() != self._pid:
+            return
         with self._lock:
             names = [name for name, _ in self._by_address.values()]
             self._by_address.clear()
@@ -146,8 +151,10 @@ class Segments:
                 if m is None or _alive(int(m.group(1))):
                     continue
                 with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(SHM_DIR, name))
-                    removed += 1
+                    path = os.path.join(SHM_DIR, name)
+                    if os.lstat(path).st_uid == os.geteuid():  # only this user's (root could remove anyone's)
+                        os.unlink(path)
+                        removed += 1
         return removed
 
 

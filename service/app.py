@@ -28,6 +28,7 @@ from optserve.client.wire import WireError
 
 from . import diskio, docs, fused
 from .auth import Guard
+from .direct import Mappings
 from .errors import ServiceError, error_answer, forget_frames, internal_error, problem, problem_json
 from .observability import Metrics, RequestObserver, printable
 from .persistence import Saver, Snapshots
@@ -99,7 +100,7 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
         await run_in_threadpool(fused.warm_up)  # the first step should not pay for compiling the kernels
         await store.start()
         await run_in_threadpool(diskio.warm_up, data_dir)  # nor the first snapshot
-        loop_task = asyncio.create_task(_background(store))
+        loop_task = asyncio.create_task(_background(store, app.state.step_route.maps))
         try:
             # read by OptserveProtocol before a request reaches the app
             yield {"max_body_bytes": settings.max_body_bytes, "max_request_head_bytes": settings.max_request_head_bytes,
@@ -174,11 +175,13 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     return app
 
 
-async def _background(store: SessionStore) -> None:
-    """Time-based snapshots and idle-session eviction, checked every half second."""
+async def _background(store: SessionStore, maps: Mappings) -> None:
+    """Time-based snapshots and idle-session eviction, checked every half second; and the maps of clients'
+    shared-memory buffers that were removed dropped (their memory is freed once nobody maps them)."""
     while True:
         await asyncio.sleep(0.5)
         try:
+            maps.forget_removed()
             await store.maintain(time.time())
         except Exception:  # noqa: BLE001 - one bad round must not end the maintenance for good
             log.exception("session maintenance failed")

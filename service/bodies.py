@@ -144,10 +144,10 @@ def peer_credentials(sock: socket.socket) -> dict[str, int] | None:
     """The process and user at the other end of a Unix socket, as the kernel saw them when it connected
     (``SO_PEERCRED``); None where the kernel does not tell."""
     try:
-        pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        pid, uid, _ = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     except (OSError, AttributeError):
         return None
-    return {"pid": pid, "uid": uid}
+    return {"pid": pid, "uid": uid} if pid > 0 else None  # 0: a peer in a pid namespace the server cannot see
 
 
 MAX_REQUEST_HEAD_BYTES = 64 << 10  # defaults of the settings of the same names (read from the app's state)
@@ -227,7 +227,7 @@ try:
         def on_message_begin(self) -> None:
             super().on_message_begin()
             if self._peer is not None:  # who is at the other end of the Unix socket (shared-memory steps)
-                self.scope["extensions"] = {PEER_EXTENSION: self._peer}  # type: ignore[dict-item]
+                self.scope.setdefault("extensions", {})[PEER_EXTENSION] = dict(self._peer)  # type: ignore[typeddict-item,assignment]
             self._head_begun = True
             self._arm_head_timer()
 

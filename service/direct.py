@@ -354,7 +354,7 @@ class Mappings:
         now = time.monotonic()
         if now - self._checked > 1.0:  # a map held here keeps a removed buffer's memory: at most a second more
             self._checked = now
-            self._forget_removed()
+            self.forget_removed()
         whole = self._maps.get(name)
         if whole is not None:
             self._maps.move_to_end(name)
@@ -375,7 +375,7 @@ class Mappings:
             raise ProtocolError(f"shared memory {name}: bytes {offset}..{offset + size} of {len(whole)}")
         return whole[offset : offset + size]
 
-    def _forget_removed(self) -> None:
+    def forget_removed(self) -> None:
         """Drop the maps of buffers whose files are gone (their maker freed them): a map held here keeps the memory."""
         for name in [n for n in self._maps if not segment_exists(n)]:
             self._bytes -= len(self._maps.pop(name))

@@ -226,7 +226,7 @@ class StepRoute:
 
     def shared_view(self, header: str, ref: str, peer: int) -> np.ndarray:
         fields = ref.split(" ")
-        if len(fields) != 3 or not all(f.isascii() and f.isdigit() for f in fields[1:]):
+        if len(fields) != 3 or not all(f.isascii() and f.isdigit() and len(f) <= 19 for f in fields[1:]):
             raise BadRequest(f"{header} must be '<name> <offset> <size>', got {ref[:200]!r}")
         pid = maker_pid(fields[0])
         if pid is not None and pid != peer:

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from procs import ServerProcess, start_server_process, stop_server_process
+from procs import ServerProcess, poll, start_server_process, stop_server_process
 
 from optserve.client import Client, wire
 from optserve.client.http import _Shared
@@ -53,7 +53,7 @@ def test_large_steps_go_through_shared_memory_and_answer_what_the_socket_answers
     parameters at every step (plain, partial, with a bfloat16 answer, a replayed retry); the answers of the shared
     client after the first lie in its own shared memory, and no buffer file outlives the client. A buffer left by
     a client that died is removed when this process first takes shared memory."""
-    _, path = server
+    sp, path = server
     params = arrays(BIG, 0)
     url = f"unix://{path}"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -62,7 +62,12 @@ def test_large_steps_go_through_shared_memory_and_answer_what_the_socket_answers
     with open(leaked, "wb") as f:
         f.write(b"x")
     _Shared.swept = False  # this test process may have swept already
-    before = set(os.listdir(SHM_DIR)) - {os.path.basename(leaked)}
+    mine = f"optserve-{os.getpid()}-"
+
+    def my_files() -> set[str]:
+        return {n for n in os.listdir(SHM_DIR) if n.startswith(mine)}
+
+    before = my_files()
     with Client(url) as shared, Client(url, shared_memory=False) as plain:
         a = shared.create_session(params, "adamw", hyperparams={"lr": 1e-2, "weight_decay": 0.1})["id"]
         b = plain.create_session(params, "adamw", hyperparams={"lr": 1e-2, "weight_decay": 0.1})["id"]
@@ -107,7 +112,10 @@ def test_large_steps_go_through_shared_memory_and_answer_what_the_socket_answers
             r = shared.step(c, small)
             assert r.body is not None and segments.find(r.body.data) is None  # below 1 MiB: bytes
         np.testing.assert_array_equal(r.params["s"], np.zeros(8, np.float32))  # type: ignore[index]
-    assert set(os.listdir(SHM_DIR)) <= before  # the client's buffers are removed with it
+    assert my_files() <= before  # the client's buffers are removed with it
+    # and the server, which mapped them, drops its maps soon after (a map would keep their memory)
+    maps = Path(f"/proc/{sp.proc.pid}/maps")
+    assert poll(lambda: "/dev/shm/optserve-" not in maps.read_text(), timeout=5.0), maps.read_text()
 
 
 def raw_step(client: httpx.Client, session_id: str, headers: dict[str, str], content: bytes = b"") -> httpx.Response:
@@ -169,6 +177,8 @@ def test_what_the_server_will_not_map_is_refused_and_changes_nothing(server: tup
         ({"optserve-shm-body": alias("link")}, b"", 400, "shared-memory-unavailable"),
         ({"optserve-shm-body": alias("copy", pid=1)}, b"", 400, "shared-memory-unavailable"),  # not the sender's
         ({"optserve-shm-body": good, "optserve-shm-answer": good}, b"", 400, "malformed-request"),  # overlapping
+        ({"optserve-shm-body": f"optserve-{'9' * 5000}-{'0' * 16}-1 0 8"}, b"", 400, "malformed-request"),
+        ({"optserve-shm-body": f"{name} {'9' * 5000} 8"}, b"", 400, "malformed-request"),
         ({"optserve-shm-body": ref(segments, buffer, len(body) + 1)}, b"", 400, "malformed-request"),
         ({"optserve-shm-body": good}, b"xy", 400, "malformed-request"),
         ({"optserve-shm-body": good, "content-type": wire.JSON}, b"", 400, "malformed-request"),
@@ -315,5 +325,28 @@ def test_the_torch_drop_in_trains_through_shared_memory_as_torch_does(
             torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)
         shared = remote.client._direct.shared
         assert shared is not None and shared.offered and not shared.refused and shared.answers
+        assert len(shared.segments._by_address) >= 2  # a body and an answer buffer: steps went that way
     finally:
         remote.close(delete=True)
+
+
+def test_a_forked_child_leaves_its_parents_buffers_alone() -> None:
+    """A child forked while a buffer exists exits (its finalizers run): the parent's buffer file is still there,
+    and removed when the parent frees it."""
+    script = (
+        "import os, sys\n"
+        "from optserve.client.shm import SHM_DIR, SHM_MIN, Segments\n"
+        "segments = Segments()\n"
+        "buffer = segments.make(SHM_MIN)\n"
+        "name = segments.find(buffer)['name']\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    segments.close()\n"
+        "    sys.exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "print(os.path.exists(os.path.join(SHM_DIR, name)))\n"
+        "del buffer\n"
+        "print(os.path.exists(os.path.join(SHM_DIR, name)))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert run.stdout.split() == ["True", "False"], run.stderr
