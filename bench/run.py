@@ -96,11 +96,14 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def optserve_server(data_dir: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+def optserve_server(
+    data_dir: str, env: dict[str, str] | None = None, uds: str | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``optserve serve`` on a free port (and the Unix socket ``uds``, if given), healthy; its process and URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [str(OPTSERVE), "serve", "--port", str(port), "--data-dir", data_dir, "--log-level", "warning"]
-    return start(cmd, url, env=env), url
+    return start(cmd + (["--uds", uds] if uds else []), url, env=env), url
 
 
 def rss_bytes(pid: int) -> int:
@@ -633,12 +636,9 @@ def training_table(sizes: list[int], data_dir: str, rounds: int) -> None:
     from optserve.client.torch import RemoteAdamW
 
     torch.set_num_threads(1)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     uds = os.path.join(data_dir, "optserve.sock")
+    server, url = optserve_server(data_dir, {"OPTSERVE_KERNEL_THREADS": "1"}, uds)
     urls = {"tcp": url, "unix": f"unix://{uds}"}
-    cmd = [str(OPTSERVE), "serve", "--port", str(port), "--uds", uds, "--data-dir", data_dir, "--log-level", "warning"]
-    server = start(cmd, url, env={"OPTSERVE_KERNEL_THREADS": "1"})
     rows = []
     try:
         for n in sizes:
@@ -757,11 +757,8 @@ def training_table(sizes: list[int], data_dir: str, rounds: int) -> None:
 def shared_memory_table(sizes: list[int], data_dir: str, rounds: int) -> None:
     """One step over the server's Unix socket through shared memory, against the same step with its bytes over the
     socket: two clients of one server, a session each, stepped in turn (medians)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     uds = os.path.join(data_dir, "shm.sock")
-    cmd = [str(OPTSERVE), "serve", "--port", str(port), "--uds", uds, "--data-dir", data_dir, "--log-level", "warning"]
-    server = start(cmd, url, env={"OPTSERVE_KERNEL_THREADS": "1"})
+    server, _ = optserve_server(data_dir, {"OPTSERVE_KERNEL_THREADS": "1"}, uds)
     rows = []
     try:
         with Client(f"unix://{uds}") as shared, Client(f"unix://{uds}", shared_memory=False) as plain:
@@ -830,16 +827,17 @@ def factored_rows(data_dir: str, total_params: int) -> list[list[str]]:
     return rows
 
 
+TABLES = ["core", "remote", "small", "memory", "ray", "training", "shm"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes and shorter runs")
-    parser.add_argument(
-        "--only", choices=["core", "remote", "small", "memory", "ray", "training", "shm"], action="append"
-    )
+    parser.add_argument("--only", choices=TABLES, action="append")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of table 6")
     args = parser.parse_args()
     sizes = [10**4, 10**5, 10**6, 10**7] if args.quick else [10**4, 10**5, 10**6, 10**7, 5 * 10**7]
-    only = set(args.only or ["core", "remote", "small", "memory", "ray", "training", "shm"])
+    only = set(args.only or TABLES)
     print(f"optserve benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, numpy {np.__version__}, "
           f"kernel backend: {'numba' if kernels.AVAILABLE else 'numpy'}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="optserve-bench-") as data_dir:

@@ -48,6 +48,10 @@ class BadRequest(APIError):
     pass
 
 
+class SharedMemoryUnavailable(BadRequest):
+    """The server cannot take this step's body in shared memory (nothing was applied): send its bytes."""
+
+
 class AuthenticationError(APIError):
     pass
 
@@ -116,6 +120,7 @@ _BY_STATUS: dict[int, type[APIError]] = {
 _BY_TYPE: dict[str, type[APIError]] = {
     "urn:optserve:problem:idempotency-key-reused": StepConflict,
     "urn:optserve:problem:non-finite-gradient": NonFiniteGradient,
+    "urn:optserve:problem:shared-memory-unavailable": SharedMemoryUnavailable,
 }
 
 

@@ -24,9 +24,9 @@ import numpy as np
 from . import core
 from .buffers import BufferPool
 from .core import Operation
-from .errors import TransportError
+from .errors import APIError, SharedMemoryUnavailable, TransportError
 from .inflight import Worker
-from .protocol import Call, Reply, Retry, StepResult
+from .protocol import Call, Reply, Retry, StepResult, check
 from .shm import SHARED_ANSWER, SHARED_BODY, SHARED_OFFER, SHM_MIN, Segments
 from .transport import REUSE_MAX_BYTES, SocketTransport, request_head
 
@@ -155,8 +155,8 @@ class _Direct:
     def send(self, call: Call, head: bytes) -> Reply:
         parts = [memoryview(p).cast("B") for p in call.content] if isinstance(call.content, list) else []
         shared = self.shared
-        if shared is not None and shared.offered and sum(len(p) for p in parts) >= SHM_MIN:
-            reply = shared.send(self, call, parts)
+        if shared is not None and shared.offered and (size := sum(len(p) for p in parts)) >= SHM_MIN:
+            reply = shared.send(self, call, parts, size)
             if reply is not None:
                 return reply
         status, reason, headers, body = self.transport.exchange(
@@ -193,30 +193,39 @@ class _Shared:
         self.segments = Segments()
         # a step's body and its answer, each kept for reuse up to the transport's own limit
         self.pool: BufferPool[np.ndarray] = BufferPool(self.segments.make, 2 * REUSE_MAX_BYTES, SHM_MIN)
-        self.pid = os.getpid()  # a forked child shares these buffers with its parent: it sends bytes
         self.offered = False
         self.refused = False  # by the server, once: bytes from then on
         self.answers: dict[str, int] = {}  # a session's step path: the data bytes of its last float32 answer
+
+    def _refuse(self) -> None:
+        self.offered, self.refused = False, True
+
+    @staticmethod
+    def _answer_key(call: Call) -> str | None:
+        """The session's step path, for an answer in float32 (one in float16/bfloat16 comes as bytes); else None."""
+        path, _, query = call.path.partition("?")
+        return None if "dtype=" in query else path
 
     def learn(self, call: Call, reply: Reply) -> None:
         """What an answer over the socket tells: that the server takes shared memory, and its answers' size."""
         if reply.headers.get(SHARED_OFFER) != "available" or self.refused:
             return
         self.offered = True
-        path, _, query = call.path.partition("?")
-        if reply.status == 200 and len(reply.body) >= 8 and "dtype=" not in query:  # float32: the size it is written
-            header = int.from_bytes(bytes(reply.body[:8]), "little")  # into shared memory with
-            self.answers[path] = len(reply.body) - 8 - header
+        key = self._answer_key(call)
+        if key is not None and reply.status == 200 and len(reply.body) >= 8:  # the size it is written with
+            header = int.from_bytes(bytes(reply.body[:8]), "little")
+            self.answers[key] = len(reply.body) - 8 - header
 
-    def send(self, direct: _Direct, call: Call, parts: list[memoryview]) -> Reply | None:
-        """The step through shared memory; None when it cannot go that way (sent as bytes then)."""
-        if os.getpid() != self.pid:
-            self.offered, self.refused = False, True
+    def send(self, direct: _Direct, call: Call, parts: list[memoryview], size: int) -> Reply | None:
+        """The step (``parts``, ``size`` bytes in all) through shared memory; None when it cannot go that way (sent
+        as bytes then)."""
+        if os.getpid() != self.segments.pid:  # a forked child shares these buffers with its parent
+            self._refuse()
             return None
-        body = self.pool.take(sum(len(p) for p in parts))
+        body = self.pool.take(size)
         body_ref = self.segments.find(body)
         if body_ref is None:  # no room in /dev/shm: ordinary memory
-            self.offered, self.refused = False, True
+            self._refuse()
             return None
         at = 0
         for part in parts:
@@ -224,9 +233,9 @@ class _Shared:
             at += len(part)
         headers = {**call.headers, "content-length": "0", SHARED_BODY: _ref(body_ref)}
         answer = None
-        path, _, query = call.path.partition("?")
-        if "dtype=" not in query and (size := self.answers.get(path)):  # a float16/bfloat16 answer comes as bytes
-            answer = self.pool.take(size)
+        key = self._answer_key(call)
+        if key is not None and (answer_size := self.answers.get(key)):
+            answer = self.pool.take(answer_size)
             if (answer_ref := self.segments.find(answer)) is not None:
                 headers[SHARED_ANSWER] = _ref(answer_ref)
         head = direct.head(Call(call.method, call.path, headers))
@@ -242,9 +251,14 @@ class _Shared:
                     self.pool.discard(buffer)
             raise
         reply = Reply(status, httpx.Headers(fields), received, reason)
-        if status == 400 and b"shared-memory-unavailable" in bytes(received[:4096]):
-            self.offered, self.refused = False, True
-            return None
+        if status == 400:
+            try:
+                check(reply)
+            except SharedMemoryUnavailable:  # nothing was applied
+                self._refuse()
+                return None
+            except APIError:
+                pass  # another refusal: read_step raises it
         written = reply.headers.get(SHARED_ANSWER)
         if written is not None:
             if answer is None or not written.isdigit() or int(written) != len(answer):

@@ -77,7 +77,7 @@ class Segments:
     def __init__(self) -> None:
         self._by_address: dict[int, tuple[str, int]] = {}
         self._token = secrets.token_hex(8)  # names never repeat, even for a restarted front with the same pid
-        self._pid = os.getpid()  # a forked child inherits these buffers but never removes its parent's files
+        self.pid = os.getpid()  # a forked child inherits these buffers but never removes its parent's files
         self._count = 0
         self._lock = threading.Lock()
 
@@ -112,7 +112,7 @@ class Segments:
         return array
 
     def _free(self, address: int, path: str) -> None:
-        if os.getpid() != self._pid:
+        if os.getpid() != self.pid:
             return
         with self._lock:
             self._by_address.pop(address, None)
@@ -132,7 +132,7 @@ class Segments:
         return None
 
     def close(self) -> None:
-        if os.getpid() != self._pid:
+        if os.getpid() != self.pid:
             return
         with self._lock:
             names = [name for name, _ in self._by_address.values()]

@@ -32,7 +32,6 @@ import json
 import logging
 import socket
 import struct
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -343,7 +342,6 @@ class Mappings:
         self.keep_bytes = keep_bytes
         self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
         self._bytes = 0
-        self._checked = 0.0  # when the maps of removed files were last dropped
 
     def view(self, ref: Any) -> np.ndarray:
         """The bytes ``ref`` (``{"name", "offset", "size"}``) names; ``NoSharedMemory`` when they cannot be opened."""
@@ -351,10 +349,6 @@ class Mappings:
             name, offset, size = str(ref["name"]), int(ref["offset"]), int(ref["size"])
         except (KeyError, TypeError, ValueError):
             raise ProtocolError("a shared-memory reference without name, offset and size") from None
-        now = time.monotonic()
-        if now - self._checked > 1.0:  # a map held here keeps a removed buffer's memory: at most a second more
-            self._checked = now
-            self.forget_removed()
         whole = self._maps.get(name)
         if whole is not None:
             self._maps.move_to_end(name)
@@ -365,6 +359,7 @@ class Mappings:
                 raise ProtocolError(str(e)) from None
             except SegmentError as e:
                 raise NoSharedMemory(str(e)) from None
+            self.forget_removed()  # a new buffer: its maker may have removed others (an owner may also call it)
             if len(whole) <= self.keep_bytes:
                 self._maps[name] = whole
                 self._bytes += len(whole)

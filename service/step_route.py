@@ -79,8 +79,9 @@ class StepRoute:
         self.svc = svc
         self.metrics = metrics
         # clients' shared-memory buffers (Optserve-Shm-Body), kept mapped while their files exist (a map costs only
-        # address space then: the client holds the memory), dropped within a second once a client removed them
+        # address space then: the client holds the memory); the app's maintenance loop drops those removed
         self.maps = Mappings(keep_bytes=1 << 40)
+        self.answers_into = isinstance(svc.store, MemoryStore)  # the single-process store writes into the client's
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -192,7 +193,7 @@ class StepRoute:
         :class:`~optserve.service.bodies.OptserveProtocol`), with the single-process store, which writes answers
         straight into the client's buffer; None otherwise (TCP, another user, the Ray store)."""
         peer = scope.get("extensions", {}).get(PEER_EXTENSION)
-        if peer is None or peer["uid"] != os.geteuid() or not isinstance(self.svc.store, MemoryStore):
+        if peer is None or peer["uid"] != os.geteuid() or not self.answers_into:
             return None
         return int(peer["pid"])
 
@@ -222,17 +223,19 @@ class StepRoute:
                 raise BadRequest(f"{SHARED_ANSWER} overlaps {SHARED_BODY}")
             if buffer.ctypes.data % 4 == 0 and buffer.nbytes % 4 == 0:
                 into = buffer.view(np.float32)
-        return memoryview(body.data), into
+        return body.data, into
 
     def shared_view(self, header: str, ref: str, peer: int) -> np.ndarray:
+        """The bytes ``<name> <offset> <size>`` names, in a buffer of the peer (Mappings checks the name, the numbers
+        and the range)."""
         fields = ref.split(" ")
-        if len(fields) != 3 or not all(f.isascii() and f.isdigit() and len(f) <= 19 for f in fields[1:]):
+        if len(fields) != 3:
             raise BadRequest(f"{header} must be '<name> <offset> <size>', got {ref[:200]!r}")
         pid = maker_pid(fields[0])
         if pid is not None and pid != peer:
             raise SharedMemoryUnavailable(f"{header}: {fields[0]} is not a buffer of the process that sent it")
         try:
-            return self.maps.view({"name": fields[0], "offset": int(fields[1]), "size": int(fields[2])})
+            return self.maps.view(dict(zip(("name", "offset", "size"), fields)))
         except ProtocolError as e:
             raise BadRequest(f"{header}: {e}") from None
         except NoSharedMemory as e:
